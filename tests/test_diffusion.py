@@ -1,0 +1,253 @@
+"""vqd.diffusion against independent computations: diffusers' scheduler and explicit transition matrices."""
+
+import math
+
+import pytest
+import torch
+
+from vqd.diffusion import MaskAndReplaceDiffusion, TimestepSampler, log_onehot, multinomial_kl
+
+
+def step_matrix(alpha: float, gamma: float, K: int) -> torch.Tensor:
+    """One mask-and-replace step as an explicit (K+1) x (K+1) row-stochastic matrix Q[from, to]."""
+    beta = (1.0 - alpha - gamma) / K
+    Q = torch.zeros(K + 1, K + 1, dtype=torch.float64)
+    Q[:K, :K] = beta
+    Q[:K, :K] += alpha * torch.eye(K, dtype=torch.float64)
+    Q[:K, K] = gamma
+    Q[K, K] = 1.0
+    return Q
+
+
+def paper_step_matrices(K: int, T: int, M: float) -> list[torch.Tensor]:
+    """Per-step matrices of the paper's schedule, from its definition: gamma-bar = M l/T, K beta-bar = (1-M) l/T."""
+    mats = []
+    for level in range(1, T + 1):
+        ab_prev, ab = 1 - (level - 1) / T, 1 - level / T
+        keep_prev, keep = 1 - M * (level - 1) / T, 1 - M * level / T
+        mats.append(step_matrix(ab / ab_prev, 1 - keep / keep_prev, K))
+    return mats
+
+
+def code_step_matrices(K: int, T: int) -> list[torch.Tensor]:
+    """Per-step matrices of the released code's schedule, from its linear cumulative ramps."""
+    ab = [1.0] + [0.99999 + (0.000009 - 0.99999) * i / (T - 1) for i in range(T)]
+    gb = [0.0] + [0.000009 + (0.99999 - 0.000009) * i / (T - 1) for i in range(T)]
+    return [step_matrix(ab[l] / ab[l - 1], 1 - (1 - gb[l]) / (1 - gb[l - 1]), K) for l in range(1, T + 1)]
+
+
+def product(mats: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    """Transition from level `start` to level `stop` = Q_{start+1} ... Q_stop."""
+    out = torch.eye(mats[0].shape[0], dtype=torch.float64)
+    for level in range(start + 1, stop + 1):
+        out = out @ mats[level - 1]
+    return out
+
+
+def brute_posterior(mats, p_x0: torch.Tensor, x_t: torch.Tensor, level_t: int, level_s: int) -> torch.Tensor:
+    """sum_x0 p(x0) q(x_s | x_t, x0) by Bayes on explicit matrices: p_x0 [B, K, N] -> [B, K+1, N]."""
+    K = p_x0.shape[1]
+    cum_s, cum_t = product(mats, 0, level_s), product(mats, 0, level_t)
+    span = product(mats, level_s, level_t)
+    B, _, N = p_x0.shape
+    out = torch.zeros(B, K + 1, N, dtype=torch.float64)
+    for b in range(B):
+        for n in range(N):
+            xt = x_t[b, n].item()
+            for x0 in range(K):
+                # q(x_s = j | x_t, x0) = q(x_t | x_s = j) q(x_s = j | x0) / q(x_t | x0)
+                q = span[:, xt] * cum_s[x0, :] / cum_t[x0, xt]
+                out[b, :, n] += p_x0[b, x0, n].double() * q
+    return out
+
+
+def random_inputs(K, N, B, seed, t_mask_frac=0.4):
+    g = torch.Generator().manual_seed(seed)
+    log_p = (3 * torch.randn(B, K, N, generator=g)).log_softmax(1)
+    x_t = torch.randint(0, K, (B, N), generator=g)
+    x_t[torch.rand(B, N, generator=g) < t_mask_frac] = K
+    return log_p, x_t
+
+
+@pytest.mark.parametrize("K,T", [(5, 8), (16, 100)])
+def test_one_step_posterior_equals_diffusers(K, T):
+    diffusers = pytest.importorskip("diffusers")
+    oracle = diffusers.VQDiffusionScheduler(num_vec_classes=K + 1, num_train_timesteps=T)
+    diffusion = MaskAndReplaceDiffusion(K, T, schedule="code")
+    for t in [0, 1, T // 2, T - 1]:
+        log_p, x_t = random_inputs(K, 12, 3, seed=t)
+        ours = diffusion.log_posterior(log_p, x_t, t)
+        theirs = oracle.q_posterior(log_p, x_t, torch.tensor(t))
+        assert ours.shape == (3, K + 1, 12)
+        torch.testing.assert_close(ours.exp(), theirs.exp(), atol=1e-6, rtol=1e-5)
+
+
+def test_q_xt_given_x0_equals_diffusers_cumulative_transitions():
+    diffusers = pytest.importorskip("diffusers")
+    K, T = 6, 20
+    oracle = diffusers.VQDiffusionScheduler(num_vec_classes=K + 1, num_train_timesteps=T)
+    diffusion = MaskAndReplaceDiffusion(K, T)
+    x0 = torch.randint(0, K, (2, 9), generator=torch.Generator().manual_seed(0))
+    for t in [0, 7, T - 1]:
+        theirs = oracle.apply_cumulative_transitions(log_onehot(x0, K), t)
+        torch.testing.assert_close(diffusion.log_q_xt_given_x0(x0, t).exp(), theirs.exp(), atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["paper", "code"])
+def test_q_xt_given_x0_equals_matrix_product(schedule):
+    K, T, M = 4, 6, 0.7
+    mats = paper_step_matrices(K, T, M) if schedule == "paper" else code_step_matrices(K, T)
+    diffusion = MaskAndReplaceDiffusion(K, T, schedule=schedule, mask_rate=M)
+    x0 = torch.arange(K).repeat(2).view(2, K)
+    for t in range(T):
+        cum = product(mats, 0, t + 1)
+        expected = cum[x0].permute(0, 2, 1)  # rows of the cumulative matrix, [B, K+1, N]
+        got = diffusion.log_q_xt_given_x0(x0, t).exp().double()
+        torch.testing.assert_close(got, expected.clamp(min=1e-30), atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["paper", "code"])
+def test_one_step_and_strided_posterior_equal_brute_force(schedule):
+    K, T, M = 4, 6, 0.9
+    mats = paper_step_matrices(K, T, M) if schedule == "paper" else code_step_matrices(K, T)
+    diffusion = MaskAndReplaceDiffusion(K, T, schedule=schedule, mask_rate=M)
+    log_p, x_t = random_inputs(K, N=5, B=2, seed=1)
+    for t, t_prev in [(0, -1), (3, 2), (5, 4), (5, 1), (5, -1), (4, 0), (2, -1)]:
+        expected = brute_posterior(mats, log_p.exp(), x_t, t + 1, t_prev + 1)
+        got = diffusion.log_posterior(log_p, x_t, t, t_prev).exp().double()
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-4, msg=f"t={t} t_prev={t_prev}")
+        torch.testing.assert_close(got.sum(1), torch.ones(2, 5, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_strided_posterior_with_per_sample_timesteps():
+    K, T = 4, 6
+    mats = paper_step_matrices(K, T, 0.9)
+    diffusion = MaskAndReplaceDiffusion(K, T, schedule="paper")
+    log_p, x_t = random_inputs(K, N=3, B=3, seed=2)
+    t, t_prev = torch.tensor([5, 3, 1]), torch.tensor([2, -1, 0])
+    got = diffusion.log_posterior(log_p, x_t, t, t_prev).exp().double()
+    for b in range(3):
+        expected = brute_posterior(mats, log_p[b : b + 1].exp(), x_t[b : b + 1], t[b].item() + 1, t_prev[b].item() + 1)
+        torch.testing.assert_close(got[b : b + 1], expected, atol=2e-6, rtol=1e-4)
+
+
+def test_paper_schedule_endpoints_and_mask_rate():
+    K, T, M = 10, 100, 0.6
+    d = MaskAndReplaceDiffusion(K, T, schedule="paper", mask_rate=M)
+    q_T = d.log_q_xt_given_x0(torch.zeros(1, 1, dtype=torch.long), T - 1).exp().squeeze()
+    assert q_T[K].item() == pytest.approx(M, abs=1e-6)
+    assert q_T[:K].sum().item() == pytest.approx(1 - M, abs=1e-6)
+    assert q_T[0].item() == pytest.approx((1 - M) / K, abs=1e-6)  # alpha-bar_T = 0: x0 is forgotten
+
+
+def test_q_sample_matches_distribution():
+    K, T, n = 5, 10, 40000
+    d = MaskAndReplaceDiffusion(K, T, schedule="paper")
+    x0 = torch.full((1, n), 2, dtype=torch.long)
+    for t in [0, 4, 9]:
+        x_t = d.q_sample(x0, t, generator=torch.Generator().manual_seed(t))
+        freq = torch.bincount(x_t.flatten(), minlength=K + 1).double() / n
+        expected = d.log_q_xt_given_x0(x0[:, :1], t).exp().squeeze().double()
+        assert (freq - expected).abs().max() < 4 * math.sqrt(0.25 / n), (t, freq, expected)
+
+
+def test_vlb_terms_equal_brute_force_kl_and_decoder_nll():
+    K, T = 4, 6
+    mats = paper_step_matrices(K, T, 0.9)
+    d = MaskAndReplaceDiffusion(K, T, schedule="paper")
+    log_p, x_t = random_inputs(K, N=5, B=2, seed=3)
+    x0 = torch.randint(0, K, (2, 5), generator=torch.Generator().manual_seed(4))
+    # x_t must be reachable from x0: resample it from q(x_t | x0)
+    for t in [0, 3, 5]:
+        x_t = d.q_sample(x0, t, generator=torch.Generator().manual_seed(t))
+        terms = d.loss_terms(log_p, x0, x_t, torch.full((2,), t))
+        nll = -log_p.gather(1, x0.unsqueeze(1)).squeeze(1).sum(1)
+        torch.testing.assert_close(terms["aux"], nll)
+        if t == 0:
+            torch.testing.assert_close(terms["vlb"], nll)
+            continue
+        onehot = torch.nn.functional.one_hot(x0, K).permute(0, 2, 1).double()
+        true = brute_posterior(mats, onehot, x_t, t + 1, t)
+        model = brute_posterior(mats, log_p.exp(), x_t, t + 1, t)
+        kl = torch.where(true > 0, true * (true.log() - model.log()), torch.zeros_like(true)).sum((1, 2))
+        torch.testing.assert_close(terms["vlb"].double(), kl, atol=1e-4, rtol=1e-4)
+
+
+def test_training_loss_scale_weight_and_gradient():
+    K, T, B, N = 8, 20, 4, 6
+    d = MaskAndReplaceDiffusion(K, T)
+    logits = torch.randn(B, K, N, requires_grad=True)
+    x0 = torch.randint(0, K, (B, N))
+    t = torch.tensor([0, 5, 10, 19])
+    x_t = d.q_sample(x0, t)
+    loss, terms = d.training_loss(logits.log_softmax(1), x0, x_t, t, aux_weight=0.1, adaptive_aux=True)
+    expected = ((terms["vlb"] + 0.1 * (2 - t / T) * terms["aux"]).mean() / N).item()
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    pt = torch.full((B,), 0.5 / T)  # p(t) half of uniform doubles every term
+    loss_is, _ = d.training_loss(logits.log_softmax(1), x0, x_t, t, pt=pt, aux_weight=0.1)
+    assert loss_is.item() == pytest.approx(2 * loss.item(), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_prior_loss_matches_direct_kl_and_is_small_for_code_schedule():
+    K, T = 6, 100
+    x0 = torch.randint(0, K, (2, 7))
+    for schedule, bound in [("code", 1e-3), ("paper", 1e-6)]:
+        d = MaskAndReplaceDiffusion(K, T, schedule=schedule)
+        q = d.log_q_xt_given_x0(x0, T - 1).exp().double()
+        g = q[:, K].mean().item()
+        prior = torch.tensor([(1 - g) / K] * K + [g], dtype=torch.float64).view(1, -1, 1)
+        direct = (q * (q.log() - prior.log())).sum((1, 2))
+        torch.testing.assert_close(d.prior_loss(x0).double(), direct, atol=1e-5, rtol=1e-4)
+        assert d.prior_loss(x0).max().item() < bound * 7
+
+
+def test_multinomial_kl_zero_for_equal_and_positive_otherwise():
+    p = torch.randn(2, 5, 3).log_softmax(1)
+    q = torch.randn(2, 5, 3).log_softmax(1)
+    assert multinomial_kl(p, p).abs().max() < 1e-6
+    assert (multinomial_kl(p, q) > 0).all()
+
+
+def test_timestep_sampler_warmup_then_importance():
+    s = TimestepSampler(4, warmup=2)
+    torch.testing.assert_close(s.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))
+    t = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    loss = torch.tensor([1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.0, 3.0])
+    # two ranks: sum the statistics as an all-reduce would
+    s0, c0 = s.batch_statistics(t[:4], loss[:4])
+    s1, c1 = s.batch_statistics(t[4:], loss[4:])
+    s.update(s0 + s1, c0 + c1)
+    assert s.ready
+    p = s.probabilities()
+    assert p[3].item() == pytest.approx(3 * p[0].item(), rel=1e-3)  # sqrt(E[L^2]) = 3 vs 1
+    t_draw, pt = s.sample(20000, generator=torch.Generator().manual_seed(0))
+    assert abs((t_draw == 3).float().mean().item() - 0.5) < 0.02
+    torch.testing.assert_close(pt, p[t_draw].float())
+    restored = TimestepSampler(4, warmup=2)
+    restored.load_state_dict(s.state_dict())
+    torch.testing.assert_close(restored.probabilities(), p)
+
+
+def test_bad_inputs_name_the_argument():
+    d = MaskAndReplaceDiffusion(5, 10)
+    log_p, x_t = random_inputs(5, 4, 2, seed=0)
+    with pytest.raises(ValueError, match="x_t"):
+        d.log_posterior(log_p, x_t.float(), 3)
+    with pytest.raises(ValueError, match="x_t ids"):
+        d.log_posterior(log_p, x_t + 6, 3)
+    with pytest.raises(ValueError, match="log_p_x0"):
+        d.log_posterior(log_p[:, :4], x_t, 3)
+    with pytest.raises(ValueError, match="t must lie"):
+        d.log_posterior(log_p, x_t, 10)
+    with pytest.raises(ValueError, match="t must be an int or a LongTensor of shape"):
+        d.log_posterior(log_p, x_t, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="t_prev must be smaller"):
+        d.log_posterior(log_p, x_t, 3, 3)
+    with pytest.raises(ValueError, match="x0 ids"):
+        d.q_sample(torch.full((1, 3), 5), 2)  # [MASK] is not a clean token
+    with pytest.raises(ValueError, match="schedule"):
+        MaskAndReplaceDiffusion(5, 10, schedule="cosine")
+    with pytest.raises(ValueError, match="mask_rate"):
+        MaskAndReplaceDiffusion(5, 10, schedule="paper", mask_rate=1.5)

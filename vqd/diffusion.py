@@ -1,0 +1,337 @@
+"""Mask-and-replace discrete diffusion (Gu et al., CVPR 2022), all in log space.
+
+State space: K codebook ids plus [MASK] = id K, the last of K+1 classes. One forward step from level
+l-1 to level l keeps a token with probability alpha_l, masks it with gamma_l, and otherwise replaces it
+by a uniformly drawn code (beta_l per code, so alpha_l + K beta_l + gamma_l = 1); [MASK] is absorbing.
+A product of such matrices is again of this form, so everything is computed from the cumulative
+alpha-bar, gamma-bar and beta-bar of each level: O(K) per token, never a K x K matrix.
+
+Levels and timesteps. Level 0 is the clean image, level T the prior. The public `t` counts like
+diffusers' VQDiffusionScheduler: t in [0, T-1] is the state after t+1 forward steps (level t+1), and
+`log_posterior(.., t, t_prev)` gives the distribution at level t_prev+1, with t_prev = -1 the clean x0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_EPS = 1e-30  # probabilities are clamped here before the log, so no -inf enters the maths
+
+
+def log_onehot(x: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Ids [B, N] -> log one-hot [B, C, N] (zeros clamped to log 1e-30)."""
+    onehot = F.one_hot(x, num_classes).permute(0, 2, 1).float()
+    return onehot.clamp(min=LOG_EPS).log()
+
+
+def sample_categorical(log_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gumbel-max draw of one class per position: log-probs [B, C, N] -> ids [B, N]."""
+    u = torch.rand(log_probs.shape, generator=generator, device=log_probs.device, dtype=torch.float32)
+    gumbel = -torch.log(-torch.log(u.clamp(min=LOG_EPS)).clamp(min=LOG_EPS))
+    return (log_probs.float() + gumbel).argmax(dim=1)
+
+
+def multinomial_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over dim 1: [B, C, N] x2 -> [B, N]; classes with p = 0 contribute nothing."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=1)
+
+
+def cumulative_schedule(num_timesteps: int, schedule: str, mask_rate: float, num_codes: int):
+    """Cumulative (alpha-bar, gamma-bar) over levels 0..T as float64 [T+1] each."""
+    T = num_timesteps
+    if schedule == "code":
+        # The released code: cumulative keep rate ramps 0.99999 -> 0.000009 and cumulative mask rate
+        # 0.000009 -> 0.99999 over levels 1..T, leaving ~1e-6 of uniform replacement in total.
+        alpha_bar = torch.linspace(0.99999, 0.000009, T, dtype=torch.float64)
+        gamma_bar = torch.linspace(0.000009, 0.99999, T, dtype=torch.float64)
+    elif schedule == "paper":
+        # The paper's text: gamma-bar rises linearly 0 -> M and K*beta-bar 0 -> 1-M, so alpha-bar
+        # falls 1 -> 0. (M = 0.9 was the best of the mask-rate ablation.)
+        frac = torch.arange(1, T + 1, dtype=torch.float64) / T
+        gamma_bar = mask_rate * frac
+        alpha_bar = 1.0 - frac
+    else:
+        raise ValueError(f"schedule must be 'code' or 'paper', got {schedule!r}")
+    one = torch.ones(1, dtype=torch.float64)
+    return torch.cat([one, alpha_bar]), torch.cat([0 * one, gamma_bar])
+
+
+class MaskAndReplaceDiffusion(nn.Module):
+    """The forward process, its exact posteriors, the training losses and the prior.
+
+    Buffers are float64 (the schedule spans 1e-6 .. 1 - 1e-5) and not saved: they follow from the
+    constructor arguments, which travel in the model's config.
+    """
+
+    def __init__(self, num_codes: int, num_timesteps: int = 100, schedule: str = "code", mask_rate: float = 0.9):
+        super().__init__()
+        if not isinstance(num_codes, int) or num_codes < 2:
+            raise ValueError(f"num_codes must be an int >= 2, got {num_codes!r}")
+        if not isinstance(num_timesteps, int) or num_timesteps < 2:
+            raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
+        if not 0.0 < mask_rate <= 1.0:
+            raise ValueError(f"mask_rate must be in (0, 1], got {mask_rate!r}")
+        self.num_codes = num_codes
+        self.num_classes = num_codes + 1
+        self.mask_id = num_codes
+        self.num_timesteps = num_timesteps
+        self.schedule = schedule
+        self.mask_rate = mask_rate
+
+        alpha_bar, gamma_bar = cumulative_schedule(num_timesteps, schedule, mask_rate, num_codes)
+        beta_bar = (1.0 - alpha_bar - gamma_bar) / num_codes
+        # Each one-step matrix must be a valid mask-and-replace matrix (beta_l >= 0).
+        alpha_step = alpha_bar[1:] / alpha_bar[:-1]
+        keep_step = (1.0 - gamma_bar[1:]) / (1.0 - gamma_bar[:-1])
+        if (beta_bar < -1e-12).any() or (keep_step - alpha_step < -1e-12).any():
+            raise ValueError(f"schedule {schedule!r} with mask_rate={mask_rate} gives negative replace rates")
+
+        def log(p: torch.Tensor) -> torch.Tensor:
+            return p.clamp(min=LOG_EPS).log()
+
+        self.register_buffer("log_alpha_bar", log(alpha_bar), persistent=False)
+        self.register_buffer("log_gamma_bar", log(gamma_bar), persistent=False)
+        self.register_buffer("log_beta_bar", log(beta_bar), persistent=False)
+        self.register_buffer("log_keep_bar", log(1.0 - gamma_bar), persistent=False)  # log(1 - gamma-bar)
+
+    # ----------------------------------------------------------------------------------------------
+    # argument checks: every public entry point validates, so a wrong shape never broadcasts silently
+
+    def _levels(self, t: int | torch.Tensor, batch: int, name: str, low: int, device) -> torch.Tensor:
+        """An int or Long [B] timestep in [low, T-1] -> Long [B] level (t + 1)."""
+        if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
+            raise ValueError(f"{name} must be an int or a LongTensor [B], got {type(t).__name__}")
+        if isinstance(t, int):
+            t = torch.full((batch,), t, dtype=torch.long, device=device)
+        if t.dtype != torch.long or t.shape != (batch,):
+            raise ValueError(f"{name} must be an int or a LongTensor of shape [{batch}], got {t.dtype} {tuple(t.shape)}")
+        if t.numel() and (t.min() < low or t.max() > self.num_timesteps - 1):
+            raise ValueError(f"{name} must lie in [{low}, {self.num_timesteps - 1}], got {t.min().item()}..{t.max().item()}")
+        return t.to(device) + 1
+
+    def _check_ids(self, x: torch.Tensor, name: str, allow_mask: bool) -> None:
+        top = self.num_codes if allow_mask else self.num_codes - 1
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.long or x.dim() != 2:
+            raise ValueError(f"{name} must be a LongTensor [B, N], got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+        if x.numel() and (x.min() < 0 or x.max() > top):
+            raise ValueError(f"{name} ids must lie in [0, {top}], got {x.min().item()}..{x.max().item()}")
+
+    def _check_log_p_x0(self, log_p_x0: torch.Tensor, x_t: torch.Tensor) -> None:
+        want = (x_t.shape[0], self.num_codes, x_t.shape[1])
+        if not isinstance(log_p_x0, torch.Tensor) or not log_p_x0.is_floating_point() or tuple(log_p_x0.shape) != want:
+            raise ValueError(f"log_p_x0 must be a float tensor [B, K, N] = {list(want)}, got {tuple(getattr(log_p_x0, 'shape', ()))}")
+
+    # ----------------------------------------------------------------------------------------------
+    # the forward process
+
+    def _cumulative(self, level: torch.Tensor, dtype=torch.float32):
+        """Per-sample log alpha-bar, beta-bar, gamma-bar at `level` [B] -> three [B, 1, 1]."""
+        pick = lambda buf: buf[level].to(dtype).view(-1, 1, 1)  # noqa: E731
+        return pick(self.log_alpha_bar), pick(self.log_beta_bar), pick(self.log_gamma_bar)
+
+    def _span(self, level_from: torch.Tensor, level_to: torch.Tensor, dtype=torch.float32):
+        """Log alpha, beta, gamma of the transition level_from -> level_to (a product of steps) -> [B, 1, 1] x3."""
+        log_a = self.log_alpha_bar[level_to] - self.log_alpha_bar[level_from]
+        log_keep = self.log_keep_bar[level_to] - self.log_keep_bar[level_from]  # log(1 - gamma)
+        log_g = torch.log(-torch.expm1(log_keep).clamp(max=-LOG_EPS))
+        # K * beta = (1 - gamma) - alpha, formed in log space to keep its ~1e-6 size exact.
+        log_kb = log_keep + torch.log((-torch.expm1(log_a - log_keep)).clamp(min=LOG_EPS))
+        log_b = log_kb - math.log(self.num_codes)
+        shape = lambda v: v.to(dtype).view(-1, 1, 1)  # noqa: E731
+        return shape(log_a), shape(log_b), shape(log_g)
+
+    def _apply_cumulative(self, log_x0: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """sum over x0 of p(x0) q(x_level | x0): log p(x0) [B, K, N] (normalised) -> [B, K+1, N]."""
+        log_a, log_b, log_g = self._cumulative(level, log_x0.dtype)
+        codes = torch.logaddexp(log_x0 + log_a, log_b.expand_as(log_x0))
+        mask = log_g.expand(log_x0.shape[0], 1, log_x0.shape[2])
+        return torch.cat([codes, mask], dim=1)
+
+    def log_q_xt_given_x0(self, x0: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """q(x_t | x0) for clean ids x0 [B, N] at timestep t -> log-probs [B, K+1, N]."""
+        self._check_ids(x0, "x0", allow_mask=False)
+        level = self._levels(t, x0.shape[0], "t", 0, x0.device)
+        return self._apply_cumulative(log_onehot(x0, self.num_codes), level)
+
+    def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x0): ids [B, N] -> ids [B, N], exactly, without forming the distribution."""
+        self._check_ids(x0, "x0", allow_mask=False)
+        level = self._levels(t, x0.shape[0], "t", 0, x0.device)
+        return self._draw_at_level(x0, level, generator)
+
+    def _draw_at_level(self, x0: torch.Tensor, level: torch.Tensor, generator) -> torch.Tensor:
+        """x0 [B, N] pushed to `level` [B] (level 0 returns x0 unchanged)."""
+        log_a, log_b, log_g = (v.double().view(-1, 1) for v in self._cumulative(level, torch.float64))
+        gamma, replace = log_g.exp(), self.num_codes * log_b.exp()
+        gamma = torch.where(level.view(-1, 1) == 0, torch.zeros_like(gamma), gamma)
+        replace = torch.where(level.view(-1, 1) == 0, torch.zeros_like(replace), replace)
+        u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
+        uniform = torch.randint(0, self.num_codes, x0.shape, generator=generator, device=x0.device)
+        out = torch.where(u < gamma + replace, uniform, x0)
+        return torch.where(u < gamma, torch.full_like(x0, self.mask_id), out)
+
+    # ----------------------------------------------------------------------------------------------
+    # the reverse process
+
+    def log_posterior(
+        self,
+        log_p_x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: int | torch.Tensor,
+        t_prev: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """p(x_{t_prev} | x_t) = sum_x0 q(x_{t_prev} | x_t, x0) p(x0 | x_t): [B, K, N] -> [B, K+1, N].
+
+        t_prev defaults to t - 1 (one step); any t_prev in [-1, t-1] is exact, because the transition
+        from level t_prev+1 to t+1 is itself a mask-and-replace matrix (`_span`).
+        """
+        self._check_ids(x_t, "x_t", allow_mask=True)
+        self._check_log_p_x0(log_p_x0, x_t)
+        B, device = x_t.shape[0], x_t.device
+        level_t = self._levels(t, B, "t", 0, device)
+        if t_prev is None:
+            level_s = level_t - 1
+        else:
+            level_s = self._levels(t_prev, B, "t_prev", -1, device)
+            if (level_s >= level_t).any():
+                raise ValueError("t_prev must be smaller than t for every sample")
+        log_p_x0 = log_p_x0.float()
+        is_mask = (x_t == self.mask_id).unsqueeze(1)  # [B, 1, N]
+        x_t_code = x_t.clamp(max=self.num_codes - 1)
+
+        # log q(x_t | x0 = k) for every k, for the observed x_t: [B, K, N]
+        log_a, log_b, log_g = self._cumulative(level_t)
+        hit = log_onehot(x_t_code, self.num_codes)  # 0 at k = x_t, log 1e-30 elsewhere
+        log_q_xt = torch.where(is_mask, log_g, torch.logaddexp(hit + log_a, log_b))
+
+        # Bayes: weight each x0 by p(x0 | x_t) / q(x_t | x0), normalised for stability (restored below).
+        ratio = log_p_x0 - log_q_xt
+        norm = torch.logsumexp(ratio, dim=1, keepdim=True)
+        through_s = self._apply_cumulative(ratio - norm, level_s)  # sum_k ratio_k q(x_s | x0 = k)
+
+        # times q(x_t | x_s = j) for each j in K+1, evaluated at the observed x_t
+        span_a, span_b, span_g = self._span(level_s, level_t)
+        hit_full = log_onehot(x_t_code, self.num_classes)
+        to_code = torch.logaddexp(hit_full + span_a, span_b.expand_as(hit_full))
+        to_code[:, self.mask_id] = math.log(LOG_EPS)  # a [MASK] never turns back into a code
+        to_mask = torch.cat([span_g.expand(B, self.num_codes, x_t.shape[1]), torch.zeros_like(is_mask, dtype=span_g.dtype)], dim=1)
+        log_q_xt_given_xs = torch.where(is_mask, to_mask, to_code)
+        return through_s + log_q_xt_given_xs + norm
+
+    # ----------------------------------------------------------------------------------------------
+    # losses
+
+    def loss_terms(self, log_p_x0: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample terms in nats, summed over the N positions: vlb (L_t, decoder NLL at t = 0) and aux (x0 CE)."""
+        self._check_ids(x0, "x0", allow_mask=False)
+        level = self._levels(t, x0.shape[0], "t", 0, x0.device)
+        log_p_x0 = log_p_x0.float()
+        nll_x0 = -log_p_x0.gather(1, x0.unsqueeze(1)).squeeze(1).sum(dim=1)  # [B]
+        log_model = self.log_posterior(log_p_x0, x_t, t)
+        log_true = self.log_posterior(log_onehot(x0, self.num_codes), x_t, t)
+        kl = multinomial_kl(log_true, log_model).sum(dim=1)
+        # At t = 0 the true posterior is x0 itself: L_0 is the decoder NLL, which the aux CE equals.
+        vlb = torch.where(level == 1, nll_x0, kl)
+        return {"vlb": vlb, "aux": nll_x0}
+
+    def training_loss(
+        self,
+        log_p_x0: torch.Tensor,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        pt: torch.Tensor | None = None,
+        aux_weight: float = 5e-4,
+        adaptive_aux: bool = True,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss: mean over B of (L_t + lambda w(t) CE) / (T p(t)), per token. Returns (loss, terms).
+
+        Dividing by T p(t) makes the estimate unbiased under importance sampling of t and leaves it
+        unchanged under uniform sampling; dividing by N gives nats per token. w(t) = 2 - t/T when
+        adaptive (the released code), else 1.
+        """
+        terms = self.loss_terms(log_p_x0, x0, x_t, t)
+        T, N = self.num_timesteps, x0.shape[1]
+        weight = (2.0 - t.float() / T) if adaptive_aux else torch.ones_like(t, dtype=torch.float32)
+        inv_pt = torch.ones_like(weight) if pt is None else 1.0 / (T * pt.float())
+        per_sample = (terms["vlb"] + aux_weight * weight * terms["aux"]) * inv_pt
+        return per_sample.mean() / N, terms
+
+    def log_prior(self, batch: int, length: int, device=None) -> torch.Tensor:
+        """p(x_T): [MASK] with gamma-bar_T, every code (1 - gamma-bar_T)/K -> log-probs [B, K+1, N]."""
+        log_g = self.log_gamma_bar[-1].float()
+        log_code = self.log_keep_bar[-1].float() - math.log(self.num_codes)
+        col = torch.cat([log_code.expand(self.num_codes), log_g.view(1)]).to(device)
+        return col.view(1, -1, 1).expand(batch, -1, length).contiguous()
+
+    def prior_loss(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T | x0) || p(x_T)) per sample, summed over positions: [B, N] -> [B]."""
+        log_q = self.log_q_xt_given_x0(x0, self.num_timesteps - 1)
+        return multinomial_kl(log_q, self.log_prior(*x0.shape, device=x0.device)).sum(dim=1)
+
+
+class TimestepSampler:
+    """Importance sampling of t with p(t) ~ sqrt(EMA of L_t^2), uniform until each t was seen `warmup` times.
+
+    Across ranks: call `batch_statistics` on the local (t, L_t), all-reduce both returned tensors
+    (sum), then `update` with the result, so that every rank holds the same history and draws alike.
+    """
+
+    def __init__(self, num_timesteps: int, warmup: int = 10, decay: float = 0.9):
+        self.num_timesteps = num_timesteps
+        self.warmup = warmup
+        self.decay = decay
+        self.loss_sq = torch.zeros(num_timesteps, dtype=torch.float64)
+        self.count = torch.zeros(num_timesteps, dtype=torch.long)
+
+    @property
+    def ready(self) -> bool:
+        """True once every timestep has been observed `warmup` times."""
+        return bool((self.count >= self.warmup).all())
+
+    def probabilities(self) -> torch.Tensor:
+        """p(t) [T] (float64): uniform before warm-up, then sqrt-EMA weighted."""
+        if not self.ready:
+            return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
+        w = self.loss_sq.clamp(min=0).sqrt() + 1e-4
+        return w / w.sum()
+
+    def sample(self, batch: int, generator: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw t [B] (Long) and its probability p(t) [B] (float32)."""
+        p = self.probabilities()
+        t = torch.multinomial(p.float(), batch, replacement=True, generator=generator)
+        return t.to(device), p[t].float().to(device)
+
+    def batch_statistics(self, t: torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local sums of L_t^2 and counts per timestep: ([T] float64, [T] long), ready to all-reduce."""
+        t = t.detach().long().cpu()
+        sq = loss.detach().double().cpu().pow(2)
+        sums = torch.zeros(self.num_timesteps, dtype=torch.float64).index_add_(0, t, sq)
+        counts = torch.zeros(self.num_timesteps, dtype=torch.long).index_add_(0, t, torch.ones_like(t))
+        return sums, counts
+
+    def update(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """Fold (all-reduced) batch statistics into the EMA: one update per timestep seen."""
+        sums, counts = sums.double().cpu(), counts.long().cpu()
+        seen = counts > 0
+        mean_sq = sums[seen] / counts[seen]
+        first = self.count[seen] == 0
+        old = self.loss_sq[seen]
+        self.loss_sq[seen] = torch.where(first, mean_sq, self.decay * old + (1 - self.decay) * mean_sq)
+        self.count += counts
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors to resume from (saved with the training checkpoint)."""
+        return {"loss_sq": self.loss_sq.clone(), "count": self.count.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore from `state_dict`, checking the number of timesteps."""
+        if state["loss_sq"].shape != (self.num_timesteps,):
+            raise ValueError(f"timestep sampler state has {state['loss_sq'].shape[0]} steps, expected {self.num_timesteps}")
+        self.loss_sq = state["loss_sq"].double().clone()
+        self.count = state["count"].long().clone()
