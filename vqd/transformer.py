@@ -1,0 +1,282 @@
+"""The VQ-Diffusion denoiser: a transformer over the h x w grid of image tokens, conditioned on text and t.
+
+Follows the paper (Gu et al. 2022, arXiv 2111.14822) and its released code's `Text2ImageTransformer`
+with `attn_type: selfcross`, `timestep_type: adalayernorm`, `block_activate: GELU2`:
+
+    x = token_embedding(x_t) + row_embedding + col_embedding          [B, N, C]
+    per block:  x += SelfAttn(AdaLN(x, t))
+                x += CrossAttn(AdaLN(x, t), text)                     text: [B, L, D_text]
+                x += MLP(LayerNorm(x))
+    logits = Linear(LayerNorm(x))  -> [B, K, N]
+
+The input has K+1 classes (K codes + [MASK] = id K); the head predicts K classes, because the network
+predicts x_0, which is never [MASK]. The same blocks, made causal and without t, are the VQ-AR
+baseline (vqd/ar.py); that is why attention here takes an optional KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class TransformerConfig:
+    """Everything needed to build a Denoiser (or the AR network): sizes of the input and of the net."""
+
+    num_codes: int  # K, image codebook size (after remapping); input has K+1 classes, output K
+    grid: tuple[int, int]  # (h, w) of the token grid, N = h * w
+    depth: int
+    width: int
+    heads: int
+    text_dim: int = 512  # D_text, width of the per-token text features
+    mlp_ratio: int = 4
+    num_timesteps: int = 100  # T; 0 means no timestep conditioning (plain LayerNorm), as in VQ-AR
+    causal: bool = False
+    dropout: float = 0.0
+    checkpoint: bool = False  # activation checkpointing of every block while training
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the released code's "GELU2" (and OpenAI CLIP's activation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class AdaLayerNorm(nn.Module):
+    """LayerNorm without affine, then scale/shift from an embedding of t: [B, N, C], t [B] -> [B, N, C]."""
+
+    def __init__(self, width: int, num_timesteps: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.t_embedding = nn.Embedding(num_timesteps, width)
+        self.modulation = nn.Linear(width, 2 * width)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.modulation(F.silu(self.t_embedding(t))).unsqueeze(1).chunk(2, dim=-1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+class KVCache:
+    """Keys/values of one self-attention layer for incremental decoding: k, v [B, H, N_max, C/H]."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0
+        self.text_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # cross-attention k, v of the text
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H, S, Dh] at the current length; return all keys/values so far."""
+        if self.k is None:
+            shape = (k.shape[0], k.shape[1], max_len, k.shape[3])
+            self.k = k.new_zeros(shape)
+            self.v = v.new_zeros(shape)
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache overflow: {end} positions, room for {self.k.shape[2]}")
+        self.k[:, :, self.length:end] = k.to(self.k.dtype)
+        self.v[:, :, self.length:end] = v.to(self.v.dtype)
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, S, C] -> [B, H, S, C/H]."""
+    b, s, c = x.shape
+    return x.view(b, s, heads, c // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, Dh] -> [B, S, H*Dh]."""
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, s, h * d)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over image tokens, full or causal: [B, S, C] -> [B, S, C]."""
+
+    def __init__(self, width: int, heads: int, causal: bool, dropout: float, max_len: int):
+        super().__init__()
+        self.heads, self.causal, self.dropout, self.max_len = heads, causal, dropout, max_len
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        q, k, v = (_split_heads(y, self.heads) for y in self.qkv(x).chunk(3, dim=-1))
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
+        else:
+            start = cache.length
+            k, v = cache.append(k, v, self.max_len)
+            # New queries sit at positions start..start+S-1 and may see every key up to their own position.
+            rows = torch.arange(q.shape[2], device=x.device)[:, None] + start
+            mask = rows >= torch.arange(k.shape[2], device=x.device)[None, :]
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        return self.proj(_merge_heads(y))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to every text token: x [B, N, C], text [B, L, D_text] -> [B, N, C]."""
+
+    def __init__(self, width: int, text_dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(text_dim, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the text, [B, H, L, Dh] each (cached by the AR sampler)."""
+        k, v = self.kv(text).chunk(2, dim=-1)
+        return _split_heads(k, self.heads), _split_heads(v, self.heads)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is None:
+            k, v = self.text_kv(text)
+        else:
+            if cache.text_kv is None:
+                cache.text_kv = self.text_kv(text)
+            k, v = cache.text_kv
+        q = _split_heads(self.q(x), self.heads)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(_merge_heads(y))
+
+
+class Block(nn.Module):
+    """Norm(t) -> self-attn -> Norm(t) -> cross-attn to text -> LayerNorm -> MLP, each residual: [B, S, C]."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        w = cfg.width
+        self.timed = cfg.num_timesteps > 0
+        make_norm = (lambda: AdaLayerNorm(w, cfg.num_timesteps)) if self.timed else (lambda: nn.LayerNorm(w))
+        self.norm1, self.norm2 = make_norm(), make_norm()
+        self.self_attn = SelfAttention(w, cfg.heads, cfg.causal, cfg.dropout, cfg.grid[0] * cfg.grid[1])
+        self.cross_attn = CrossAttention(w, cfg.text_dim, cfg.heads, cfg.dropout)
+        self.norm3 = nn.LayerNorm(w)  # the released code's MLP norm is a plain LayerNorm, not AdaLN
+        self.mlp = nn.Sequential(
+            nn.Linear(w, cfg.mlp_ratio * w), QuickGELU(), nn.Linear(cfg.mlp_ratio * w, w), nn.Dropout(cfg.dropout)
+        )
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        return norm(x, t) if self.timed else norm(x)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | None, text: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self._norm(self.norm1, x, t), cache)
+        x = x + self.cross_attn(self._norm(self.norm2, x, t), text, cache)
+        return x + self.mlp(self.norm3(x))
+
+
+class TokenGridTransformer(nn.Module):
+    """Shared trunk: embeddings of K+1 classes + row/col positions, blocks, final norm and K-way head."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        _check_config(cfg)
+        self.cfg = cfg
+        h, w = cfg.grid
+        self.token_embedding = nn.Embedding(cfg.num_codes + 1, cfg.width)
+        self.row_embedding = nn.Embedding(h, cfg.width)
+        self.col_embedding = nn.Embedding(w, cfg.width)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.num_codes)
+        self.apply(_init_weights)
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.grid[0] * self.cfg.grid[1]
+
+    def position_embedding(self) -> torch.Tensor:
+        """Row + column embedding of every grid cell in raster order: [N, C]."""
+        h, w = self.cfg.grid
+        return (self.row_embedding.weight[:, None, :] + self.col_embedding.weight[None, :, :]).reshape(h * w, -1)
+
+    def trunk(
+        self,
+        ids: torch.Tensor,
+        t: torch.Tensor | None,
+        text: torch.Tensor,
+        start: int = 0,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """ids [B, S] at positions start..start+S-1 -> logits [B, K, S] (float32)."""
+        x = self.token_embedding(ids) + self.position_embedding()[start:start + ids.shape[1]]
+        for i, block in enumerate(self.blocks):
+            cache = None if caches is None else caches[i]
+            if self.cfg.checkpoint and self.training and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(block, x, t, text, use_reentrant=False)
+            else:
+                x = block(x, t, text, cache)
+        # The diffusion maths runs in log space over [B, K+1, N]: hand it float32 with classes on dim 1.
+        return self.head(self.final_norm(x)).float().transpose(1, 2)
+
+
+class Denoiser(TokenGridTransformer):
+    """p(x_0 | x_t, t, text): x_t Long [B, N] in [0, K], t Long [B] in [0, T), text [B, L, D] -> [B, K, N]."""
+
+    def __init__(self, cfg: TransformerConfig):
+        if cfg.causal or cfg.num_timesteps <= 0:
+            raise ValueError("cfg: the denoiser needs causal=False and num_timesteps > 0")
+        super().__init__(cfg)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        check_ids("x_t", x_t, self.seq_len, self.cfg.num_codes)
+        check_text("text", text, x_t.shape[0], self.cfg.text_dim)
+        if t.dtype not in _INT_DTYPES or t.shape != (x_t.shape[0],):
+            raise ValueError(f"t: expected an integer tensor of shape [{x_t.shape[0]}], got {t.dtype} {tuple(t.shape)}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.cfg.num_timesteps):
+            raise ValueError(f"t: timesteps must lie in [0, {self.cfg.num_timesteps - 1}], got "
+                             f"[{int(t.min())}, {int(t.max())}]")
+        return self.trunk(x_t, t, text)
+
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def check_ids(name: str, ids: torch.Tensor, seq_len: int | None, max_id: int) -> None:
+    """Raise ValueError unless ids is an integer tensor [B, seq_len] with values in [0, max_id]."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in _INT_DTYPES or ids.dim() != 2:
+        got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name}: expected an integer (Long) tensor [B, N], got {got}")
+    if seq_len is not None and ids.shape[1] != seq_len:
+        raise ValueError(f"{name}: expected {seq_len} tokens per row (the h*w grid), got {ids.shape[1]}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > max_id):
+        raise ValueError(f"{name}: token ids must lie in [0, {max_id}], got [{int(ids.min())}, {int(ids.max())}]")
+
+
+def check_text(name: str, text: torch.Tensor, batch: int, dim: int) -> None:
+    """Raise ValueError unless text is a floating tensor [batch, L, dim]."""
+    if not isinstance(text, torch.Tensor) or not text.is_floating_point() or text.dim() != 3:
+        got = f"{text.dtype} {tuple(text.shape)}" if isinstance(text, torch.Tensor) else type(text).__name__
+        raise ValueError(f"{name}: expected float text features [B, L, {dim}], got {got}")
+    if text.shape[0] != batch or text.shape[2] != dim:
+        raise ValueError(f"{name}: expected shape [{batch}, L, {dim}], got {tuple(text.shape)}")
+
+
+def _check_config(cfg: TransformerConfig) -> None:
+    if cfg.width % cfg.heads:
+        raise ValueError(f"width: {cfg.width} is not divisible by heads={cfg.heads}")
+    if len(cfg.grid) != 2 or min(cfg.grid) < 1:
+        raise ValueError(f"grid: expected (h, w) with h, w >= 1, got {cfg.grid}")
+    for name in ("num_codes", "depth", "width", "heads", "text_dim", "mlp_ratio"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
+
+
+def _init_weights(module: nn.Module) -> None:
+    """GPT-style init, as the released code: N(0, 0.02) weights, zero biases, unit LayerNorm."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        if module.weight.device.type != "meta":
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
