@@ -31,7 +31,7 @@ def log_onehot(x: torch.Tensor, num_classes: int) -> torch.Tensor:
 def sample_categorical(log_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Gumbel-max draw of one class per position: log-probs [B, C, N] -> ids [B, N]."""
     u = torch.rand(log_probs.shape, generator=generator, device=log_probs.device, dtype=torch.float32)
-    gumbel = -torch.log(-torch.log(u.clamp(min=LOG_EPS)).clamp(min=LOG_EPS))
+    gumbel = -torch.log((-torch.log(u.clamp(min=LOG_EPS))).clamp(min=LOG_EPS))
     return (log_probs.float() + gumbel).argmax(dim=1)
 
 

@@ -1,0 +1,177 @@
+"""vqd.sampling with an analytic ideal denoiser: for i.i.d. tokens with marginal p, the exact reverse chain
+(any stride) must return tokens distributed as p. The denoiser is built from explicit matrices, not from vqd."""
+
+import math
+
+import pytest
+import torch
+
+from brute_force import paper_step_matrices, product
+from vqd.diffusion import MaskAndReplaceDiffusion
+from vqd.sampling import SamplingConfig, guided_log_p_x0, level_schedule, sample_tokens, truncate
+
+P = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+
+
+class IdealDenoiser:
+    """p(x0 = k | x_t = j) proportional to p_k Qbar_level[k, j], per position; text is ignored."""
+
+    def __init__(self, p: torch.Tensor, T: int, grid: tuple[int, int]):
+        K = p.numel()
+        self.diffusion = MaskAndReplaceDiffusion(K, T, schedule="paper")
+        mats = paper_step_matrices(K, T, 0.9)
+        # table[level][j] = log p(x0 | x_t = j) over K, for j in K+1
+        self.table = []
+        for level in range(1, T + 1):
+            joint = p.view(-1, 1) * product(mats, 0, level)[:K]  # [K, K+1]
+            self.table.append((joint / joint.sum(0, keepdim=True)).clamp(min=1e-30).log().float())
+        self.grid = grid
+        self.t_seen: list[int] = []
+        self.masks_seen: list[int] = []
+
+    def logits(self, x_t, t, text_features):
+        self.t_seen.append(int(t[0]))
+        self.masks_seen.append(int((x_t == self.diffusion.mask_id).sum()))
+        out = torch.stack([self.table[int(tb)][:, x] for tb, x in zip(t, x_t)])  # [B, K, N]
+        return out + text_features.mean() * 0  # keeps the text argument in the graph of shapes
+
+    def null_text_features(self, batch):
+        return torch.zeros(batch, 3, 2)
+
+
+def frequencies(x: torch.Tensor, K: int) -> torch.Tensor:
+    return torch.bincount(x.flatten(), minlength=K).double() / x.numel()
+
+
+@pytest.mark.parametrize("steps", [8, 4, 3, 1])
+def test_strided_sampling_reproduces_the_data_marginal(steps):
+    model = IdealDenoiser(P, T=8, grid=(40, 50))
+    text = torch.zeros(2, 3, 2)
+    x = sample_tokens(model, text, SamplingConfig(steps=steps, truncation=1.0), generator=torch.Generator().manual_seed(steps))
+    assert x.shape == (2, 2000) and x.max() < 4
+    tol = 4 * math.sqrt(0.25 / x.numel())
+    assert (frequencies(x, 4) - P).abs().max() < tol
+    assert len(model.t_seen) == steps and model.t_seen[0] == 7
+
+
+def test_level_schedule_is_strictly_decreasing_and_complete():
+    for T in [10, 100]:
+        for steps in range(1, T + 1):
+            levels = level_schedule(T, steps)
+            assert levels[0] == T and levels[-1] == 0 and len(levels) == steps + 1
+            assert all(a > b for a, b in zip(levels, levels[1:]))
+
+
+def test_truncation_keeps_smallest_set_reaching_r():
+    g = torch.Generator().manual_seed(0)
+    lp = (2 * torch.randn(3, 7, 5, generator=g)).log_softmax(1)
+    for r in [0.3, 0.86, 0.999]:
+        out = truncate(lp, r)
+        for b in range(3):
+            for n in range(5):
+                probs = lp[b, :, n].exp().tolist()
+                order = sorted(range(7), key=lambda k: -probs[k])
+                kept, mass = [], 0.0
+                for k in order:  # brute force: add classes until the mass reaches r
+                    kept.append(k)
+                    mass += probs[k]
+                    if mass >= r:
+                        break
+                expect = torch.full((7,), float("-inf"))
+                expect[kept] = torch.tensor([probs[k] for k in kept]).log() - math.log(mass)
+                torch.testing.assert_close(out[b, :, n], expect, atol=1e-5, rtol=1e-5)
+    assert torch.equal(truncate(lp, 1.0), lp)
+
+
+def test_truncation_shapes_samples():
+    model = IdealDenoiser(P, T=8, grid=(30, 30))
+    x = sample_tokens(model, torch.zeros(2, 3, 2), SamplingConfig(steps=1, truncation=0.6), generator=torch.Generator().manual_seed(0))
+    # one step from all-[MASK]: p(x0 | x_T) = P, truncated at 0.6 -> classes {0, 1} in ratio 5:3
+    f = frequencies(x, 4)
+    assert f[2] == 0 and f[3] == 0
+    assert abs(f[0].item() - 0.625) < 0.05
+
+
+class TextDependentDenoiser(IdealDenoiser):
+    """Logits shifted by the text: cond text favours class 3, null text is neutral."""
+
+    def logits(self, x_t, t, text_features):
+        base = super().logits(x_t, t, text_features)
+        bonus = torch.zeros_like(base)
+        bonus[:, 3] = text_features[:, 0, 0].view(-1, 1)
+        return base + bonus
+
+
+def test_guidance_formula_and_effect():
+    model = TextDependentDenoiser(P, T=8, grid=(20, 20))
+    text = torch.ones(2, 3, 2)
+    null = model.null_text_features(2)
+    x_t = torch.full((2, 400), 4)
+    t = torch.full((2,), 7)
+    cond = model.logits(x_t, t, text).log_softmax(1)
+    uncond = model.logits(x_t, t, null).log_softmax(1)
+    torch.testing.assert_close(guided_log_p_x0(model, x_t, t, text, null, 1.0), cond)
+    torch.testing.assert_close(guided_log_p_x0(model, x_t, t, text, null, 0.0), uncond)
+    torch.testing.assert_close(guided_log_p_x0(model, x_t, t, text, null, 3.0), (uncond + 3 * (cond - uncond)).log_softmax(1))
+    freq = {}
+    for s in [1.0, 4.0]:
+        x = sample_tokens(model, text, SamplingConfig(steps=8, truncation=1.0, guidance_scale=s), generator=torch.Generator().manual_seed(1))
+        freq[s] = frequencies(x, 4)[3].item()
+    assert freq[4.0] > freq[1.0] + 0.1
+
+
+def test_purity_unmasks_on_schedule_and_finishes():
+    model = IdealDenoiser(P, T=8, grid=(20, 20))
+    x = sample_tokens(model, torch.zeros(1, 3, 2), SamplingConfig(steps=4, truncation=1.0, purity=True), generator=torch.Generator().manual_seed(0))
+    assert (x < 4).all()
+    g = model.diffusion.log_gamma_bar.exp()
+    levels = level_schedule(8, 4)
+    expected, masked = [], model.masks_seen[0]
+    for lt, ls in zip(levels[:-2], levels[1:-1]):
+        expected.append(masked)
+        masked = round(masked * (g[ls] / g[lt]).item())
+    expected.append(masked)
+    assert model.masks_seen == expected
+    assert 300 < model.masks_seen[0] < 400  # the paper schedule's prior: 90% [MASK], 10% uniform codes
+
+
+def test_inpainting_keeps_known_tokens_and_fills_the_region():
+    model = IdealDenoiser(P, T=8, grid=(30, 40))
+    known = torch.full((2, 1200), 3)
+    fill = torch.zeros(2, 1200, dtype=torch.bool)
+    fill[:, 600:] = True
+    x = sample_tokens(model, torch.zeros(2, 3, 2), SamplingConfig(steps=4, truncation=1.0), known_tokens=known, fill_mask=fill, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x[:, :600], known[:, :600])
+    f = frequencies(x[:, 600:], 4)
+    assert (f - P).abs().max() < 4 * math.sqrt(0.25 / 1200)
+
+
+def test_same_generator_same_tokens():
+    model = IdealDenoiser(P, T=8, grid=(8, 8))
+    cfg = SamplingConfig(steps=3, truncation=0.9)
+    a = sample_tokens(model, torch.zeros(2, 3, 2), cfg, generator=torch.Generator().manual_seed(5))
+    b = sample_tokens(model, torch.zeros(2, 3, 2), cfg, generator=torch.Generator().manual_seed(5))
+    c = sample_tokens(model, torch.zeros(2, 3, 2), cfg, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(config=SamplingConfig(steps=0)), "steps"),
+        (dict(config=SamplingConfig(steps=9)), "steps"),
+        (dict(config=SamplingConfig(truncation=0.0)), "truncation"),
+        (dict(config=SamplingConfig(truncation=1.2)), "truncation"),
+        (dict(config=SamplingConfig(guidance_scale=-1.0)), "guidance_scale"),
+        (dict(known_tokens=torch.zeros(2, 64, dtype=torch.long)), "fill_mask"),
+        (dict(known_tokens=torch.zeros(2, 63, dtype=torch.long), fill_mask=torch.ones(2, 63, dtype=torch.bool)), "known_tokens"),
+        (dict(known_tokens=torch.full((2, 64), 4), fill_mask=torch.ones(2, 64, dtype=torch.bool)), "known_tokens ids"),
+        (dict(known_tokens=torch.zeros(2, 64, dtype=torch.long), fill_mask=torch.ones(2, 64)), "fill_mask"),
+    ],
+)
+def test_bad_sampling_arguments(kwargs, match):
+    model = IdealDenoiser(P, T=8, grid=(8, 8))
+    with pytest.raises(ValueError, match=match):
+        sample_tokens(model, torch.zeros(2, 3, 2), **kwargs)
+    with pytest.raises(ValueError, match="text_features"):
+        sample_tokens(model, torch.zeros(2, 3))

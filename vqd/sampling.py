@@ -1,0 +1,169 @@
+"""Text -> token grid: strided fast sampling, truncation, classifier-free guidance, purity, inpainting.
+
+A model to sample from is anything with a `diffusion` (MaskAndReplaceDiffusion), a grid `(h, w)`,
+`logits(x_t [B, N], t [B], text [B, L, D]) -> [B, K, N]` and `null_text_features(B) -> [B, L, D]`.
+Strided sampling is exact: each jump level_t -> level_s uses the closed-form p(x_s | x_t), not the
+one-step posterior stretched over the gap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from vqd.diffusion import MaskAndReplaceDiffusion, sample_categorical
+
+
+class DenoisingModel(Protocol):
+    diffusion: MaskAndReplaceDiffusion
+    grid: tuple[int, int]
+
+    def logits(self, x_t: torch.Tensor, t: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor: ...
+
+    def null_text_features(self, batch: int) -> torch.Tensor: ...
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample; defaults follow the paper (all T steps, truncation r = 0.86, no guidance)."""
+
+    steps: int | None = None  # None: every one of the T steps
+    truncation: float = 0.86  # keep the top-r cumulative probability of p(x0 | x_t); 1.0 turns it off
+    guidance_scale: float = 1.0  # classifier-free guidance; 1.0 = conditional only, 0 = unconditional
+    purity: bool = False  # Improved VQ-Diffusion: unmask the most certain positions first
+
+    def validate(self, num_timesteps: int) -> None:
+        """Raise ValueError naming the field that is out of range."""
+        if self.steps is not None and (not isinstance(self.steps, int) or not 1 <= self.steps <= num_timesteps):
+            raise ValueError(f"steps must be an int in [1, {num_timesteps}], got {self.steps!r}")
+        if not 0.0 < self.truncation <= 1.0:
+            raise ValueError(f"truncation r must be in (0, 1], got {self.truncation!r}")
+        if not self.guidance_scale >= 0.0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale!r}")
+
+
+def level_schedule(num_timesteps: int, steps: int) -> list[int]:
+    """The `steps + 1` levels visited, from T down to 0, evenly spaced (strictly decreasing)."""
+    levels = torch.linspace(num_timesteps, 0, steps + 1, dtype=torch.float64).round().long().tolist()
+    return levels
+
+
+def truncate(log_probs: torch.Tensor, r: float) -> torch.Tensor:
+    """Keep, per position, the most likely classes whose cumulative probability first reaches r: [B, K, N].
+
+    The rest get probability 0 and the kept ones are renormalised. The top class is always kept.
+    """
+    if r >= 1.0:
+        return log_probs
+    sorted_lp, order = log_probs.sort(dim=1, descending=True)
+    mass_before = sorted_lp.exp().cumsum(dim=1) - sorted_lp.exp()  # mass of strictly better classes
+    keep_sorted = mass_before < r
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    return log_probs.masked_fill(~keep, float("-inf")).log_softmax(dim=1)
+
+
+def guided_log_p_x0(model: DenoisingModel, x_t, t, text_features, null_features, scale: float) -> torch.Tensor:
+    """log p(x0 | x_t, y), sharpened by classifier-free guidance: [B, K, N] (float32, normalised)."""
+    if scale == 1.0 or null_features is None:
+        return model.logits(x_t, t, text_features).float().log_softmax(dim=1)
+    both = model.logits(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text_features, null_features]))
+    cond, uncond = both.float().log_softmax(dim=1).chunk(2)
+    return (uncond + scale * (cond - uncond)).log_softmax(dim=1)
+
+
+def purity_step(
+    diffusion: MaskAndReplaceDiffusion,
+    log_p_x0: torch.Tensor,
+    x_t: torch.Tensor,
+    level_t: int,
+    level_s: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Unmask the number of positions q expects between the two levels, preferring high purity max_k p(x0=k).
+
+    A masked token stays masked from level t to s with probability gamma-bar_s / gamma-bar_t, so that
+    fraction of the masked positions is kept masked; the others are filled from p(x0 | x_t), chosen by
+    sampling without replacement with weights proportional to purity (Gumbel top-k). Code positions are kept.
+    """
+    is_mask = x_t == diffusion.mask_id
+    stay = (diffusion.log_gamma_bar[level_s] - diffusion.log_gamma_bar[level_t]).exp().item() if level_s > 0 else 0.0
+    n_masked = is_mask.sum(dim=1)
+    n_reveal = n_masked - (n_masked.double() * stay).round().long()
+    purity = log_p_x0.max(dim=1).values  # log of the top probability, [B, N]
+    u = torch.rand(purity.shape, generator=generator, device=purity.device)
+    keys = purity - torch.log((-torch.log(u.clamp(min=1e-30))).clamp(min=1e-30))
+    keys = keys.masked_fill(~is_mask, float("-inf"))
+    rank = keys.argsort(dim=1, descending=True).argsort(dim=1)
+    reveal = is_mask & (rank < n_reveal.unsqueeze(1))
+    values = sample_categorical(log_p_x0, generator)
+    return torch.where(reveal, values, x_t)
+
+
+def _check_inputs(model: DenoisingModel, text_features, known_tokens, fill_mask) -> int:
+    h, w = model.grid
+    if not isinstance(text_features, torch.Tensor) or text_features.dim() != 3:
+        raise ValueError(f"text_features must be a float tensor [B, L, D], got {tuple(getattr(text_features, 'shape', ()))}")
+    B, N = text_features.shape[0], h * w
+    if (known_tokens is None) != (fill_mask is None):
+        raise ValueError("inpainting needs both known_tokens [B, N] and fill_mask [B, N] (True = generate)")
+    if known_tokens is not None:
+        if known_tokens.dtype != torch.long or tuple(known_tokens.shape) != (B, N):
+            raise ValueError(f"known_tokens must be a LongTensor [{B}, {N}], got {known_tokens.dtype} {tuple(known_tokens.shape)}")
+        if known_tokens.min() < 0 or known_tokens.max() >= model.diffusion.num_codes:
+            raise ValueError(f"known_tokens ids must lie in [0, {model.diffusion.num_codes - 1}]")
+        if fill_mask.dtype != torch.bool or tuple(fill_mask.shape) != (B, N):
+            raise ValueError(f"fill_mask must be a BoolTensor [{B}, {N}], got {fill_mask.dtype} {tuple(fill_mask.shape)}")
+    return N
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: DenoisingModel,
+    text_features: torch.Tensor,
+    config: SamplingConfig | None = None,
+    *,
+    known_tokens: torch.Tensor | None = None,
+    fill_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Draw token grids for text features [B, L, D] -> ids [B, h*w] in [0, K).
+
+    Inpainting: positions where `fill_mask` is False are held to `known_tokens`, re-noised to the
+    current level after every step (so the network always sees a consistent x_t), exact at the end.
+    """
+    config = config or SamplingConfig()
+    diffusion = model.diffusion
+    T = diffusion.num_timesteps
+    config.validate(T)
+    N = _check_inputs(model, text_features, known_tokens, fill_mask)
+    B, device = text_features.shape[0], text_features.device
+    null = model.null_text_features(B).to(text_features) if config.guidance_scale != 1.0 else None
+
+    def hold_known(x: torch.Tensor, level: int) -> torch.Tensor:
+        if known_tokens is None:
+            return x
+        noisy = diffusion._draw_at_level(known_tokens, torch.full((B,), level, device=device), generator)
+        return torch.where(fill_mask, x, noisy)
+
+    x = hold_known(sample_categorical(diffusion.log_prior(B, N, device), generator), T)
+    levels = level_schedule(T, config.steps or T)
+    pairs = list(zip(levels[:-1], levels[1:]))
+    if progress:
+        from tqdm.auto import tqdm
+
+        pairs = tqdm(pairs, desc="sampling", unit="step")
+    for level_t, level_s in pairs:
+        t = torch.full((B,), level_t - 1, dtype=torch.long, device=device)
+        log_p_x0 = truncate(guided_log_p_x0(model, x, t, text_features, null, config.guidance_scale), config.truncation)
+        if config.purity:
+            x = purity_step(diffusion, log_p_x0, x, level_t, level_s, generator)
+        else:
+            log_probs = diffusion.log_posterior(log_p_x0, x, t, level_s - 1)
+            if level_s == 0:
+                log_probs = log_probs[:, : diffusion.num_codes]  # level 0 holds no [MASK]
+            x = sample_categorical(log_probs, generator)
+        x = hold_known(x, level_s)
+    return x
