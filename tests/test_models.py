@@ -1,0 +1,181 @@
+"""Size registry, configs, and the composed VQ-Diffusion model: text features, null text, save/load."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vqd.diffusion import MaskAndReplaceDiffusion
+from vqd.models import (
+    MODEL_SIZES,
+    VQDiffusionConfig,
+    VQDiffusionModel,
+    count_parameters,
+    load_model,
+)
+from vqd.text import TextEncoder, TextEncoderConfig, tokenize
+from vqd.transformer import Denoiser
+
+CAPTIONS = ["a yellow bird with black wings", "a small cartoon cat"]
+
+
+def micro_config(**overrides) -> VQDiffusionConfig:
+    return VQDiffusionConfig(num_codes=10, grid=(2, 3), size="micro", num_timesteps=8, **overrides)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return VQDiffusionModel(micro_config()).eval()
+
+
+# ---------------------------------------------------------------------------------------- configs
+
+
+def test_config_round_trips_through_a_plain_dict():
+    cfg = micro_config(schedule="paper", mask_rate=0.8)
+    data = cfg.to_dict()
+    assert data["kind"] == "vq-diffusion" and data["grid"] == [2, 3] and isinstance(data["text"], dict)
+    assert VQDiffusionConfig.from_dict(data) == cfg
+
+
+def test_size_fills_the_network_fields_and_explicit_fields_win():
+    cfg = VQDiffusionConfig(num_codes=2887, grid=(32, 32), size="VQD-B")
+    assert (cfg.depth, cfg.width, cfg.heads, cfg.text.width) == (19, 1024, 16, 512)
+    cfg = VQDiffusionConfig.from_dict({"num_codes": 8, "grid": [2, 2], "size": "tiny", "depth": 1})
+    assert (cfg.depth, cfg.width, cfg.text.width) == (1, 128, 128)
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"num_codes": 8, "grid": [2, 2], "size": "tiny", "bogus": 1}, "bogus"),
+        ({"num_codes": 8, "grid": [2, 2], "size": "tiny", "text": {"widht": 8}}, "text.widht"),
+        ({"num_codes": "8", "grid": [2, 2], "size": "tiny"}, "num_codes"),
+        ({"num_codes": 8, "grid": [2], "size": "tiny"}, "grid"),
+        ({"num_codes": 8, "grid": [2, 2], "size": "tiny", "checkpoint": "yes"}, "checkpoint"),
+        ({"num_codes": 8, "grid": [2, 2], "size": "huge"}, "size"),
+        ({"num_codes": 8, "grid": [2, 2]}, "depth"),
+        ({"kind": "vq-ar", "num_codes": 8, "grid": [2, 2], "size": "tiny"}, "kind"),
+    ],
+)
+def test_bad_config_dicts_raise_value_error_naming_the_key(data, key):
+    with pytest.raises(ValueError, match=rf"^{key}"):
+        VQDiffusionConfig.from_dict(data)
+
+
+def test_paper_sizes_parameter_counts():
+    """The paper quotes 34M (VQ-Diffusion-S) and 370M (VQ-Diffusion-B) for the denoiser, 2887 codes, 32 x 32.
+
+    Our B (released config: 19 x 1024, 16 heads) counts 388.8M, within [340M, 420M]. Our S (18 x 192, the
+    paper's words) counts 17.4M: the paper's 34M cannot come from 18 such blocks (each holds ~0.9M), so we
+    only bound S to [12M, 40M]. The frozen ViT-B/32 text tower (63.2M) is excluded from both.
+    """
+    counts = {}
+    for name in ("VQD-S", "VQD-B"):
+        cfg = VQDiffusionConfig(num_codes=2887, grid=(32, 32), size=name)
+        with torch.device("meta"):  # no memory, no init
+            counts[name] = count_parameters(Denoiser(cfg.transformer_config()))
+            text = count_parameters(TextEncoder(cfg.text))
+        print(f"{name}: denoiser {counts[name] / 1e6:.1f}M, text tower {text / 1e6:.1f}M")
+    assert 12e6 <= counts["VQD-S"] <= 40e6
+    assert 340e6 <= counts["VQD-B"] <= 420e6
+    assert 60e6 <= text <= 66e6  # CLIP ViT-B/32 text transformer incl. its 49408 x 512 token embedding
+    assert MODEL_SIZES["VQD-S"].depth == 18 and MODEL_SIZES["VQD-S"].width == 192
+    assert MODEL_SIZES["VQD-B"].depth == 19 and MODEL_SIZES["VQD-B"].width == 1024
+
+
+# ---------------------------------------------------------------------------------- composed model
+
+
+def test_parts_and_shapes(model):
+    assert isinstance(model.diffusion, MaskAndReplaceDiffusion)
+    assert model.num_codes == 10 and model.grid == (2, 3)
+    features = model.encode_text(tokenize(CAPTIONS))
+    assert features.shape == (2, 77, 32) and not features.requires_grad
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(2, 77))
+    x_t = torch.tensor([[0, 10, 3, 9, 10, 1], [10] * 6])
+    logits = model.logits(x_t, torch.tensor([0, 7]), features)
+    assert logits.shape == (2, 10, 6) and logits.dtype == torch.float32
+    with pytest.raises(ValueError, match="x_t"):
+        model.logits(x_t + 1, torch.tensor([0, 7]), features)
+    # Only the denoiser and null text train; the text tower is frozen.
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"denoiser", "null_text"}
+
+
+def test_null_text_replaces_dropped_rows(model):
+    features = model.encode_text(tokenize(CAPTIONS * 4))
+    assert torch.equal(model.null_text_features(3), model.null_text.detach().expand(3, 77, 32))
+    assert torch.equal(model.drop_text(features, 0.0), features)
+    assert torch.equal(model.drop_text(features, 1.0), model.null_text_features(8).detach())
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    half = model.drop_text(features, 0.5, generator=g1)
+    assert torch.equal(half, model.drop_text(features, 0.5, generator=g2))
+    dropped = torch.tensor([torch.equal(row, model.null_text) for row in half])
+    kept = torch.tensor([torch.equal(row, f) for row, f in zip(half, features)])
+    assert torch.all(dropped ^ kept) and 0 < dropped.sum() < 8
+    with pytest.raises(ValueError, match="^p:"):
+        model.drop_text(features, 1.5)
+
+
+def test_null_text_learns_through_dropped_rows():
+    model = VQDiffusionModel(micro_config()).train()
+    text = model.drop_text(model.encode_text(tokenize(CAPTIONS)), 1.0)
+    model.logits(torch.zeros(2, 6, dtype=torch.long), torch.tensor([1, 2]), text).sum().backward()
+    assert model.null_text.grad is not None and model.null_text.grad.abs().sum() > 0
+
+
+def test_save_load_round_trip_is_exact(model, tmp_path):
+    model.save(tmp_path / "m")
+    loaded = VQDiffusionModel.from_folder(tmp_path / "m")
+    assert loaded.config == model.config and not loaded.training
+    ids = tokenize(CAPTIONS)
+    a, b = model.encode_text(ids), loaded.encode_text(ids)
+    assert torch.equal(a, b)  # bitwise: the text tower travels inside model.safetensors
+    x_t, t = torch.randint(0, 11, (2, 6)), torch.tensor([3, 5])
+    assert torch.equal(model.logits(x_t, t, a), loaded.logits(x_t, t, b))
+    assert torch.equal(model.null_text, loaded.null_text)
+    assert isinstance(load_model(tmp_path / "m"), VQDiffusionModel)
+
+
+def test_pretrained_text_weights_travel_with_the_folder(tmp_path):
+    torch.manual_seed(3)
+    donor = TextEncoder(TextEncoderConfig(width=32, layers=1, heads=2, seed=123))
+    weights = tmp_path / "clip_text.safetensors"
+    save_file(dict(donor.state_dict()), str(weights))
+    cfg = micro_config()
+    cfg.text.pretrained = str(weights)
+    model = VQDiffusionModel(cfg)
+    ids = tokenize(CAPTIONS)
+    assert torch.equal(model.encode_text(ids), donor(ids))
+    model.save(tmp_path / "m")
+    weights.unlink()  # loading the folder must not need the original file
+    assert torch.equal(load_model(tmp_path / "m").encode_text(ids), donor(ids))
+
+
+def test_folders_with_missing_or_mismatched_tensors_are_rejected(model, tmp_path):
+    model.save(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k: v for k, v in tensors.items() if k != "null_text"}, str(path))
+    with pytest.raises(ValueError, match="missing tensors null_text"):
+        VQDiffusionModel.from_folder(tmp_path / "m")
+    tensors["denoiser.head.bias"] = torch.zeros(11)
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match="denoiser.head.bias"):
+        load_model(tmp_path / "m")
+
+
+def test_load_model_rejects_unknown_kinds(model, tmp_path):
+    import yaml
+
+    model.save(tmp_path / "m")
+    config = yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())
+    config["kind"] = "vq-vae"
+    (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="kind"):
+        load_model(tmp_path / "m")
+    with pytest.raises(ValueError, match="kind"):
+        VQDiffusionModel.from_folder(tmp_path / "m")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
