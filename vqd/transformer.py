@@ -211,6 +211,8 @@ class TokenGridTransformer(nn.Module):
     ) -> torch.Tensor:
         """ids [B, S] at positions start..start+S-1 -> logits [B, K, S] (float32)."""
         x = self.token_embedding(ids) + self.position_embedding()[start:start + ids.shape[1]]
+        # Text features arrive float32; with bf16 weights (no autocast) they must match the weights' dtype.
+        text = text.to(self.token_embedding.weight.dtype)
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
             if self.cfg.checkpoint and self.training and torch.is_grad_enabled() and cache is None:
