@@ -236,9 +236,9 @@ class Denoiser(TokenGridTransformer):
         check_text("text", text, x_t.shape[0], self.cfg.text_dim)
         if t.dtype not in _INT_DTYPES or t.shape != (x_t.shape[0],):
             raise ValueError(f"t: expected an integer tensor of shape [{x_t.shape[0]}], got {t.dtype} {tuple(t.shape)}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.cfg.num_timesteps):
-            raise ValueError(f"t: timesteps must lie in [0, {self.cfg.num_timesteps - 1}], got "
-                             f"[{int(t.min())}, {int(t.max())}]")
+        low, high = _min_max(t) if t.numel() else (0, 0)
+        if low < 0 or high >= self.cfg.num_timesteps:
+            raise ValueError(f"t: timesteps must lie in [0, {self.cfg.num_timesteps - 1}], got [{low}, {high}]")
         return self.trunk(x_t, t, text)
 
 
@@ -252,8 +252,15 @@ def check_ids(name: str, ids: torch.Tensor, seq_len: int | None, max_id: int) ->
         raise ValueError(f"{name}: expected an integer (Long) tensor [B, N], got {got}")
     if seq_len is not None and ids.shape[1] != seq_len:
         raise ValueError(f"{name}: expected {seq_len} tokens per row (the h*w grid), got {ids.shape[1]}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > max_id):
-        raise ValueError(f"{name}: token ids must lie in [0, {max_id}], got [{int(ids.min())}, {int(ids.max())}]")
+    if ids.numel():
+        low, high = _min_max(ids)
+        if low < 0 or high > max_id:
+            raise ValueError(f"{name}: token ids must lie in [0, {max_id}], got [{low}, {high}]")
+
+
+def _min_max(x: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of an integer tensor with a single device sync."""
+    return tuple(torch.stack(torch.aminmax(x)).tolist())
 
 
 def check_text(name: str, text: torch.Tensor, batch: int, dim: int) -> None:
