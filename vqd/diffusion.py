@@ -202,26 +202,28 @@ class MaskAndReplaceDiffusion(nn.Module):
                 raise ValueError("t_prev must be smaller than t for every sample")
         log_p_x0 = log_p_x0.float()
         is_mask = (x_t == self.mask_id).unsqueeze(1)  # [B, 1, N]
-        x_t_code = x_t.clamp(max=self.num_codes - 1)
-
-        # log q(x_t | x0 = k) for every k, for the observed x_t: [B, K, N]
+        at_xt = x_t.clamp(max=self.num_codes - 1).unsqueeze(1)  # [B, 1, N]: where x_t's own entry sits
         log_a, log_b, log_g = self._cumulative(level_t)
-        hit = log_onehot(x_t_code, self.num_codes)  # 0 at k = x_t, log 1e-30 elsewhere
-        log_q_xt = torch.where(is_mask, log_g, torch.logaddexp(hit + log_a, log_b))
-
-        # Bayes: weight each x0 by p(x0 | x_t) / q(x_t | x0), normalised for stability (restored below).
-        ratio = log_p_x0 - log_q_xt
-        norm = torch.logsumexp(ratio, dim=1, keepdim=True)
-        through_s = self._apply_cumulative(ratio - norm, level_s)  # sum_k ratio_k q(x_s | x0 = k)
-
-        # times q(x_t | x_s = j) for each j in K+1, evaluated at the observed x_t
         span_a, span_b, span_g = self._span(level_s, level_t)
-        hit_full = log_onehot(x_t_code, self.num_classes)
-        to_code = torch.logaddexp(hit_full + span_a, span_b.expand_as(hit_full))
-        to_code[:, self.mask_id] = math.log(LOG_EPS)  # a [MASK] never turns back into a code
-        to_mask = torch.cat([span_g.expand(B, self.num_codes, x_t.shape[1]), torch.zeros_like(is_mask, dtype=span_g.dtype)], dim=1)
-        log_q_xt_given_xs = torch.where(is_mask, to_mask, to_code)
-        return through_s + log_q_xt_given_xs + norm
+        s_a, s_b, s_g = self._cumulative(level_s)
+
+        # Every x0 = k other than the observed id sees x_t with the same probability q(x_t | x0 = k):
+        # gamma-bar_t if x_t is [MASK], beta-bar_t otherwise. So, in probability space, the posterior is
+        # an affine function of p(x0 = j) for every j != x_t, and one full-size pass does the work;
+        # the entry j = x_t and the [MASK] row are per-position fix-ups.
+        ratio = log_p_x0 - torch.where(is_mask, log_g, log_b)  # log p(x0 = k) / q(x_t | x0 = k)
+        own = log_p_x0.gather(1, at_xt) - torch.logaddexp(log_a, log_b)
+        ratio = ratio.scatter(1, at_xt, torch.where(is_mask, ratio.gather(1, at_xt), own))
+        norm = torch.logsumexp(ratio, dim=1, keepdim=True)  # log sum_k ratio_k
+
+        # sum_k ratio_k q(x_s = j | x0 = k) for j < K, times q(x_t | x_s = j) (the same for all j != x_t)
+        through = torch.logaddexp(ratio + s_a, s_b + norm)
+        codes = through + torch.where(is_mask, span_g, span_b)
+        own_out = through.gather(1, at_xt) + torch.logaddexp(span_a, span_b)
+        codes = codes.scatter(1, at_xt, torch.where(is_mask, codes.gather(1, at_xt), own_out))
+        # [MASK] at level s: reachable only if x_t is [MASK] (a [MASK] never turns back into a code)
+        mask_row = torch.where(is_mask, s_g + norm, torch.full_like(norm, math.log(LOG_EPS)))
+        return torch.cat([codes, mask_row], dim=1)
 
     # ----------------------------------------------------------------------------------------------
     # losses

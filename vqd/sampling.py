@@ -57,11 +57,23 @@ def truncate(log_probs: torch.Tensor, r: float) -> torch.Tensor:
     """
     if r >= 1.0:
         return log_probs
-    sorted_lp, order = log_probs.sort(dim=1, descending=True)
-    mass_before = sorted_lp.exp().cumsum(dim=1) - sorted_lp.exp()  # mass of strictly better classes
-    keep_sorted = mass_before < r
-    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-    return log_probs.masked_fill(~keep, float("-inf")).log_softmax(dim=1)
+    # A trained model puts mass r on a few classes: look at the top `k` first and sort the whole
+    # row only where those do not reach r (a near-uniform row). Both paths give the same set.
+    k = min(log_probs.shape[1], 64)
+    top_lp, _ = log_probs.topk(k, dim=1)
+    top_p = top_lp.exp()
+    mass_before = top_p.cumsum(dim=1) - top_p  # mass of strictly better classes
+    settled = (mass_before[:, -1] >= r) | (k == log_probs.shape[1])  # [B, N]: the last kept class is in the top k
+    kept = (mass_before < r).sum(dim=1, keepdim=True)  # [B, 1, N] classes kept
+    threshold = top_lp.gather(1, (kept - 1).clamp(max=k - 1))  # log-prob of the last kept class
+    if not settled.all():
+        flat = (~settled).nonzero(as_tuple=True)
+        rows = log_probs.permute(0, 2, 1)[flat]  # [M, K] the unsettled positions
+        sorted_lp = rows.sort(dim=1, descending=True).values
+        sorted_p = sorted_lp.exp()
+        n_kept = ((sorted_p.cumsum(dim=1) - sorted_p) < r).sum(dim=1, keepdim=True)
+        threshold[flat[0], 0, flat[1]] = sorted_lp.gather(1, n_kept - 1).squeeze(1)
+    return log_probs.masked_fill(log_probs < threshold, float("-inf")).log_softmax(dim=1)
 
 
 def guided_log_p_x0(model: DenoisingModel, x_t, t, text_features, null_features, scale: float) -> torch.Tensor:
