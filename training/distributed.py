@@ -1,0 +1,129 @@
+"""Process-group set-up read from the environment, so one program runs under every launcher.
+
+    deepspeed / torchrun : RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (+ LOCAL_WORLD_SIZE)
+    SLURM srun           : SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE, SLURM_STEP_NODELIST
+    plain python         : nothing set -> world size 1 (a 1-rank gloo group on 127.0.0.1)
+
+Backend: nccl on CUDA, gloo on CPU. On CPU each rank gets cores / ranks-per-node torch threads and OpenMP
+threads that sleep when idle (OMP_WAIT_POLICY=PASSIVE, which must be set before torch starts OpenMP:
+entry points set it first thing).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int | None = None) -> int | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            m = re.match(r"\d+", v)  # SLURM_NTASKS_PER_NODE may read "4(x2)"
+            if m:
+                return int(m.group(0))
+    return default
+
+
+def _slurm_master_addr() -> str | None:
+    """First host of the SLURM step's node list (scontrol expands ranges like node[01-04])."""
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        m = re.match(r"([^\[,]+)(?:\[(\d+))?", nodelist)  # node[01-04],other -> node01
+        return m.group(1) + (m.group(2) or "") if m else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_env() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) from torchrun/deepspeed or SLURM variables, else 1 rank."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+        local = _env_int("LOCAL_RANK", default=0)
+        local_world = _env_int("LOCAL_WORLD_SIZE", default=None)
+        if local_world is None:  # the deepspeed launcher does not export it: assume a full node of ranks
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            local_world = min(world, len(visible.split(","))) if visible else world
+        return rank, world, local, local_world
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        rank, world = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
+        local = _env_int("SLURM_LOCALID", default=0)
+        return rank, world, local, _env_int("SLURM_NTASKS_PER_NODE", default=world)
+    return 0, 1, 0, 1
+
+
+def init_distributed(use_deepspeed: bool = True, cpu_threads: int | None = None) -> DistInfo:
+    """Create the default process group from the environment (any launcher) and pick this rank's device."""
+    rank, world, local, local_world = read_env()
+    # export what torch.distributed's env:// rendezvous (and DeepSpeed) read, for SLURM and plain python
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local))
+    os.environ.setdefault("MASTER_ADDR", _slurm_master_addr() or "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 if world > 1 else _free_port()))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        threads = cpu_threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
+        torch.set_num_threads(threads)
+    if not dist.is_initialized():
+        if use_deepspeed:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistInfo(rank, world, local, local_world, device, backend)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar metrics over ranks (one collective for the whole dict)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,144 @@
+"""MLflow tracking for every training program: written by rank 0 only, and never fatal.
+
+Store: `tracking.uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (a local file). A run resumed from a
+checkpoint continues the same MLflow run (its id is kept in the run dir). A fine-tune names its base run in
+`tracking.parent_run_id`: it is recorded as the MLflow parent (the UI nests it). If the tracking store fails,
+the tracker warns and training goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.config import TrackingConfig, flatten
+
+RUN_ID_FILE = "mlflow_run_id.txt"
+
+
+class Tracker:
+    """Thin, failure-tolerant wrapper over the MLflow client API. A no-op on ranks other than 0."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, is_main: bool = True):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.active = bool(cfg.enabled and is_main)
+        self.client = None
+        self.run_id: str | None = None
+        self._warned: set[str] = set()
+
+    @property
+    def uri(self) -> str:
+        return self.cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+    def start(self, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> str | None:
+        """Open (or reopen, on resume) the run and log the flattened params. Returns the run id or None."""
+        if not self.active:
+            return None
+        def _start():
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=self.uri)
+            id_file = self.run_dir / RUN_ID_FILE
+            if id_file.is_file():
+                self.run_id = id_file.read_text().strip()
+                self.client.update_run(self.run_id, status="RUNNING")
+                return
+            exp = self.client.get_experiment_by_name(self.cfg.experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(self.cfg.experiment)
+            all_tags = {**self.cfg.tags, **(tags or {})}
+            if self.cfg.parent_run_id:
+                # the tag MLflow itself uses for nesting; works even when the base run has finished
+                all_tags["mlflow.parentRunId"] = self.cfg.parent_run_id
+            all_tags["mlflow.runName"] = self.cfg.run_name or self.run_dir.name
+            run = self.client.create_run(exp_id, tags=all_tags)
+            self.run_id = run.info.run_id
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(self.run_id)
+        self._safe("start", _start)
+        if self.run_id and params:
+            self.log_params(params)
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Flattened `section.key` params, in batches (MLflow caps a batch at 100 and a value at 6000 chars)."""
+        if not self._ready():
+            return
+        from mlflow.entities import Param
+
+        flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(flat), 100):
+            self._safe("params", self.client.log_batch, self.run_id, params=flat[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self._ready() or not metrics:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        self._safe("metrics", self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_image(self, image: np.ndarray, name: str) -> None:
+        """An HxWx3 uint8 array as a PNG artifact (e.g. 'reconstructions/step_000500.png')."""
+        if not self._ready():
+            return
+        from PIL import Image
+
+        def _log():
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(name).name
+                Image.fromarray(image).save(path)
+                self.client.log_artifact(self.run_id, str(path), str(Path(name).parent) if "/" in name else None)
+        self._safe("image", _log)
+
+    def log_artifact(self, path: str | Path, artifact_dir: str | None = None) -> None:
+        if self._ready():
+            self._safe("artifact", self.client.log_artifact, self.run_id, str(path), artifact_dir)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self._ready():
+            for k, v in tags.items():
+                self._safe("tags", self.client.set_tag, self.run_id, k, str(v))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self._ready():
+            self._safe("finish", self.client.set_terminated, self.run_id, status)
+
+    def _ready(self) -> bool:
+        return self.active and self.client is not None and self.run_id is not None
+
+    def _safe(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # tracking must never stop training
+            if what not in self._warned:
+                self._warned.add(what)
+                warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training goes on", stacklevel=2)
+            return None
+
+
+def image_grid(images: np.ndarray, ncols: int = 8) -> np.ndarray:
+    """[N, H, W, 3] uint8 -> one [rows*H, ncols*W, 3] uint8 grid (padded with white)."""
+    n, h, w, c = images.shape
+    rows = -(-n // ncols)
+    grid = np.full((rows * h, ncols * w, c), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, ncols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
+    return grid
+
+
+def to_uint8(images) -> np.ndarray:
+    """Torch [N, 3, H, W] in [-1, 1] -> numpy [N, H, W, 3] uint8."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
