@@ -190,3 +190,20 @@ def test_bad_sampling_arguments(kwargs, match):
         sample_tokens(model, torch.zeros(2, 3, 2), **kwargs)
     with pytest.raises(ValueError, match="text_features"):
         sample_tokens(model, torch.zeros(2, 3))
+
+
+def test_sample_captions_with_a_real_model_batches_and_reproduces():
+    from vqd.models import VQDiffusionConfig, VQDiffusionModel
+
+    torch.manual_seed(0)
+    model = VQDiffusionModel(VQDiffusionConfig(num_codes=16, grid=(2, 3), size="micro", num_timesteps=10)).eval()
+    from vqd.sampling import sample_captions
+
+    captions = ["a red apple", "a cat", "a dog on a bike"]
+    cfg = SamplingConfig(steps=4, guidance_scale=2.0, truncation=0.9)
+    a = sample_captions(model, captions, cfg, batch_size=2, generator=torch.Generator().manual_seed(0))
+    b = sample_captions(model, captions, cfg, batch_size=2, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (3, 6) and a.dtype == torch.long and 0 <= a.min() and a.max() < 16
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="captions"):
+        sample_captions(model, "a cat")
