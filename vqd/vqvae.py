@@ -114,6 +114,8 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("cluster_size", torch.ones(num_embeddings))
             self.register_buffer("embed_avg", self.embedding.weight.detach().clone())
             self.register_buffer("unused_steps", torch.zeros(num_embeddings, dtype=torch.long))
+            # 0 until the first training batch seeds the codebook with encoder outputs (data-dependent init)
+            self.register_buffer("initialized", torch.zeros((), dtype=torch.long))
         elif restart_after > 0:
             # not persistent: a gradient-learned codebook keeps taming's exact state-dict keys
             self.register_buffer("unused_steps", torch.zeros(num_embeddings, dtype=torch.long), persistent=False)
@@ -141,6 +143,9 @@ class VectorQuantizer(nn.Module):
         counts = torch.bincount(ids, minlength=self.num_embeddings).float()
         if self.training:
             with torch.no_grad():
+                if self.ema and not bool(self.initialized):
+                    self._seed_codes(flat.detach().float(), torch.arange(self.num_embeddings, device=flat.device))
+                    self.initialized.fill_(1)
                 counts = _all_reduce_sum(counts)
                 if self.ema:
                     self._ema_update(flat.detach().float(), ids, counts)
@@ -171,14 +176,19 @@ class VectorQuantizer(nn.Module):
         dead = (self.unused_steps >= self.restart_after).nonzero().squeeze(1)
         if dead.numel() == 0:
             return  # `dead` is the same on every rank (counts were all-reduced), so all skip or all broadcast
-        picks = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]
+        self._seed_codes(flat, dead)
+        self.unused_steps[dead] = 0
+
+    @torch.no_grad()
+    def _seed_codes(self, flat: torch.Tensor, which: torch.Tensor) -> None:
+        """Set codes `which` [n] to random rows of `flat` [N, d] (rank 0's picks, so all ranks agree)."""
+        picks = flat[torch.randint(0, flat.shape[0], (which.numel(),), device=flat.device)]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(picks, src=0)
-        self.embedding.weight[dead] = picks.to(self.embedding.weight.dtype)
+        self.embedding.weight[which] = picks.to(self.embedding.weight.dtype)
         if self.ema:
-            self.embed_avg[dead] = picks
-            self.cluster_size[dead] = 1.0
-        self.unused_steps[dead] = 0
+            self.embed_avg[which] = picks
+            self.cluster_size[which] = 1.0
 
 
 class GumbelQuantizer(nn.Module):
