@@ -15,6 +15,7 @@ section is a plain dict: it is the DeepSpeed config). Loading does, in order:
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import types
 import typing
@@ -276,19 +277,20 @@ def check_value(value: Any, tp: Any, key: str) -> Any:
 def derive_deepspeed(ds: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
     """The DeepSpeed config dict with batch, accumulation, clipping and precision taken from `train`."""
     ds = dict(ds or {})
-    clash = [k for k in DERIVED_DS_KEYS if k in ds]
-    if clash:
-        raise ValueError(f"deepspeed.{clash[0]} is derived from the train section; set train.micro_batch_size, "
-                         f"train.grad_accum, train.grad_clip or train.precision instead")
     if train.precision not in PRECISIONS:
         raise ValueError(f"train.precision must be one of {PRECISIONS}, got {train.precision!r}")
     if train.micro_batch_size < 1 or train.grad_accum < 1:
         raise ValueError("train.micro_batch_size and train.grad_accum must be >= 1")
-    ds["train_micro_batch_size_per_gpu"] = train.micro_batch_size
-    ds["gradient_accumulation_steps"] = train.grad_accum
-    ds["gradient_clipping"] = float(train.grad_clip)
-    ds["bf16"] = {"enabled": train.precision == "bf16"}
-    ds["fp16"] = {"enabled": train.precision == "fp16"}
+    derived = {"train_micro_batch_size_per_gpu": train.micro_batch_size,
+               "gradient_accumulation_steps": train.grad_accum,
+               "gradient_clipping": float(train.grad_clip),
+               "bf16": {**ds.get("bf16", {}), "enabled": train.precision == "bf16"},
+               "fp16": {**ds.get("fp16", {}), "enabled": train.precision == "fp16"}}
+    for k in DERIVED_DS_KEYS:
+        if k in ds and not (k in ("bf16", "fp16") and "enabled" not in ds[k]):  # bf16: {other options} is fine
+            raise ValueError(f"deepspeed.{k} is derived from the train section; set train.micro_batch_size, "
+                             f"train.grad_accum, train.grad_clip or train.precision instead")
+    ds.update(derived)
     ds.setdefault("steps_per_print", 10 ** 9)  # our progress bar and MLflow do the reporting
     return ds
 
@@ -307,10 +309,23 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write the resolved config (no `base`, overrides applied, deepspeed derived) as YAML."""
+    """Write the resolved config (no `base`, overrides applied) as YAML that loads again with load_config.
+
+    The deepspeed keys derived from `train` are written as a comment (they are re-derived on loading, so
+    a resolved config still accepts `--train.*` overrides).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    data = config_to_dict(cfg)
+    header = ""
+    if isinstance(data.get("deepspeed"), dict):
+        ds = data["deepspeed"]
+        derived = {k: ds.pop(k) for k in DERIVED_DS_KEYS if k in ds}
+        for k in ("bf16", "fp16"):  # keep user options of these sections, minus the derived switch
+            if isinstance(derived.get(k), dict) and len(derived[k]) > 1:
+                ds[k] = {o: v for o, v in derived[k].items() if o != "enabled"}
+        header = "# deepspeed, derived from train: " + json.dumps(derived) + "\n"
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
     return path
 
 
