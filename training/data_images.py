@@ -140,7 +140,8 @@ class ImageStream(torch.utils.data.IterableDataset):
     """Endless (or one-pass) stream of image batches [B, 3, size, size], with per-batch skip counts.
 
     Yields (images, counts) where counts is a dict of what was skipped since the previous batch
-    ({'bad_images': n, 'bad_tars': n}). Sharded by rank and worker; `skip_batches` resumes a stream.
+    ({'bad_images': n, 'bad_tars': n}); skips after the last batch of a finite stream are only in
+    `self.totals` (cumulative, per process). Sharded by rank and worker; `skip_batches` resumes a stream.
     """
 
     def __init__(self, cfg: ImageDataConfig, size: int, batch_size: int, split: str = "train", rank: int = 0,
@@ -153,6 +154,7 @@ class ImageStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size, self.seed, self.epochs = rank, world_size, seed, epochs
         self.skip_batches, self.drop_last = skip_batches, drop_last
         self.train = split == "train"
+        self.totals: Counter = Counter()
 
     def _keep(self, key: str) -> bool:
         if self.split == "all":
@@ -206,6 +208,7 @@ class ImageStream(torch.utils.data.IterableDataset):
                     x = buf.pop(rng.randrange(len(buf)))
                 batch.append(x)
                 if len(batch) == self.batch_size:
+                    self.totals.update(counts)
                     yield torch.stack(batch), dict(counts)
                     batch, produced = [], produced + 1
                     counts.clear()
@@ -213,10 +216,12 @@ class ImageStream(torch.utils.data.IterableDataset):
             for x in buf:
                 batch.append(x)
                 if len(batch) == self.batch_size:
+                    self.totals.update(counts)
                     yield torch.stack(batch), dict(counts)
                     batch, produced = [], produced + 1
                     counts.clear()
             if batch and not self.drop_last:
+                self.totals.update(counts)
                 yield torch.stack(batch), dict(counts)
                 produced += 1
                 counts.clear()
@@ -224,6 +229,7 @@ class ImageStream(torch.utils.data.IterableDataset):
                 raise ValueError(f"data.source {self.cfg.source!r} gave no usable {self.split} image batch of "
                                  f"{self.batch_size} for rank {self.rank} worker {wid} ({dict(counts)} skipped)")
             epoch += 1
+        self.totals.update(counts)  # skips after the last batch (a finite stream ends here)
 
 
 def image_loader(cfg: ImageDataConfig, size: int, batch_size: int, split: str = "train", rank: int = 0,
