@@ -138,10 +138,12 @@ def test_diffusion_guidance_is_at_least_as_accurate(trained):
 
 
 @pytest.mark.slow
-def test_diffusion_purity_sampling(trained):
+def test_diffusion_purity_sampling(trained, request):
     schedule, model, features, _, _ = trained
-    if schedule != "code":
-        pytest.skip("purity sampling only unmasks; under the paper schedule the prior's replaced codes stay")
+    if schedule == "paper":
+        # purity_step only ever fills [MASK] positions, so the codes of x_T (K beta-bar_T = 1 - M = 10% of
+        # positions under the paper schedule, drawn uniformly) are never revisited: ~9% of tokens stay wrong.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="purity sampling never resamples code tokens"))
     x, idx = draw(model, features, SamplingConfig(steps=10, truncation=1.0, purity=True))
     acc = accuracy_matrix(x, idx)
     print(f"[{schedule}] purity accuracy matrix\n{acc}")
