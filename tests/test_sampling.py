@@ -150,6 +150,21 @@ def test_purity_unmasks_on_schedule_and_finishes():
     assert 300 < model.masks_seen[0] < 400  # the paper schedule's prior: 90% [MASK], 10% uniform codes
 
 
+class CertainDenoiser(IdealDenoiser):
+    """Certain that every token is code 0, whatever x_t shows."""
+
+    def logits(self, x_t, t, text_features):
+        out = torch.full((x_t.shape[0], 4, x_t.shape[1]), -30.0)
+        out[:, 0] = 0.0
+        return out
+
+
+def test_purity_resamples_the_replace_noise_of_the_paper_schedule():
+    model = CertainDenoiser(P, T=8, grid=(20, 20))
+    x = sample_tokens(model, torch.zeros(4, 3, 2), SamplingConfig(steps=4, truncation=1.0, purity=True), generator=torch.Generator().manual_seed(0))
+    assert (x == 0).all()
+
+
 def test_inpainting_keeps_known_tokens_and_fills_the_region():
     model = IdealDenoiser(P, T=8, grid=(30, 40))
     known = torch.full((2, 1200), 3)

@@ -93,24 +93,29 @@ def purity_step(
     level_s: int,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Unmask the number of positions q expects between the two levels, preferring high purity max_k p(x0=k).
+    """One purity step (Improved VQ-Diffusion): ids [B, N] at level_t -> ids [B, N] at level_s.
 
-    A masked token stays masked from level t to s with probability gamma-bar_s / gamma-bar_t, so that
-    fraction of the masked positions is kept masked; the others are filled from p(x0 | x_t), chosen by
-    sampling without replacement with weights proportional to purity (Gumbel top-k). Code positions are kept.
+    Purity decides only WHICH masked positions are revealed, and how many: a masked token stays masked
+    from level t to s with probability gamma-bar_s / gamma-bar_t, so that fraction of the masked positions
+    stays masked, and the others are chosen without replacement with weights proportional to purity
+    max_k p(x0 = k) (Gumbel top-k). Every other position, code tokens included, draws its value from
+    the exact posterior p(x_s | x_t) restricted to codes, so replace-noise in x_t is still corrected.
     """
+    B, device = x_t.shape[0], x_t.device
     is_mask = x_t == diffusion.mask_id
     stay = (diffusion.log_gamma_bar[level_s] - diffusion.log_gamma_bar[level_t]).exp().item() if level_s > 0 else 0.0
     n_masked = is_mask.sum(dim=1)
     n_reveal = n_masked - (n_masked.double() * stay).round().long()
     purity = log_p_x0.max(dim=1).values  # log of the top probability, [B, N]
-    u = torch.rand(purity.shape, generator=generator, device=purity.device)
+    u = torch.rand(purity.shape, generator=generator, device=device)
     keys = purity - torch.log((-torch.log(u.clamp(min=1e-30))).clamp(min=1e-30))
     keys = keys.masked_fill(~is_mask, float("-inf"))
     rank = keys.argsort(dim=1, descending=True).argsort(dim=1)
-    reveal = is_mask & (rank < n_reveal.unsqueeze(1))
-    values = sample_categorical(log_p_x0, generator)
-    return torch.where(reveal, values, x_t)
+    still_masked = is_mask & (rank >= n_reveal.unsqueeze(1))
+    t = torch.full((B,), level_t - 1, dtype=torch.long, device=device)
+    log_probs = diffusion.log_posterior(log_p_x0, x_t, t, level_s - 1)[:, : diffusion.num_codes]
+    values = sample_categorical(log_probs, generator)
+    return values.masked_fill(still_masked, diffusion.mask_id)
 
 
 def _check_inputs(model: DenoisingModel, text_features, known_tokens, fill_mask) -> int:
