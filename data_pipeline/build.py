@@ -1,0 +1,182 @@
+"""Build a dataset from a recipe: metadata -> filter -> download -> encode -> validate, on Ray.
+
+    python data_pipeline/build.py emoji                          # offline default (local HTTP server)
+    python data_pipeline/build.py laion-cartoon --metadata /data/relaion-parquet/
+    python data_pipeline/build.py emoji --stages metadata,filter,download   # images only (train a tokenizer on
+                                                                             # <out>/download/*.tar, then:)
+    python data_pipeline/build.py emoji --stages encode,validate --tokenizer runs/vqvae_emoji/export
+    ray start --head && python data_pipeline/build.py cc3m --address auto   # on a cluster (cluster/)
+
+Output folder (default data/<recipe>): manifest.json + {split}-000000.tar (what training reads), and the
+stage folders metadata/, filter/, download/, encode/ (each with _DONE.json when complete). A rerun of the
+same command skips finished stages and finishes the others; build_stats.json keeps the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make `data_pipeline` and `vqd` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml  # noqa: E402
+
+from data_pipeline.common import STAGES, atomic_write_json, clear_done, init_ray, is_done, mark_done, read_done  # noqa: E402
+from data_pipeline.recipe import load_recipe, recipe_hash  # noqa: E402
+
+NEEDS = {"filter": "metadata", "download": "filter", "encode": "download", "validate": "encode"}
+
+
+def parse_stages(text: str) -> list[str]:
+    """'metadata,filter' -> ordered list; unknown names are a ValueError."""
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"--stages: unknown stage(s) {unknown}; expected a comma list of {list(STAGES)}")
+    return [s for s in STAGES if s in stages]
+
+
+def _stamp_recipe(out: Path, recipe) -> None:
+    """Refuse to mix two recipes in one output folder."""
+    stamp = out / "recipe.json"
+    digest = recipe_hash(recipe)
+    if stamp.is_file():
+        old = json.loads(stamp.read_text())
+        if old["sha256"] != digest:
+            raise ValueError(f"output folder {str(out)!r} was built from another version of recipe {old['name']!r} "
+                             f"(sha256 {old['sha256'][:12]} != {digest[:12]}): pass a new --out or delete the folder")
+    else:
+        atomic_write_json(stamp, {"name": recipe.name, "sha256": digest})
+
+
+def build(recipe_name: str, out: Optional[str] = None, tokenizer: Optional[str] = None, metadata: Optional[str] = None,
+          stages: Sequence[str] = STAGES, address: Optional[str] = None, num_cpus: Optional[int] = None,
+          retry_failed: bool = False, overrides: Optional[dict] = None) -> dict:
+    """Run the selected stages; returns {'out', 'manifest', 'stages': {stage: {'status', 'stats', 'seconds'}}}."""
+    from data_pipeline.download import run_download
+    from data_pipeline.encode import run_encode, tokenizer_info
+    from data_pipeline.filters import run_filter
+    from data_pipeline.manifest import validate, write_dataset
+    from data_pipeline.metadata import run_metadata
+
+    recipe = load_recipe(recipe_name, overrides)
+    out_dir = Path(out or recipe.out)
+    tok = Path(tokenizer or recipe.tokenizer) if (tokenizer or recipe.tokenizer) else None
+    stages = list(stages)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _stamp_recipe(out_dir, recipe)
+    if "encode" in stages:  # fail before any work when the tokenizer is missing
+        if tok is None:
+            raise ValueError(f"recipe {recipe.name!r} names no tokenizer: set `tokenizer:` or pass --tokenizer PATH")
+        tok_info = tokenizer_info(tok)
+        if is_done(out_dir, "encode") and read_done(out_dir, "encode").get("tokenizer", {}).get("sha256") != tok_info["sha256"]:
+            clear_done(out_dir, "encode", "validate")  # another tokenizer: re-encode
+    if retry_failed:
+        if "download" not in stages:
+            raise ValueError("--retry-failed retries the download stage: include 'download' in --stages")
+        clear_done(out_dir, "download", "encode", "validate")
+    init_ray(address, num_cpus)
+    stats_path = out_dir / "build_stats.json"
+    timings = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    report = {"out": str(out_dir), "manifest": None, "stages": {}}
+    for stage in stages:
+        if is_done(out_dir, stage):
+            report["stages"][stage] = {"status": "done before", "stats": read_done(out_dir, stage), "seconds": 0.0}
+            continue
+        need = NEEDS.get(stage)
+        if need and not is_done(out_dir, need):
+            raise ValueError(f"stage {stage!r} needs stage {need!r} to be complete in {out_dir}: "
+                             f"run with --stages {need},{stage} (or without --stages)")
+        start = time.time()
+        if stage == "metadata":
+            stats = run_metadata(recipe, out_dir, metadata)
+        elif stage == "filter":
+            stats = run_filter(recipe, out_dir)
+        elif stage == "download":
+            stats = run_download(recipe, out_dir, retry_failed=retry_failed and (out_dir / "download").is_dir())
+        elif stage == "encode":
+            info = run_encode(recipe, out_dir, tok)
+            previous = {s: read_done(out_dir, s) for s in ("metadata", "filter", "download")}
+            manifest_path = write_dataset(recipe, out_dir, info, previous)
+            stats = {"tokenizer": info, **json.loads(manifest_path.read_text())["statistics"]["encode"]}
+        else:
+            stats = validate(out_dir)
+        mark_done(out_dir, stage, stats)
+        seconds = time.time() - start
+        timings[stage] = {"seconds": round(seconds, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_json(stats_path, timings)
+        report["stages"][stage] = {"status": "ran", "stats": stats, "seconds": seconds}
+    if (out_dir / "manifest.json").is_file():
+        report["manifest"] = str(out_dir / "manifest.json")
+    return report
+
+
+def _headline(stage: str, stats: dict) -> str:
+    """One line of numbers per stage for the summary table."""
+    if stage == "metadata":
+        return f"{stats['rows']} rows from {stats['files']} file(s)"
+    if stage == "filter":
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(stats["dropped"].items())) or "none"
+        return f"{stats['kept']} of {stats['input']} kept; dropped: {drops}"
+    if stage == "download":
+        fails = ", ".join(f"{k} {v}" for k, v in sorted(stats["failed"].items())) or "none"
+        return f"{stats['downloaded']} of {stats['attempted']} downloaded; failed: {fails}"
+    if stage == "encode":
+        return f"{stats['encoded']} encoded, {stats['failed']} failed, {stats['codes_used']} codes used"
+    return f"{stats['samples']} samples in {stats['shards']} shards verified"
+
+
+def print_summary(report: dict) -> None:
+    """The table printed at the end of a build."""
+    rows = [(s, r["status"], f"{r['seconds']:.1f}s", _headline(s, r["stats"])) for s, r in report["stages"].items()]
+    widths = [max(len(str(x[i])) for x in rows + [("stage", "status", "time", "result")]) for i in range(3)]
+    print()
+    print(f"{'stage':<{widths[0]}}  {'status':<{widths[1]}}  {'time':>{widths[2]}}  result")
+    for stage, status, secs, line in rows:
+        print(f"{stage:<{widths[0]}}  {status:<{widths[1]}}  {secs:>{widths[2]}}  {line}")
+    print(f"\noutput folder: {report['out']}")
+    if report["manifest"]:
+        print(f"manifest: {report['manifest']}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="a name in configs/data/ (e.g. emoji, laion-cartoon) or a recipe .yaml path")
+    p.add_argument("--out", help="output folder (default: the recipe's `out`, else data/<recipe>)")
+    p.add_argument("--tokenizer", help="trained tokenizer folder (overrides the recipe's `tokenizer`)")
+    p.add_argument("--metadata", help="local copy of the recipe's metadata (file, folder or glob)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {','.join(STAGES)}")
+    p.add_argument("--address", help="Ray cluster address ('auto' after `ray start`); default: embedded Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
+    p.add_argument("--retry-failed", action="store_true", help="download the rows that failed again")
+    p.add_argument("--limit", type=int, help="keep only the first N metadata rows (demos, benchmarks)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. download.timeout=5")
+    args = p.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            p.error(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    if args.limit is not None:
+        overrides["source.limit"] = args.limit
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    try:
+        report = build(args.recipe, out=args.out, tokenizer=args.tokenizer, metadata=args.metadata,
+                       stages=parse_stages(args.stages), address=args.address, num_cpus=args.num_cpus,
+                       retry_failed=args.retry_failed, overrides=overrides)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_summary(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""A recipe (configs/data/<name>.yaml) says where a dataset's rows come from, which rows to keep,
+how to download and encode them. Typed dataclasses; an unknown key or a wrong type is a ValueError
+naming the key, so a typo never silently turns a filter off."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPE_DIR = REPO_ROOT / "configs" / "data"
+TRAIN_VQVAE_HINT = "python training/train_vqvae.py --config configs/vqvae_emoji.yaml"
+
+
+@dataclass
+class SourceSpec:
+    """Where the URL/caption rows come from."""
+
+    kind: str = "table"  # table | emoji | cub200 | oxford102 | mscoco
+    path: str = ""  # table: file, glob or fsspec URL (hf://, s3://...); folder kinds: the dataset root
+    format: str = ""  # parquet | csv | tsv; empty: from the file extension
+    url_col: str = "url"
+    caption_col: str = "caption"
+    # canonical name -> column in the source; canonical names are width, height, similarity,
+    # punsafe, pwatermark, nsfw, language (the filters read these)
+    columns: dict[str, str] = field(default_factory=dict)
+    limit: int = 0  # keep only the first `limit` rows (0: all); for demos and benchmarks
+
+
+@dataclass
+class FilterSpec:
+    """Row filters applied before any download; each drop is counted under its rule's name."""
+
+    caption_include: list[str] = field(default_factory=list)  # regexes; a row must match one (case-insensitive)
+    caption_exclude: list[str] = field(default_factory=list)  # regexes; a row matching one is dropped
+    min_caption_chars: int = 1
+    max_caption_chars: int = 1000
+    languages: list[str] = field(default_factory=list)  # allowed values of the `language` column; empty: any
+    min_width: int = 0
+    min_height: int = 0
+    max_aspect_ratio: float = 0.0  # 0: off
+    max_punsafe: Optional[float] = None
+    nsfw_allowed: list[str] = field(default_factory=list)  # allowed values of the `nsfw` column; empty: off
+    min_similarity: Optional[float] = None  # CLIP image-text cosine similarity from the metadata
+    max_pwatermark: Optional[float] = None
+    dedup_urls: bool = True
+
+
+@dataclass
+class DownloadSpec:
+    """img2dataset settings."""
+
+    image_size: int = 256
+    resize_mode: str = "center_crop"  # img2dataset: no | keep_ratio | center_crop | border | keep_ratio_largest
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    timeout: float = 10.0
+    retries: int = 2
+    thread_count: int = 64
+    processes: int = 0  # 0: one per CPU Ray (or the machine) has
+    samples_per_shard: int = 10000
+    max_image_pixels: int = 89_478_485  # PIL's default; larger images are decompression bombs
+    distributor: str = "auto"  # auto (ray when Ray runs) | ray | multiprocessing
+
+
+@dataclass
+class EncodeSpec:
+    """Tokenizer pass and final shard layout."""
+
+    batch_size: int = 64
+    actors: int = 0  # 0: one per CPU (or per GPU when there are GPUs)
+    samples_per_shard: int = 5000
+
+
+@dataclass
+class SplitSpec:
+    """How rows are assigned to splits: `source` (the source says), or a hash rule over `key`."""
+
+    mode: str = "hash"  # hash | source
+    key: str = "url"  # column the hash rule reads (emoji: concept, so skin tones share a split)
+    test_fraction: float = 0.0  # a row is `test` when sha256(key) mod 10000 < test_fraction * 10000
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    description: str = ""
+    tokenizer: str = ""  # trained tokenizer folder (vqd.vqvae.load_tokenizer); CLI --tokenizer overrides
+    out: str = ""  # output folder; default data/<name>
+    source: SourceSpec = field(default_factory=SourceSpec)
+    filters: FilterSpec = field(default_factory=FilterSpec)
+    download: DownloadSpec = field(default_factory=DownloadSpec)
+    encode: EncodeSpec = field(default_factory=EncodeSpec)
+    split: SplitSpec = field(default_factory=SplitSpec)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a type hint (dataclass, list, dict, Optional, scalar); return it converted."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"recipe key {where!r}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"recipe key {where!r}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ValueError(f"recipe key {where!r}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe key {where or '<root>'!r}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            full = f"{where}.{key}" if where else key
+            raise ValueError(f"unknown recipe key {full!r}; known keys here: {sorted(known)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def set_key(data: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c = value` inside a nested dict (CLI overrides)."""
+    *parents, last = dotted.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[last] = value
+
+
+def load_recipe(name_or_path: str, overrides: Optional[dict[str, Any]] = None) -> Recipe:
+    """Read configs/data/<name>.yaml (or a path), apply dotted overrides, validate, fill defaults."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+        raise ValueError(f"recipe {name_or_path!r} not found (looked for {path}); known recipes: {known}")
+    data = yaml.safe_load(path.read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        set_key(data, dotted, value)
+    recipe = _build(Recipe, data, "")
+    if not recipe.name:
+        recipe.name = path.stem
+    if not recipe.out:
+        recipe.out = str(Path("data") / recipe.name)
+    validate(recipe)
+    return recipe
+
+
+def validate(r: Recipe) -> None:
+    """Value checks the types cannot express."""
+    kinds = ("table", "emoji", "cub200", "oxford102", "mscoco")
+    if r.source.kind not in kinds:
+        raise ValueError(f"recipe key 'source.kind': expected one of {kinds}, got {r.source.kind!r}")
+    if r.source.kind != "emoji" and not r.source.path:
+        raise ValueError(f"recipe key 'source.path' is required for source.kind={r.source.kind!r}")
+    if r.source.format not in ("", "parquet", "csv", "tsv"):
+        raise ValueError(f"recipe key 'source.format': expected parquet, csv or tsv, got {r.source.format!r}")
+    modes = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
+    if r.download.resize_mode not in modes:
+        raise ValueError(f"recipe key 'download.resize_mode': expected one of {modes}, got {r.download.resize_mode!r}")
+    if r.download.distributor not in ("auto", "ray", "multiprocessing"):
+        raise ValueError(f"recipe key 'download.distributor': expected auto, ray or multiprocessing")
+    if r.split.mode not in ("hash", "source"):
+        raise ValueError(f"recipe key 'split.mode': expected hash or source, got {r.split.mode!r}")
+    if not 0.0 <= r.split.test_fraction <= 1.0:
+        raise ValueError(f"recipe key 'split.test_fraction': expected a fraction in [0, 1]")
+    for key in ("download.image_size", "download.samples_per_shard", "encode.samples_per_shard", "encode.batch_size"):
+        section, name = key.split(".")
+        if getattr(getattr(r, section), name) <= 0:
+            raise ValueError(f"recipe key {key!r}: expected a positive integer")
+
+
+def recipe_dict(r: Recipe) -> dict[str, Any]:
+    """The recipe as plain data (what the manifest records)."""
+    return dataclasses.asdict(r)
+
+
+def recipe_hash(r: Recipe) -> str:
+    """sha256 over what decides the dataset's content (not where it is written or how fast)."""
+    d = recipe_dict(r)
+    for key in ("out", "tokenizer", "description"):
+        d.pop(key)
+    d["download"].pop("processes"), d["download"].pop("thread_count"), d["download"].pop("distributor")
+    d["encode"].pop("actors"), d["encode"].pop("batch_size")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,179 @@
+"""Reading a built dataset: what training imports.
+
+    manifest = open_manifest("data/emoji")                  # validated manifest.json
+    check_compatible(manifest, num_codes=512, grid=(8, 8))  # ValueError when the tokenizer differs
+    ds = ShardDataset("data/emoji", split="train", shuffle_buffer=1000, seed=0)
+    for vq, clip, caption in DataLoader(ds, batch_size=64, num_workers=2): ...
+    # vq Long [B, h*w], clip Long [B, 77], caption list[str]
+
+Shards are split between ranks (torch.distributed) and DataLoader workers by shard; when there are
+fewer shards than readers, every reader walks all shards and keeps every k-th sample instead.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "vqd-shards/1"
+REQUIRED = ("format", "recipe", "tokenizer", "text_tokenizer", "splits", "statistics")
+BUILD_HINT = "build it with `python data_pipeline/build.py <recipe>`"
+
+
+def open_manifest(folder, verify_sha256: bool = False) -> dict:
+    """Read and check <folder>/manifest.json (keys, format, every shard present); adds 'folder'."""
+    from vqd.io import file_sha256
+
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"dataset folder {str(folder)!r} has no {MANIFEST}: {BUILD_HINT}")
+    manifest = json.loads(path.read_text())
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks {missing}")
+    if manifest["format"] != FORMAT:
+        raise ValueError(f"{path}: format {manifest['format']!r}, expected {FORMAT!r}; rebuild the dataset")
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            shard_path = folder / shard["name"]
+            if not shard_path.is_file():
+                raise ValueError(f"{path}: shard {shard['name']} of split {split!r} is missing; {BUILD_HINT}")
+            if verify_sha256 and file_sha256(shard_path) != shard["sha256"]:
+                raise ValueError(f"{shard_path}: sha256 differs from the manifest (file changed or corrupt)")
+    manifest["folder"] = str(folder)
+    return manifest
+
+
+def check_compatible(manifest: dict, num_codes: int, grid) -> None:
+    """Refuse a dataset encoded with a different codebook size or token grid than the model's."""
+    tok = manifest["tokenizer"]
+    where = manifest.get("folder", "the dataset")
+    if int(tok["num_codes"]) != int(num_codes):
+        raise ValueError(
+            f"{where} was encoded with a codebook of {tok['num_codes']} codes (tokenizer sha256 {tok['sha256'][:12]}), "
+            f"but the model expects num_codes={num_codes}: re-encode the data with the model's tokenizer "
+            f"(build.py --tokenizer PATH --stages encode,validate) or set the model's num_codes to match"
+        )
+    if tuple(int(g) for g in tok["grid"]) != tuple(int(g) for g in grid):
+        raise ValueError(
+            f"{where} has a token grid {tuple(tok['grid'])}, but the model expects grid={tuple(grid)}: "
+            f"re-encode with the model's tokenizer or change the model's grid"
+        )
+
+
+def iter_shard(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray, str]]:
+    """(key, vq uint16 [h*w], clip int32 [77], caption) for each sample of one shard, in tar order."""
+    with tarfile.open(path) as tf:
+        current, parts = None, {}
+        for m in tf:
+            key, ext = m.name.split(".", 1)
+            if key != current:
+                if current is not None:
+                    yield _sample(current, parts)
+                current, parts = key, {}
+            parts[ext] = tf.extractfile(m).read()
+        if current is not None:
+            yield _sample(current, parts)
+
+
+def _sample(key: str, parts: dict) -> tuple[str, np.ndarray, np.ndarray, str]:
+    for ext in ("vq.npy", "clip.npy", "txt"):
+        if ext not in parts:
+            raise ValueError(f"sample {key!r} has no .{ext} member")
+    vq = np.load(io.BytesIO(parts["vq.npy"]), allow_pickle=False)
+    clip = np.load(io.BytesIO(parts["clip.npy"]), allow_pickle=False)
+    return key, vq, clip, parts["txt"].decode("utf-8")
+
+
+def _shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
+    """Reservoir-style shuffle buffer: memory O(buffer)."""
+    pool = []
+    for item in items:
+        pool.append(item)
+        if len(pool) >= buffer:
+            yield pool.pop(rng.randrange(len(pool)))
+    rng.shuffle(pool)
+    yield from pool
+
+
+try:
+    from torch.utils.data import IterableDataset as _Base
+except ImportError:  # pragma: no cover - torch is a project dependency; keeps the module importable
+    _Base = object
+
+
+class ShardDataset(_Base):
+    """Iterable over one split's shards: yields (vq Long [h*w], clip Long [77], caption str)."""
+
+    def __init__(self, folder, split: str = "train", shuffle: bool = True, shuffle_buffer: int = 1000,
+                 seed: int = 0, num_codes: Optional[int] = None, grid=None, repeat: bool = False,
+                 rank: Optional[int] = None, world_size: Optional[int] = None):
+        self.manifest = open_manifest(folder)
+        if split not in self.manifest["splits"]:
+            raise ValueError(f"split {split!r} not in {folder}: it has {sorted(self.manifest['splits'])}")
+        if num_codes is not None or grid is not None:
+            tok = self.manifest["tokenizer"]
+            check_compatible(self.manifest, tok["num_codes"] if num_codes is None else num_codes,
+                             tok["grid"] if grid is None else grid)
+        self.shards = [Path(folder) / s["name"] for s in self.manifest["splits"][split]["shards"]]
+        self.num_samples = int(self.manifest["splits"][split]["samples"])
+        self.shuffle, self.shuffle_buffer, self.seed, self.repeat = shuffle, max(1, shuffle_buffer), seed, repeat
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Changes the shard order and shuffle of the next pass (call it on every rank)."""
+        self.epoch = epoch
+
+    def _reader(self) -> tuple[int, int]:
+        """(this reader's index, number of readers) over ranks x DataLoader workers."""
+        import torch
+        import torch.distributed as dist
+
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            ready = dist.is_available() and dist.is_initialized()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank * nw + wid, world * nw
+
+    def _one_pass(self, epoch: int) -> Iterator:
+        import torch
+
+        me, readers = self._reader()
+        shards = list(self.shards)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(shards)  # same order on every reader
+        by_shard = len(shards) >= readers
+        mine = shards[me::readers] if by_shard else shards
+
+        def samples():
+            i = 0
+            for path in mine:
+                for _, vq, clip, caption in iter_shard(path):
+                    if by_shard or i % readers == me:
+                        yield vq, clip, caption
+                    i += 1
+
+        stream = samples()
+        if self.shuffle:
+            stream = _shuffled(stream, self.shuffle_buffer, random.Random(hash((self.seed, epoch, me))))
+        for vq, clip, caption in stream:
+            yield torch.from_numpy(vq.astype(np.int64)), torch.from_numpy(clip.astype(np.int64)), caption
+
+    def __iter__(self):
+        epoch = self.epoch
+        while True:
+            yield from self._one_pass(epoch)
+            if not self.repeat:
+                return
+            epoch += 1
