@@ -187,7 +187,7 @@ class ImageStream(torch.utils.data.IterableDataset):
         to_skip = (self.skip_batches // nw + (1 if wid < self.skip_batches % nw else 0)) * self.batch_size
         counts: Counter = Counter()
         rng = random.Random(hash((self.seed, part)))
-        epoch = 0
+        epoch, empty_epochs = 0, 0
         while self.epochs is None or epoch < self.epochs:
             buf, batch, produced = [], [], 0
             for key, payload in self._raw(epoch, part, parts, counts):
@@ -225,7 +225,8 @@ class ImageStream(torch.utils.data.IterableDataset):
                 yield torch.stack(batch), dict(counts)
                 produced += 1
                 counts.clear()
-            if produced == 0 and to_skip == 0 and self.epochs is None:
+            empty_epochs = empty_epochs + 1 if produced == 0 and to_skip == 0 else 0
+            if empty_epochs >= 5 and self.epochs is None:  # (one empty epoch can be a shard of only bad tars)
                 raise ValueError(f"data.source {self.cfg.source!r} gave no usable {self.split} image batch of "
                                  f"{self.batch_size} for rank {self.rank} worker {wid} ({dict(counts)} skipped)")
             epoch += 1
