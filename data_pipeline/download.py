@@ -65,6 +65,8 @@ class SafeResizer(Resizer):
                 if w * h > self.max_pixels:
                     return None, None, None, None, None, f"decompression bomb: {w}x{h} pixels > {self.max_pixels}"
                 im.load()  # raises on truncated data (OpenCV would silently fill the rest with grey)
+        except Image.DecompressionBombError as err:  # PIL's own guard (2x its limit) fires inside open()
+            return None, None, None, None, None, f"decompression bomb: {err}"
         except Exception as err:  # noqa: BLE001 - any decoder error is a per-sample failure
             return None, None, None, None, None, f"undecodable image: {err}"
         img_stream.seek(0)

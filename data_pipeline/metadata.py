@@ -98,7 +98,9 @@ def read_table_file(path: str, fmt: str, recipe: Recipe) -> pa.Table:
             # captions are read as bytes so that one row with invalid UTF-8 cannot fail the whole file
             table = pacsv.read_csv(
                 f,
-                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
+                read_options=pacsv.ReadOptions(column_names=s.column_names or None, block_size=1 << 24),
+                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=fmt == "csv",
+                                                 quote_char='"' if fmt == "csv" else False),
                 convert_options=pacsv.ConvertOptions(column_types={s.caption_col: pa.binary(), s.url_col: pa.binary()}),
             )
         else:

@@ -27,6 +27,7 @@ class SourceSpec:
     kind: str = "table"  # table | emoji | cub200 | oxford102 | mscoco
     path: str = ""  # table: file, glob or fsspec URL (hf://, s3://...); folder kinds: the dataset root
     format: str = ""  # parquet | csv | tsv; empty: from the file extension
+    column_names: list[str] = field(default_factory=list)  # csv/tsv without a header row: the names, in order
     url_col: str = "url"
     caption_col: str = "caption"
     # canonical name -> column in the source; canonical names are width, height, similarity,

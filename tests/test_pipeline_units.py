@@ -1,0 +1,206 @@
+"""Data pipeline pieces that need no Ray: recipes, filter rules, captions, failure reasons, the safe
+resizer, the shard writer/reader and its rank/worker splitting."""
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from data_pipeline.download import SafeResizer, failure_reason
+from data_pipeline.emoji_source import emoji_table
+from data_pipeline.filters import dedup_urls, tag_batch
+from data_pipeline.manifest import ShardWriter
+from data_pipeline.metadata import check_reachable, hash_split, read_table_file
+from data_pipeline.recipe import RECIPE_DIR, FilterSpec, load_recipe, recipe_hash
+from data_pipeline.shards import MANIFEST, ShardDataset, check_compatible, open_manifest
+from pipeline_fixtures import bomb_png, tiny_png, truncated_jpeg, write_recipe
+
+
+def test_every_shipped_recipe_loads():
+    names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    for expected in ("cc3m", "cc12m", "laion-cartoon", "laion-icon", "laion-human", "cub200", "oxford102", "mscoco", "emoji"):
+        assert expected in names
+    for name in names:
+        r = load_recipe(name)
+        assert r.name == name and r.out == f"data/{name}"
+        assert r.tokenizer, f"recipe {name} names no tokenizer"
+
+
+def test_recipe_unknown_key_and_wrong_type_are_named(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "m.csv", filters={"caption_inclde": ["cat"]})
+    with pytest.raises(ValueError, match="filters.caption_inclde"):
+        load_recipe(str(path))
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "m.csv", download={"timeout": "soon"})
+    with pytest.raises(ValueError, match="download.timeout"):
+        load_recipe(str(path))
+    with pytest.raises(ValueError, match="known recipes"):
+        load_recipe("no-such-recipe")
+
+
+def test_recipe_hash_follows_content_not_location(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "m.csv")
+    a = load_recipe(str(path))
+    b = load_recipe(str(path), {"out": "/elsewhere", "download.thread_count": 3, "tokenizer": "x"})
+    c = load_recipe(str(path), {"filters.max_caption_chars": 10})
+    assert recipe_hash(a) == recipe_hash(b) != recipe_hash(c)
+
+
+def _rows(**cols):
+    n = len(cols["caption"])
+    base = {"uid": list(range(n)), "url": [f"http://h/{i}.png" for i in range(n)], "caption_utf8_ok": [True] * n}
+    base.update(cols)
+    return pa.table(base)
+
+
+def test_filter_rules_charge_the_first_rule_and_add_up():
+    t = _rows(
+        caption=["a cartoon cat", "x", "a cartoon dog, nsfw", "cartoon " * 40, "a photo", "cartoon bad utf8", "a cartoon owl", "cartoon fox"],
+        caption_utf8_ok=[True, True, True, True, True, False, True, True],
+        width=[64, 64, 64, 64, 64, 64, 10, 300],
+        height=[64, 64, 64, 64, 64, 64, 64, 64],
+        punsafe=[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9],
+    )
+    spec = FilterSpec(caption_include=["cartoon"], caption_exclude=[r"\bnsfw\b"], min_caption_chars=3,
+                      max_caption_chars=100, min_width=32, max_aspect_ratio=3.0, max_punsafe=0.5)
+    out = tag_batch(t, spec)
+    kept = out.filter(pa.compute.equal(out["_drop"], ""))
+    summary = {r: n for r, n in zip(out["_drop"].to_pylist(), out["uid"].to_pylist()) if r}
+    assert kept["uid"].to_pylist() == [0]
+    # row 1: too short; 2: excluded; 3: too long; 4: no include match; 5: bad utf8 (charged before length);
+    # 6: too narrow; 7: aspect 300/64 > 3 is charged before unsafe
+    assert summary == {"caption_length": 2, "caption_exclude": 1, "caption_include": 1, "caption_utf8": 1,
+                       "image_size": 1, "aspect_ratio": 1}
+    assert sum(summary.values()) + kept.num_rows == t.num_rows
+
+
+def test_dedup_keeps_lowest_uid():
+    t = pa.table({"uid": [5, 2, 9, 1], "url": ["a", "b", "a", "c"], "caption": ["5", "2", "9", "1"]})
+    kept, dropped = dedup_urls(t)
+    assert dropped == 1 and kept["uid"].to_pylist() == [1, 2, 5]
+
+
+def test_csv_with_invalid_utf8_and_huge_caption_is_read_not_rejected(tmp_path):
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(b"url,caption\nhttp://a/1.png,fine\nhttp://a/2.png,bad \xff\xfe bytes\nhttp://a/3.png," + b"x" * 10_000 + b"\n")
+    recipe = load_recipe(str(write_recipe(tmp_path / "r.yaml", csv)))
+    t = read_table_file(str(csv), "", recipe)
+    assert t["caption_utf8_ok"].to_pylist() == [True, False, True]
+    assert len(t["caption"][2].as_py()) == 10_000
+
+
+def test_remote_source_offline_fails_fast_naming_source_and_flag():
+    start = time.time()
+    with pytest.raises(RuntimeError, match=r"http://127\.0\.0\.1:1/meta\.parquet.*--metadata PATH"):
+        check_reachable("http://127.0.0.1:1/meta.parquet", timeout=2)
+    assert time.time() - start < 4
+
+
+def test_hash_split_matches_an_independent_computation():
+    keys = [f"concept {i}" for i in range(2000)]
+    got = hash_split(keys, 0.05)
+    want = ["test" if int(hashlib.sha256(k.encode()).hexdigest()[:16], 16) % 10000 < 500 else "train" for k in keys]
+    assert got == want and 50 < got.count("test") < 150
+
+
+def test_emoji_captions_and_concepts():
+    t = emoji_table()
+    rows = dict(zip(t["url"].to_pylist(), zip(t["caption"].to_pylist(), t["key"].to_pylist())))
+    assert t.num_rows > 3900
+    caption, concept = rows["twemoji://1f600.png"]
+    assert caption == "an emoji of grinning face, also called grinning, from the smileys & emotion category"
+    assert concept == "grinning face"
+    # every skin tone of a concept shares its concept (hence its split)
+    tones = [k for u, (c, k) in rows.items() if u.startswith("twemoji://1f44b")]  # waving hand + 5 tones
+    assert len(tones) == 6 and set(tones) == {"waving hand"}
+
+
+@pytest.mark.parametrize("status,message,reason", [
+    ("failed_to_download", "HTTP Error 404: File not found", "http_404"),
+    ("failed_to_download", "The read operation timed out", "timeout"),
+    ("failed_to_download", "<urlopen error [Errno 111] Connection refused>", "connection_error"),
+    ("failed_to_resize", "decompression bomb: 20000x20000 pixels > 89478485", "decompression_bomb"),
+    ("failed_to_resize", "undecodable image: image file is truncated (3 bytes not processed)", "truncated_image"),
+    ("failed_to_resize", "undecodable image: cannot identify image file", "not_an_image"),
+    ("failed_to_download", "something new", "other_download_error"),
+])
+def test_failure_reasons(status, message, reason):
+    assert failure_reason(status, message) == reason
+
+
+def test_safe_resizer_refuses_bombs_from_the_header_and_truncated_files():
+    r = SafeResizer(image_size=16, resize_mode="center_crop", resize_only_if_bigger=False, upscale_interpolation="lanczos",
+                    downscale_interpolation="area", encode_quality=95, encode_format="jpg", skip_reencode=False,
+                    disable_all_reencoding=False, min_image_size=0, max_image_area=float("inf"),
+                    max_aspect_ratio=float("inf"), max_pixels=1_000_000)
+    assert r(io.BytesIO(bomb_png(2000)))[-1] == "decompression bomb: 2000x2000 pixels > 1000000"  # our limit
+    start = time.time()
+    err = r(io.BytesIO(bomb_png()))[-1]
+    assert err.startswith("decompression bomb") and "400000000" in err.replace("20000x20000", "400000000") and time.time() - start < 1.0
+    assert "truncated" in r(io.BytesIO(truncated_jpeg()))[-1]
+    assert "cannot identify" in r(io.BytesIO(b"<html>not an image</html>"))[-1]
+    img, w, h, ow, oh, err = r(io.BytesIO(tiny_png(1)))
+    assert err is None and (w, h, ow, oh) == (16, 16, 40, 40)
+
+
+def _write_toy_dataset(folder: Path, n: int, per_shard: int, num_codes: int = 32) -> dict[str, np.ndarray]:
+    """Shards of n samples whose vq ids encode the sample index, plus a manifest."""
+    w = ShardWriter(folder, "train", per_shard)
+    for i in range(n):
+        w.write(f"{i:016x}", np.full(4, i % num_codes, np.uint16), np.arange(77, dtype=np.int32) + i, f"caption {i}", "{}")
+    w.close()
+    manifest = {"format": "vqd-shards/1", "recipe": {}, "text_tokenizer": {}, "statistics": {},
+                "tokenizer": {"num_codes": num_codes, "grid": [2, 2], "sha256": "ab" * 32},
+                "splits": {"train": {"samples": n, "shards": w.shards}}}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_manifest_checks(tmp_path):
+    with pytest.raises(ValueError, match="has no manifest.json"):
+        open_manifest(tmp_path)
+    _write_toy_dataset(tmp_path, 10, 4)
+    m = open_manifest(tmp_path, verify_sha256=True)
+    check_compatible(m, 32, (2, 2))
+    with pytest.raises(ValueError, match="codebook of 32 codes.*num_codes=1024"):
+        check_compatible(m, 1024, (2, 2))
+    with pytest.raises(ValueError, match=r"grid \(2, 2\).*grid=\(4, 4\)"):
+        check_compatible(m, 32, (4, 4))
+    (tmp_path / "train-000001.tar").write_bytes(b"changed")
+    with pytest.raises(ValueError, match="sha256 differs"):
+        open_manifest(tmp_path, verify_sha256=True)
+    (tmp_path / "train-000001.tar").unlink()
+    with pytest.raises(ValueError, match="train-000001.tar of split 'train' is missing"):
+        open_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("n,per_shard,world", [(23, 3, 2), (10, 10, 3)])  # by shard / fewer shards than readers
+def test_loader_splits_ranks_disjointly_and_covers_everything(tmp_path, n, per_shard, world):
+    _write_toy_dataset(tmp_path, n, per_shard)
+    seen = []
+    for rank in range(world):
+        ds = ShardDataset(tmp_path, shuffle=True, shuffle_buffer=4, seed=3, rank=rank, world_size=world)
+        for vq, clip, caption in ds:
+            assert vq.dtype == torch.long and vq.shape == (4,) and clip.shape == (77,)
+            i = int(caption.split()[1])
+            assert int(clip[0]) == i and int(vq[0]) == i % 32
+            seen.append(i)
+    assert sorted(seen) == list(range(n))
+
+
+def test_loader_with_workers_and_epochs(tmp_path):
+    _write_toy_dataset(tmp_path, 24, 3)
+    ds = ShardDataset(tmp_path, shuffle=True, seed=0, rank=0, world_size=1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2)
+    batches = list(loader)
+    captions = [c for _, _, cs in batches for c in cs]
+    assert sorted(captions) == sorted(f"caption {i}" for i in range(24))
+    assert batches[0][0].shape == (5, 4) and batches[0][1].shape == (5, 77)
+    first = [c for _, _, c in ds]
+    ds.set_epoch(1)
+    assert [c for _, _, c in ds] != first
