@@ -180,3 +180,106 @@ def test_deepspeed_two_cpu_ranks_train_resume_export(tmp_path):
     ids = tok.encode(torch.rand(2, 3, 16, 16) * 2 - 1)
     assert ids.shape == (2, 64) and int(ids.max()) < tok.num_codes
     assert sys.executable  # the launcher used the same interpreter's deepspeed entry point
+
+
+# ---- GAN objective, tracking, checkpoint RNG, launcher environments ----
+
+def test_gan_term_switches_on_at_disc_start_with_adaptive_weight():
+    from training.train_vqvae import LossConfig, TokenizerObjective
+    from vqd.autoencoder import hinge_d_loss
+    from vqd.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    vq = VQVAE(VQVAEConfig(image_size=16, ch=32, ch_mult=(1, 2), z_channels=8, embed_dim=4, num_embeddings=16,
+                           restart_after=0))
+    obj = TokenizerObjective(vq, LossConfig(disc_weight=0.5, disc_start=3, disc_layers=2, disc_width=8)).train()
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    loss, metrics = obj(x, step=2)
+    assert "g_loss" not in metrics
+    assert torch.allclose(loss, metrics["rec_l1"] + metrics["q_loss"])
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in obj.disc.parameters())
+
+    obj.zero_grad()
+    vq.quantize.eval()  # freeze codebook updates so that the two passes below see the same model
+    torch.manual_seed(1)
+    loss, m = obj(x, step=3)
+    # independent recomputation of the VQGAN adaptive weight and of the total
+    rec, q_loss, _, _ = vq(x)
+    l1 = (x - rec).abs().mean()
+    g = -obj.disc(rec).mean()
+    last = vq.decoder.conv_out.weight
+    gr, gg = torch.autograd.grad(l1, last, retain_graph=True)[0], torch.autograd.grad(g, last, retain_graph=True)[0]
+    weight = 0.5 * gr.norm() / (gg.norm() + 1e-4)
+    assert torch.allclose(m["disc_weight"], weight, rtol=1e-4)
+    assert torch.allclose(loss, l1 + q_loss + weight * g + hinge_d_loss(obj.disc(x), obj.disc(rec.detach())), rtol=1e-4)
+    # the discriminator learns only from its own hinge loss (the generator term goes through detached weights)
+    loss.backward()
+    d_only = torch.autograd.grad(hinge_d_loss(obj.disc(x), obj.disc(rec.detach())), list(obj.disc.parameters()))
+    for p, gd in zip(obj.disc.parameters(), d_only):
+        assert torch.allclose(p.grad, gd, atol=1e-6)
+
+
+def test_tracker_failure_warns_and_training_goes_on(tmp_path):
+    from training.config import TrackingConfig
+    from training.tracking import Tracker
+
+    (tmp_path / "a_file").write_text("not a directory")
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/a_file/m.db"), tmp_path / "run")
+    with pytest.warns(UserWarning, match="MLflow start failed"):
+        assert tracker.start({"a": 1}) is None
+    tracker.log_metrics({"loss": 1.0}, step=1)  # silently nothing
+    tracker.finish()
+
+
+def test_tracker_records_parent_run_and_rank0_only(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from training.config import TrackingConfig
+    from training.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    base = Tracker(TrackingConfig(uri=uri, experiment="e"), tmp_path / "base")
+    base_id = base.start({"model": {"k": 512}})
+    base.log_metrics({"loss": 0.5}, step=3)
+    base.finish()
+    child = Tracker(TrackingConfig(uri=uri, experiment="e", parent_run_id=base_id), tmp_path / "child")
+    child_id = child.start()
+    assert Tracker(TrackingConfig(uri=uri), tmp_path / "other", is_main=False).start() is None
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(child_id).data.tags["mlflow.parentRunId"] == base_id
+    assert client.get_run(base_id).data.params["model.k"] == "512"
+    assert [m.value for m in client.get_metric_history(base_id, "loss")] == [0.5]
+    again = Tracker(TrackingConfig(uri=uri, experiment="e"), tmp_path / "base")  # a resumed run reopens its run
+    assert again.start() == base_id
+
+
+def test_rng_state_round_trip(tmp_path):
+    import random
+
+    from training.checkpoint import rng_state, set_rng_state
+
+    torch.manual_seed(3)
+    state = rng_state()
+    torch.save(state, tmp_path / "r.pt")
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True))
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, (0, 1, 0, 1)),
+    ({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}, (5, 8, 1, 4)),
+    ({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8(x2)"},
+     (9, 16, 1, 8)),
+])
+def test_distributed_env_is_read_from_any_launcher(monkeypatch, env, expected):
+    from training.distributed import read_env
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
+              "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert read_env() == expected
