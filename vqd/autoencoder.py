@@ -190,15 +190,16 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, num_layers + 1):
             c_next = width * min(2 ** i, 8)
             stride = 2 if i < num_layers else 1
-            # BatchNorm is the VQGAN choice; GroupNorm would do as well and does not need cross-rank sync
-            layers += [nn.Conv2d(c, c_next, 4, stride, 1, bias=False), nn.BatchNorm2d(c_next), nn.LeakyReLU(0.2)]
+            # VQGAN uses BatchNorm; GroupNorm has no running buffers, so it needs no cross-rank sync and runs
+            # unchanged when DeepSpeed casts the parameters (but not the buffers) to bf16
+            layers += [nn.Conv2d(c, c_next, 4, stride, 1, bias=False), group_norm(c_next), nn.LeakyReLU(0.2)]
             c = c_next
         layers.append(nn.Conv2d(c, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, nn.GroupNorm):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
 
