@@ -66,7 +66,7 @@ def clear_done(out: Path, *stages: str) -> None:
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
-    """Start Ray embedded (no address) or join a cluster (`auto` after `ray start`); reuse a running session.
+    """Start Ray embedded (no address) or join a cluster ('auto' after `ray start`); reuse a running session.
 
     Workers get data_pipeline and vqd as py_modules so a cluster needs no shared checkout.
     """
@@ -86,7 +86,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
     env[PIXEL_ENV] = os.environ.get(PIXEL_ENV, str(2**27))
     modules = [str(Path(data_pipeline.__file__).parent), str(Path(vqd.__file__).parent)]
     ray.init(
-        address=address,
+        address=address or "local",  # "local": embedded, even when `ray start` left a cluster address behind
         num_cpus=None if address else num_cpus,
         include_dashboard=False,
         log_to_driver=False,
