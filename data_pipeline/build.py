@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make `data_pipeline` and `vqd`
 import yaml  # noqa: E402
 
 from data_pipeline.common import STAGES, atomic_write_json, clear_done, init_ray, is_done, mark_done, read_done  # noqa: E402
-from data_pipeline.recipe import load_recipe, recipe_hash  # noqa: E402
+from data_pipeline.recipe import TRAIN_VQVAE_HINT, load_recipe, recipe_hash  # noqa: E402
 
 NEEDS = {"filter": "metadata", "download": "filter", "encode": "download", "validate": "encode"}
 
@@ -71,12 +71,6 @@ def build(recipe_name: str, out: Optional[str] = None, tokenizer: Optional[str] 
     stages = list(stages)
     out_dir.mkdir(parents=True, exist_ok=True)
     _stamp_recipe(out_dir, recipe)
-    if "encode" in stages:  # fail before any work when the tokenizer is missing
-        if tok is None:
-            raise ValueError(f"recipe {recipe.name!r} names no tokenizer: set `tokenizer:` or pass --tokenizer PATH")
-        tok_info = tokenizer_info(tok)
-        if is_done(out_dir, "encode") and read_done(out_dir, "encode").get("tokenizer", {}).get("sha256") != tok_info["sha256"]:
-            clear_done(out_dir, "encode", "validate")  # another tokenizer: re-encode
     if retry_failed:
         if "download" not in stages:
             raise ValueError("--retry-failed retries the download stage: include 'download' in --stages")
@@ -86,6 +80,13 @@ def build(recipe_name: str, out: Optional[str] = None, tokenizer: Optional[str] 
     timings = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     report = {"out": str(out_dir), "manifest": None, "stages": {}}
     for stage in stages:
+        if stage == "encode":  # the tokenizer is checked when the encode stage starts, before anything else
+            if tok is None:
+                raise ValueError(f"recipe {recipe.name!r} names no tokenizer folder: set `tokenizer:` in the recipe or "
+                                 f"pass --tokenizer PATH (train one with `{TRAIN_VQVAE_HINT}`)")
+            sha = tokenizer_info(tok)["sha256"]
+            if is_done(out_dir, "encode") and read_done(out_dir, "encode")["tokenizer"]["sha256"] != sha:
+                clear_done(out_dir, "encode", "validate")  # another tokenizer: re-encode
         if is_done(out_dir, stage):
             report["stages"][stage] = {"status": "done before", "stats": read_done(out_dir, stage), "seconds": 0.0}
             continue

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,10 +159,10 @@ def run_encode(recipe: Recipe, out: Path, tokenizer: Path) -> dict:
             ShardEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=1 if gpus else 0,
             fn_constructor_kwargs={"tokenizer": str(tokenizer), "out_folder": str(folder), "batch_size": recipe.encode.batch_size},
         )
-        encoded = 0
+        encoded, failed, start = 0, 0, time.time()
         for row in ds.iter_rows():
-            encoded += row["encoded"]
+            encoded, failed = encoded + row["encoded"], failed + row["failed"]
             bar.update(1)
-            bar.set_postfix(images=encoded)
+            bar.set_postfix(images=encoded, failed=failed, img_s=f"{encoded / (time.time() - start):.0f}")
     bar.close()
     return info

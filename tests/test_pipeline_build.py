@@ -116,7 +116,7 @@ def test_empty_metadata_and_missing_tokenizer_are_clear_errors(ray_session, toke
     with pytest.raises(ValueError, match="has no rows"):
         build(str(recipe), out=str(tmp_path / "o1"), stages=["metadata"])
     with pytest.raises(ValueError, match=r"tokenizer folder '.*nope'.*python training/train_vqvae.py --config configs/vqvae_emoji.yaml"):
-        build(str(recipe), out=str(tmp_path / "o2"), tokenizer=str(tmp_path / "nope"))
+        build(str(recipe), out=str(tmp_path / "o2"), tokenizer=str(tmp_path / "nope"), stages=["encode"])
     with pytest.raises(ValueError, match="needs stage 'filter'"):
         build(str(recipe), out=str(tmp_path / "o3"), stages=["download"])
 
@@ -169,3 +169,28 @@ def test_emoji_images_first_then_encode(ray_session, tokenizer, tmp_path):
     captions = sorted(c for _, _, c in _samples(out).values())
     assert captions == sorted(table["caption"].to_pylist())
     assert manifest["tokenizer"]["grid"] == [8, 8] and manifest["statistics"]["encode"]["encoded"] == 60
+
+
+def test_download_without_ray_uses_multiprocessing(tmp_path):
+    """img2dataset's multiprocessing distributor (Ray not required) writes the same kind of shards."""
+    import pyarrow as pa
+
+    from data_pipeline.download import run_download
+    from data_pipeline.recipe import load_recipe
+
+    files = {f"g{i}.png": tiny_png(200 + i) for i in range(3)}
+    with bad_server(files) as base:
+        recipe = load_recipe(str(write_recipe(tmp_path / "mp.yaml", tmp_path / "unused.csv",
+                                              download={"distributor": "multiprocessing", "processes": 1})))
+        urls = [f"{base}/ok/g{i}.png" for i in range(3)] + [f"{base}/missing"]
+        table = pa.table({"url": urls, "caption": [f"c{i}" for i in range(4)], "uid": list(range(4)),
+                          "split": ["train"] * 4})
+        (tmp_path / "out" / "filter").mkdir(parents=True)
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, tmp_path / "out" / "filter" / "urls.parquet")
+        stats = run_download(recipe, tmp_path / "out")
+    assert stats == {"attempted": 4, "downloaded": 3, "failed": {"http_404": 1}, "missing": 0}
+    with tarfile.open(tmp_path / "out" / "download" / "00000.tar") as tf:
+        metas = [json.loads(tf.extractfile(n).read()) for n in tf.getnames() if n.endswith(".json")]
+    assert sorted(m["uid"] for m in metas) == [0, 1, 2] and all(m["width"] == 16 for m in metas)
