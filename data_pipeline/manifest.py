@@ -9,7 +9,6 @@ therefore writes byte-identical shards and the same manifest as an uninterrupted
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 from pathlib import Path
@@ -119,9 +118,9 @@ def validate(out: Path) -> dict:
     n_tokens = tok["grid"][0] * tok["grid"][1]
     total = 0
     shards = [(split, s) for split, info in manifest["splits"].items() for s in info["shards"]]
-    for split, shard in tqdm(shards, desc="validate", unit="shard"):
+    for _, shard in tqdm(shards, desc="validate", unit="shard"):
         count = 0
-        for key, vq, clip, caption in iter_shard(out / shard["name"]):
+        for key, vq, clip, _ in iter_shard(out / shard["name"]):
             if vq.dtype != np.uint16 or vq.shape != (n_tokens,) or int(vq.max(initial=0)) >= tok["num_codes"]:
                 raise ValueError(f"{shard['name']}: sample {key} has bad vq ids ({vq.dtype}, {vq.shape})")
             if clip.dtype != np.int32 or clip.shape != (77,):

@@ -184,11 +184,11 @@ def validate(r: Recipe) -> None:
     if r.download.resize_mode not in modes:
         raise ValueError(f"recipe key 'download.resize_mode': expected one of {modes}, got {r.download.resize_mode!r}")
     if r.download.distributor not in ("auto", "ray", "multiprocessing"):
-        raise ValueError(f"recipe key 'download.distributor': expected auto, ray or multiprocessing")
+        raise ValueError("recipe key 'download.distributor': expected auto, ray or multiprocessing")
     if r.split.mode not in ("hash", "source"):
         raise ValueError(f"recipe key 'split.mode': expected hash or source, got {r.split.mode!r}")
     if not 0.0 <= r.split.test_fraction <= 1.0:
-        raise ValueError(f"recipe key 'split.test_fraction': expected a fraction in [0, 1]")
+        raise ValueError("recipe key 'split.test_fraction': expected a fraction in [0, 1]")
     for key in ("download.image_size", "download.samples_per_shard", "encode.samples_per_shard", "encode.batch_size"):
         section, name = key.split(".")
         if getattr(getattr(r, section), name) <= 0:

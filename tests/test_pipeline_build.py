@@ -182,15 +182,17 @@ def test_download_without_ray_uses_multiprocessing(tmp_path):
     with bad_server(files) as base:
         recipe = load_recipe(str(write_recipe(tmp_path / "mp.yaml", tmp_path / "unused.csv",
                                               download={"distributor": "multiprocessing", "processes": 1})))
-        urls = [f"{base}/ok/g{i}.png" for i in range(3)] + [f"{base}/missing"]
-        table = pa.table({"url": urls, "caption": [f"c{i}" for i in range(4)], "uid": list(range(4)),
-                          "split": ["train"] * 4})
+        local = tmp_path / "local.png"  # local-folder recipes (CUB, Oxford, COCO) use file:// URLs
+        local.write_bytes(tiny_png(300))
+        urls = [f"{base}/ok/g{i}.png" for i in range(3)] + [f"{base}/missing", local.as_uri()]
+        table = pa.table({"url": urls, "caption": [f"c{i}" for i in range(5)], "uid": list(range(5)),
+                          "split": ["train"] * 5})
         (tmp_path / "out" / "filter").mkdir(parents=True)
         import pyarrow.parquet as pq
 
         pq.write_table(table, tmp_path / "out" / "filter" / "urls.parquet")
         stats = run_download(recipe, tmp_path / "out")
-    assert stats == {"attempted": 4, "downloaded": 3, "failed": {"http_404": 1}, "missing": 0}
+    assert stats == {"attempted": 5, "downloaded": 4, "failed": {"http_404": 1}, "missing": 0}
     with tarfile.open(tmp_path / "out" / "download" / "00000.tar") as tf:
         metas = [json.loads(tf.extractfile(n).read()) for n in tf.getnames() if n.endswith(".json")]
-    assert sorted(m["uid"] for m in metas) == [0, 1, 2] and all(m["width"] == 16 for m in metas)
+    assert sorted(m["uid"] for m in metas) == [0, 1, 2, 4] and all(m["width"] == 16 for m in metas)

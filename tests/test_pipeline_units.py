@@ -16,7 +16,7 @@ from data_pipeline.download import SafeResizer, failure_reason
 from data_pipeline.emoji_source import emoji_table
 from data_pipeline.filters import dedup_urls, tag_batch
 from data_pipeline.manifest import ShardWriter
-from data_pipeline.metadata import check_reachable, hash_split, read_table_file
+from data_pipeline.metadata import check_reachable, folder_table, hash_split, read_table_file
 from data_pipeline.recipe import RECIPE_DIR, FilterSpec, load_recipe, recipe_hash
 from data_pipeline.shards import MANIFEST, ShardDataset, check_compatible, open_manifest
 from pipeline_fixtures import bomb_png, tiny_png, truncated_jpeg, write_recipe
@@ -204,3 +204,39 @@ def test_loader_with_workers_and_epochs(tmp_path):
     first = [c for _, _, c in ds]
     ds.set_epoch(1)
     assert [c for _, _, c in ds] != first
+
+
+def test_local_folder_layouts(tmp_path):
+    """CUB-200 / Oxford-102 (text_c10, testclasses.txt) and MSCOCO (annotations json): one row per caption."""
+    cub = tmp_path / "cub"
+    for cls, img in (("001.Albatross", "a_1"), ("002.Auklet", "b_1")):
+        (cub / "images" / cls).mkdir(parents=True)
+        (cub / "images" / cls / f"{img}.jpg").write_bytes(b"x")
+        (cub / "text_c10" / cls).mkdir(parents=True)
+        (cub / "text_c10" / cls / f"{img}.txt").write_bytes(b"a small bird\n\nwith red wings \xff\n")
+    (cub / "testclasses.txt").write_text("002.Auklet\n")
+    t = folder_table("cub200", cub)
+    assert t["caption"].to_pylist()[:2] == ["a small bird", "with red wings \ufffd"]
+    assert t["caption_utf8_ok"].to_pylist() == [True, False, True, False]
+    assert t["split"].to_pylist() == ["train", "train", "test", "test"]
+    assert t["url"][0].as_py() == (cub / "images" / "001.Albatross" / "a_1.jpg").resolve().as_uri()
+
+    flowers = tmp_path / "flowers"
+    (flowers / "jpg").mkdir(parents=True)
+    (flowers / "jpg" / "image_00001.jpg").write_bytes(b"x")
+    (flowers / "text_c10" / "class_00001").mkdir(parents=True)
+    (flowers / "text_c10" / "class_00001" / "image_00001.txt").write_text("pink petals\n")
+    assert folder_table("oxford102", flowers)["caption"].to_pylist() == ["pink petals"]
+
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for split, image_id in (("train2014", 1), ("val2014", 2)):
+        ann = {"images": [{"id": image_id, "file_name": f"{split}_{image_id}.jpg"}],
+               "annotations": [{"id": 10 + image_id, "image_id": image_id, "caption": f" A  {split} photo "}]}
+        (coco / "annotations" / f"captions_{split}.json").write_text(json.dumps(ann))
+    t = folder_table("mscoco", coco)
+    assert t["caption"].to_pylist() == ["A train2014 photo", "A val2014 photo"]
+    assert t["split"].to_pylist() == ["train", "test"]
+    assert t["url"][1].as_py().endswith("/val2014/val2014_2.jpg")
+    with pytest.raises(ValueError, match="not a folder"):
+        folder_table("mscoco", tmp_path / "nowhere")
