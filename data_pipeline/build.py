@@ -63,7 +63,7 @@ def build(recipe_name: str, out: Optional[str] = None, tokenizer: Optional[str] 
     from data_pipeline.encode import run_encode, tokenizer_info
     from data_pipeline.filters import run_filter
     from data_pipeline.manifest import validate, write_dataset
-    from data_pipeline.metadata import run_metadata
+    from data_pipeline.metadata import check_source, run_metadata
 
     recipe = load_recipe(recipe_name, overrides)
     out_dir = Path(out or recipe.out)
@@ -75,6 +75,8 @@ def build(recipe_name: str, out: Optional[str] = None, tokenizer: Optional[str] 
         if "download" not in stages:
             raise ValueError("--retry-failed retries the download stage: include 'download' in --stages")
         clear_done(out_dir, "download", "encode", "validate")
+    if "metadata" in stages and not is_done(out_dir, "metadata"):
+        check_source(recipe, metadata)  # offline with a remote source: say so before Ray starts
     init_ray(address, num_cpus)
     stats_path = out_dir / "build_stats.json"
     timings = json.loads(stats_path.read_text()) if stats_path.is_file() else {}

@@ -191,6 +191,13 @@ def folder_table(kind: str, root: Path) -> pa.Table:
     return pa.table({"url": url, "caption": caption, "caption_utf8_ok": ok, "split": split})
 
 
+def check_source(recipe: Recipe, metadata: Optional[str]) -> None:
+    """Fail at once (before Ray starts) when a remote table source cannot be reached."""
+    path = metadata or recipe.source.path
+    if recipe.source.kind == "table" and is_remote(path):
+        check_reachable(path)
+
+
 def source_tables(recipe: Recipe, metadata: Optional[str]) -> list[tuple[str, callable]]:
     """(name, loader) per source file; loaders run later (on Ray workers for tables)."""
     s = recipe.source
@@ -202,8 +209,6 @@ def source_tables(recipe: Recipe, metadata: Optional[str]) -> list[tuple[str, ca
         root = Path(metadata or s.path).expanduser()
         return [(str(root), lambda: folder_table(s.kind, root))]
     path = metadata or s.path
-    if is_remote(path):
-        check_reachable(path)
     return [(f, (lambda f=f: read_table_file(f, s.format, recipe))) for f in list_files(path)]
 
 

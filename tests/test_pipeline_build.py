@@ -117,8 +117,34 @@ def test_empty_metadata_and_missing_tokenizer_are_clear_errors(ray_session, toke
         build(str(recipe), out=str(tmp_path / "o1"), stages=["metadata"])
     with pytest.raises(ValueError, match=r"tokenizer folder '.*nope'.*python training/train_vqvae.py --config configs/vqvae_emoji.yaml"):
         build(str(recipe), out=str(tmp_path / "o2"), tokenizer=str(tmp_path / "nope"), stages=["encode"])
+    offline = write_recipe(tmp_path / "remote.yaml", "http://127.0.0.1:1/meta.parquet")
+    with pytest.raises(RuntimeError, match="--metadata PATH"):
+        build(str(offline), out=str(tmp_path / "o4"))
     with pytest.raises(ValueError, match="needs stage 'filter'"):
         build(str(recipe), out=str(tmp_path / "o3"), stages=["download"])
+
+
+def test_laion_recipe_with_a_local_metadata_copy(ray_session, tmp_path):
+    """--metadata replaces the hf:// source; LAION's column names map onto the filters."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "relaion"
+    folder.mkdir()
+    for part in range(2):
+        pq.write_table(pa.table({
+            "URL": [f"http://x/{part}/{i}.jpg" for i in range(4)] + ["http://x/0/0.jpg"],
+            "TEXT": ["cartoon cat", "photo of a cat", "cartoon, nsfw", "cartoon mouse", "cartoon duplicate"],
+            "WIDTH": [512, 512, 512, 64, 512], "HEIGHT": [512] * 5, "similarity": [0.3] * 5,
+            "punsafe": [0.0, 0.0, 0.0, 0.0, 0.0], "pwatermark": [0.0] * 5}), folder / f"part{part}.parquet")
+    out = tmp_path / "out"
+    report = build("laion-cartoon", out=str(out), metadata=str(folder), stages=["metadata", "filter"])
+    stats = report["stages"]["filter"]["stats"]
+    assert stats == {"input": 10, "kept": 2, "dropped": {"caption_include": 2, "caption_exclude": 2, "image_size": 2,
+                                                          "duplicate_url": 2}}
+    kept = pq.read_table(out / "filter" / "urls.parquet")
+    assert kept["url"].to_pylist() == ["http://x/0/0.jpg", "http://x/1/0.jpg"]
+    assert kept["uid"].to_pylist() == [0, 1 << 32]
 
 
 @pytest.mark.slow

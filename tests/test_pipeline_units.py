@@ -240,3 +240,18 @@ def test_local_folder_layouts(tmp_path):
     assert t["url"][1].as_py().endswith("/val2014/val2014_2.jpg")
     with pytest.raises(ValueError, match="not a folder"):
         folder_table("mscoco", tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name,hit", [("laion-cartoon", "A cartoon of a happy dog"), ("laion-icon", "flat icon set, blue"),
+                                      ("laion-human", "portrait of a woman smiling")])
+def test_laion_recipe_filters_run_on_laion_columns(name, hit):
+    """The shipped regexes compile in Arrow's RE2 and select what their name says."""
+    r = load_recipe(name)
+    t = _rows(caption=[hit, "a red car on a road", hit + " nsfw", hit, hit, hit],
+              width=[512, 512, 512, 100, 512, 512], height=[512, 512, 512, 512, 512, 512],
+              similarity=[0.33, 0.33, 0.33, 0.33, 0.1, 0.33], punsafe=[0.01, 0.01, 0.01, 0.01, 0.01, 0.01],
+              pwatermark=[0.1, 0.1, 0.1, 0.1, 0.1, 0.9])
+    out = tag_batch(t, r.filters)
+    summary = {k: n for k, n in zip(out["_drop"].to_pylist(), out["uid"].to_pylist()) if k}
+    assert out.filter(pa.compute.equal(out["_drop"], ""))["uid"].to_pylist() == [0]
+    assert summary == {"caption_include": 1, "caption_exclude": 1, "image_size": 1, "clip_similarity": 1, "watermark": 1}
