@@ -199,3 +199,15 @@ def test_bad_inputs_name_the_argument():
         MaskAndReplaceDiffusion(5, 10, schedule="cosine")
     with pytest.raises(ValueError, match="mask_rate"):
         MaskAndReplaceDiffusion(5, 10, schedule="paper", mask_rate=1.5)
+
+
+def test_sample_categorical_frequencies_and_zero_probability_classes():
+    from vqd.diffusion import sample_categorical
+
+    p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    log_p = p.clamp(min=1e-30).log().view(1, -1, 1).expand(2, -1, 20000) + 7.0  # unnormalised is fine
+    x = sample_categorical(log_p, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 20000)
+    freq = torch.bincount(x.flatten(), minlength=6).double() / x.numel()
+    assert freq[[0, 2, 5]].sum() == 0
+    assert (freq - p.double()).abs().max() < 4 * math.sqrt(0.25 / x.numel())

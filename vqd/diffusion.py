@@ -29,10 +29,16 @@ def log_onehot(x: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def sample_categorical(log_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Gumbel-max draw of one class per position: log-probs [B, C, N] -> ids [B, N]."""
-    u = torch.rand(log_probs.shape, generator=generator, device=log_probs.device, dtype=torch.float32)
-    gumbel = -torch.log((-torch.log(u.clamp(min=LOG_EPS))).clamp(min=LOG_EPS))
-    return (log_probs.float() + gumbel).argmax(dim=1)
+    """One class per position from (unnormalised) log-probs [B, C, N] -> ids [B, N], by inverse CDF.
+
+    One uniform per position and a cumulative sum over C: several times cheaper than Gumbel-max,
+    which needs C uniforms and two logs per position.
+    """
+    probs = (log_probs.float() - log_probs.float().amax(dim=1, keepdim=True)).exp().transpose(1, 2)  # [B, N, C]
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device) * cdf[..., -1:]
+    # right=True: the first class whose cdf exceeds u, so a class of probability 0 is never drawn
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=log_probs.shape[1] - 1)
 
 
 def multinomial_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
