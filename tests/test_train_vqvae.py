@@ -92,6 +92,17 @@ def test_holdout_split_is_disjoint_and_complete(tmp_path):
     assert not keys(train) & keys(held)
 
 
+def test_split_from_sample_json_decides_held_out(tmp_path):
+    keys = [f"{i:04d}" for i in range(12)]
+    splits = {k: ("test" if i % 4 == 0 else "train") for i, k in enumerate(keys)}
+    write_tar(tmp_path / "train-000000.tar", {k: png_bytes(8, seed=i) for i, k in enumerate(keys)}, splits=splits)
+    held, _ = collect(tmp_path, size=8, split="heldout", holdout=0.9)  # the hash fraction is not used
+    train, _ = collect(tmp_path, size=8, split="train", holdout=0.9)
+    assert len(held) == 3 and len(train) == 9
+    expected = load_image(png_bytes(8, seed=4), size=8)
+    assert any(torch.equal(x, expected) for x in held)
+
+
 def test_ranks_get_disjoint_shards_and_skip_resumes_the_stream(tmp_path):
     write_dataset(tmp_path, n_tars=1, per_tar=30, size=8)
     cfg = ImageDataConfig(source=str(tmp_path), holdout=0.0, shuffle_buffer=0)

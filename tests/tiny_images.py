@@ -22,14 +22,15 @@ def png_bytes(size: int = 24, seed: int = 0, mode: str = "RGB") -> bytes:
     return buf.getvalue()
 
 
-def write_tar(path: str | Path, samples: dict[str, bytes], ext: str = "png") -> Path:
-    """One webdataset tar: for each key, {key}.{ext} + {key}.txt + {key}.json."""
+def write_tar(path: str | Path, samples: dict[str, bytes], ext: str = "png", splits: dict[str, str] | None = None) -> Path:
+    """One webdataset tar: for each key, {key}.{ext} + {key}.json (with `split` if given) + {key}.txt."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tf:
         for key, data in samples.items():
-            for name, payload in ((f"{key}.{ext}", data), (f"{key}.txt", f"caption {key}".encode()),
-                                  (f"{key}.json", json.dumps({"key": key}).encode())):
+            meta = {"key": key, **({"split": splits[key]} if splits and key in splits else {})}
+            for name, payload in ((f"{key}.{ext}", data), (f"{key}.json", json.dumps(meta).encode()),
+                                  (f"{key}.txt", f"caption {key}".encode())):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tf.addfile(info, io.BytesIO(payload))

@@ -6,7 +6,8 @@ skipped and counted (never a crash); images with alpha (RGBA, LA, palette transp
 white; images smaller than the crop are upscaled. Each image: shorter side resized to `size`, then a centre
 (or random) crop, as float [3, size, size] in [-1, 1].
 
-A deterministic hold-out split by key hash (`holdout` fraction) gives train / held-out sets from one source.
+Held-out images: a sample whose .json carries a `split` (the data pipeline's train/test, kept by img2dataset)
+is held out unless it is "train"; other samples use a deterministic key hash (`holdout` fraction).
 The stream is sharded over ranks and DataLoader workers, reshuffled every epoch, and resumable: a worker can
 skip the batches it produced before a checkpoint without decoding them.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 import random
 import tarfile
@@ -38,7 +40,7 @@ class ImageDataConfig:
     """Where images come from and how they are cut."""
 
     source: str = ""  # tars glob ('data/emoji/train-*.tar'), a folder of tars, or a folder of images
-    holdout: float = 0.02  # fraction of keys (by hash) kept out of training, for evaluation
+    holdout: float = 0.02  # fraction of keys (by hash) kept out of training, for samples whose .json has no split
     random_crop: bool = False
     flip: bool = False
     shuffle_buffer: int = 512
@@ -115,25 +117,47 @@ def to_rgb_on_white(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def iter_tar_images(path: str, counts: Counter) -> Iterator[tuple[str, bytes]]:
-    """(key, image bytes) from one tar; a corrupt or truncated tar stops here and is counted."""
+def iter_tar_images(path: str, counts: Counter) -> Iterator[tuple[str, bytes, str | None]]:
+    """(key, image bytes, split from its .json or None) from one tar; a corrupt tar stops here and is counted."""
+    key, image, split = None, None, None
     try:
         with tarfile.open(path, "r:*") as tf:
-            for member in tf:
+            for member in tf:  # a sample's files are contiguous: {key}.jpg, {key}.json, {key}.txt
                 if not member.isfile():
                     continue
                 name = os.path.basename(member.name)
-                key, _, ext = name.partition(".")
-                if "." + ext.lower() not in IMAGE_EXTS:
+                stem, _, ext = name.partition(".")
+                this = os.path.join(os.path.dirname(member.name), stem)
+                if this != key:
+                    if image is not None:
+                        yield key, image, split
+                    key, image, split = this, None, None
+                ext = ext.lower()
+                if "." + ext not in IMAGE_EXTS and ext != "json":
                     continue
                 f = tf.extractfile(member)
                 data = f.read() if f is not None else b""
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} truncated")
-                yield os.path.join(os.path.dirname(member.name), key), data
+                if ext == "json":
+                    split = _split_of(data)
+                else:
+                    image = data
+            if image is not None:
+                yield key, image, split
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         counts["bad_tars"] += 1
         warnings.warn(f"skipping the rest of tar {path}: {type(e).__name__}: {e}", stacklevel=2)
+
+
+def _split_of(data: bytes) -> str | None:
+    """The 'split' field img2dataset copied into a sample's .json (the data pipeline's train/test), if any."""
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        return None
+    split = meta.get("split") if isinstance(meta, dict) else None
+    return split if isinstance(split, str) and split else None
 
 
 class ImageStream(torch.utils.data.IterableDataset):
@@ -156,10 +180,12 @@ class ImageStream(torch.utils.data.IterableDataset):
         self.train = split == "train"
         self.totals: Counter = Counter()
 
-    def _keep(self, key: str) -> bool:
+    def _keep(self, key: str, split: str | None) -> bool:
+        """A sample's own split (from its .json) decides when present; else the key hash with `holdout`."""
         if self.split == "all":
             return True
-        return is_heldout(key, self.cfg.holdout) == (self.split == "heldout")
+        held = split != "train" if split is not None else is_heldout(key, self.cfg.holdout)
+        return held == (self.split == "heldout")
 
     def _raw(self, epoch: int, part: int, parts: int, counts: Counter) -> Iterator[tuple[str, bytes | str]]:
         """This part's (key, bytes-or-path) for one epoch; shards split by file when there are enough."""
@@ -171,9 +197,9 @@ class ImageStream(torch.utils.data.IterableDataset):
         for i, path in enumerate(order):
             if by_file and i % parts != part:
                 continue
-            items = iter_tar_images(path, counts) if self.kind == "tars" else [(Path(path).stem, path)]
-            for key, payload in items:
-                if not self._keep(key):
+            items = iter_tar_images(path, counts) if self.kind == "tars" else [(Path(path).stem, path, None)]
+            for key, payload, split in items:
+                if not self._keep(key, split):
                     continue
                 if by_file or index % parts == part:
                     yield key, payload
