@@ -135,6 +135,10 @@ class VectorQuantizer(nn.Module):
         """z [B, d, h, w] -> (z_q straight-through [B, d, h, w], ids [B, h, w], loss scalar, stats)."""
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        if self.training and self.ema and not bool(self.initialized):
+            with torch.no_grad():  # seed every code from this batch's encoder outputs before assigning
+                self._seed_codes(flat.detach().float(), torch.arange(self.num_embeddings, device=flat.device))
+                self.initialized.fill_(1)
         ids = self.nearest(flat.detach())
         z_q = self.embedding(ids).to(z.dtype)
         loss = self.beta * F.mse_loss(flat, z_q.detach())
@@ -143,9 +147,6 @@ class VectorQuantizer(nn.Module):
         counts = torch.bincount(ids, minlength=self.num_embeddings).float()
         if self.training:
             with torch.no_grad():
-                if self.ema and not bool(self.initialized):
-                    self._seed_codes(flat.detach().float(), torch.arange(self.num_embeddings, device=flat.device))
-                    self.initialized.fill_(1)
                 counts = _all_reduce_sum(counts)
                 if self.ema:
                     self._ema_update(flat.detach().float(), ids, counts)
