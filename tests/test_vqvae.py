@@ -215,7 +215,9 @@ def taming_reference_shapes(ch, ch_mult, nrb, attn_res, resolution, z, embed_dim
             conv(f"{name}.{p}", c, c, 1)
 
     def mid(prefix, c):
-        resblock(f"{prefix}.mid.block_1", c, c), attn(f"{prefix}.mid.attn_1", c), resblock(f"{prefix}.mid.block_2", c, c)
+        resblock(f"{prefix}.mid.block_1", c, c)
+        attn(f"{prefix}.mid.attn_1", c)
+        resblock(f"{prefix}.mid.block_2", c, c)
 
     n = len(ch_mult)
     conv("encoder.conv_in", 3, ch, 3)

@@ -22,7 +22,8 @@ def png_bytes(size: int = 24, seed: int = 0, mode: str = "RGB") -> bytes:
     return buf.getvalue()
 
 
-def write_tar(path: str | Path, samples: dict[str, bytes], ext: str = "png", splits: dict[str, str] | None = None) -> Path:
+def write_tar(path: str | Path, samples: dict[str, bytes], ext: str = "png",
+              splits: dict[str, str] | None = None) -> Path:
     """One webdataset tar: for each key, {key}.{ext} + {key}.json (with `split` if given) + {key}.txt."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

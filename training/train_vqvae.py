@@ -106,7 +106,8 @@ class TokenizerObjective(nn.Module):
     def __init__(self, vqvae: VQVAE, loss: LossConfig):
         super().__init__()
         self.vqvae, self.cfg = vqvae, loss
-        self.disc = PatchDiscriminator(num_layers=loss.disc_layers, width=loss.disc_width) if loss.disc_weight > 0 else None
+        self.disc = (PatchDiscriminator(num_layers=loss.disc_layers, width=loss.disc_width)
+                     if loss.disc_weight > 0 else None)
 
     def forward(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x [B, 3, H, W] -> (total loss, detached metrics)."""
@@ -285,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             tracker.log_metrics(evaluate(engine.module.vqvae, cfg, info.rank, info.world_size, info.device), step)
         if step % cfg.train.save_every == 0 or step == cfg.train.steps:
-            save_checkpoint(engine, run_dir, step, info.rank, cfg, {"batches": batches_done}, cfg.train.keep_checkpoints)
+            save_checkpoint(engine, run_dir, step, info.rank, cfg, {"batches": batches_done},
+                            cfg.train.keep_checkpoints)
             if info.is_main:
                 engine.module.vqvae.save(export_dir(run_dir))
                 save_config(cfg, export_dir(run_dir) / "run_config.yaml")

@@ -73,7 +73,8 @@ class VQVAEConfig:
         if self.num_embeddings < 2:
             raise ValueError(f"num_embeddings must be >= 2, got {self.num_embeddings}")
         if self.codebook == "gumbel" and self.z_channels != self.embed_dim:
-            raise ValueError(f"codebook 'gumbel' needs z_channels == embed_dim, got {self.z_channels} and {self.embed_dim}")
+            raise ValueError(f"codebook 'gumbel' needs z_channels == embed_dim, "
+                             f"got {self.z_channels} and {self.embed_dim}")
         if not 0 <= self.used_codes <= self.num_embeddings:
             raise ValueError(f"used_codes must be in [0, num_embeddings={self.num_embeddings}], got {self.used_codes}")
 
