@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--num-codes", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 50, 25, 10])
+    parser.add_argument("--truncation", type=float, default=1.0,
+                        help="r for our sampler (1.0 = off, as in the diffusers peer; its cost is in the step table)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -127,9 +129,10 @@ def main() -> None:
     g = lambda: torch.Generator(device=args.device).manual_seed(0)  # noqa: E731
     with autocast:  # warm-up: allocator, kernels, lazy init
         sample_tokens(model, text, SamplingConfig(steps=2), generator=g())
-    print(f"batch {args.batch}, grid {args.grid}x{args.grid}, K={args.num_codes}, size {args.size}, {args.device} {args.dtype}")
+    print(f"batch {args.batch}, grid {args.grid}x{args.grid}, K={args.num_codes}, size {args.size}, "
+          f"{args.device} {args.dtype}, truncation r={args.truncation}")
     for steps in args.steps:
-        run(f"VQ-Diffusion ({steps} steps)", steps, lambda: sample_tokens(model, text, SamplingConfig(steps=steps), generator=g()))
+        run(f"VQ-Diffusion ({steps} steps)", steps, lambda: sample_tokens(model, text, SamplingConfig(steps=steps, truncation=args.truncation), generator=g()))
     if "ar-nocache" not in args.skip:
         run("VQ-AR, prefix recomputed", N, lambda: ar.generate(text, g(), use_cache=False))
     if "ar-cache" not in args.skip:
