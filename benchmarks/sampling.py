@@ -85,7 +85,12 @@ def step_breakdown(model: VQDiffusionModel, text, args) -> dict[str, float]:
 
     def per_call(fn) -> float:
         fn()  # warm-up
-        return timed(lambda: [fn() for _ in range(reps)], args.device) / reps
+
+        def repeat() -> None:
+            for _ in range(reps):
+                fn()
+
+        return timed(repeat, args.device) / reps
 
     return {
         "network_s": per_call(lambda: guided_log_p_x0(model, x_t, t, text, None, 1.0)),

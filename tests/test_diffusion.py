@@ -129,7 +129,7 @@ def test_training_loss_scale_weight_and_gradient():
     t = torch.tensor([0, 5, 10, 19])
     x_t = d.q_sample(x0, t)
     loss, terms = d.training_loss(logits.log_softmax(1), x0, x_t, t, aux_weight=0.1, adaptive_aux=True)
-    expected = ((terms["vlb"] + 0.1 * (2 - t / T) * terms["aux"]).mean() / N).item()
+    expected = (T * (terms["vlb"] + 0.1 * (2 - t / T) * terms["aux"]).mean() / N).item()  # sum_t L_t estimate
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     pt = torch.full((B,), 0.5 / T)  # p(t) half of uniform doubles every term
     loss_is, _ = d.training_loss(logits.log_softmax(1), x0, x_t, t, pt=pt, aux_weight=0.1)

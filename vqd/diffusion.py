@@ -257,16 +257,17 @@ class MaskAndReplaceDiffusion(nn.Module):
         aux_weight: float = 5e-4,
         adaptive_aux: bool = True,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scalar loss: mean over B of (L_t + lambda w(t) CE) / (T p(t)), per token. Returns (loss, terms).
+        """Scalar loss: mean over B of (L_t + lambda w(t) CE) / p(t), per token. Returns (loss, terms).
 
-        Dividing by T p(t) makes the estimate unbiased under importance sampling of t and leaves it
-        unchanged under uniform sampling; dividing by N gives nats per token. w(t) = 2 - t/T when
+        L_t / p(t) is an unbiased estimate of the whole bound sum_t L_t, under uniform (p = 1/T, the
+        default) or importance sampling of t; dividing by N gives nats per token. This is the released
+        code's scale, which the paper's gradient clipping (0.5) was tuned against. w(t) = 2 - t/T when
         adaptive (the released code), else 1.
         """
         terms = self.loss_terms(log_p_x0, x0, x_t, t)
         T, N = self.num_timesteps, x0.shape[1]
         weight = (2.0 - t.float() / T) if adaptive_aux else torch.ones_like(t, dtype=torch.float32)
-        inv_pt = torch.ones_like(weight) if pt is None else 1.0 / (T * pt.float())
+        inv_pt = torch.full_like(weight, float(T)) if pt is None else 1.0 / pt.float()
         per_sample = (terms["vlb"] + aux_weight * weight * terms["aux"]) * inv_pt
         return per_sample.mean() / N, terms
 
