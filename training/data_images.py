@@ -205,41 +205,45 @@ class ImageStream(torch.utils.data.IterableDataset):
                     yield key, payload
                 index += 1
 
+    def _images(self, epoch: int, part: int, parts: int, counts: Counter, rng: random.Random,
+                to_skip: list[int]) -> Iterator[torch.Tensor]:
+        """Decoded images [3, H, W] of one epoch, through the shuffle buffer when training.
+
+        `to_skip` (a one-element list, shared across epochs) counts raw samples still to pass over on resume.
+        """
+        shuffle = self.train and self.cfg.shuffle_buffer > 1
+        buf: list[torch.Tensor] = []
+        for key, payload in self._raw(epoch, part, parts, counts):
+            if to_skip[0] > 0:
+                to_skip[0] -= 1
+                continue
+            try:
+                data = payload if isinstance(payload, bytes) else Path(payload).read_bytes()
+                x = load_image(data, self.size, rng if self.cfg.random_crop else None, self.cfg.flip and self.train)
+            except Exception:  # PIL raises many types for bad data: every one is a skipped image
+                counts["bad_images"] += 1
+                continue
+            if not shuffle:
+                yield x
+                continue
+            buf.append(x)
+            if len(buf) >= self.cfg.shuffle_buffer:
+                yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, int]]]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         part, parts = self.rank * nw + wid, self.world_size * nw
         # batches this worker produced before the checkpoint (DataLoader takes workers round-robin)
-        to_skip = (self.skip_batches // nw + (1 if wid < self.skip_batches % nw else 0)) * self.batch_size
+        to_skip = [(self.skip_batches // nw + (1 if wid < self.skip_batches % nw else 0)) * self.batch_size]
         counts: Counter = Counter()
         rng = random.Random(hash((self.seed, part)))
         epoch, empty_epochs = 0, 0
         while self.epochs is None or epoch < self.epochs:
-            buf, batch, produced = [], [], 0
-            for key, payload in self._raw(epoch, part, parts, counts):
-                if to_skip > 0:
-                    to_skip -= 1
-                    continue
-                try:
-                    data = payload if isinstance(payload, bytes) else Path(payload).read_bytes()
-                    x = load_image(data, self.size, rng if self.cfg.random_crop else None,
-                                   self.cfg.flip and self.train)
-                except Exception:  # PIL raises many types for bad data: every one is a skipped image
-                    counts["bad_images"] += 1
-                    continue
-                if self.train and self.cfg.shuffle_buffer > 1:
-                    buf.append(x)
-                    if len(buf) < self.cfg.shuffle_buffer:
-                        continue
-                    x = buf.pop(rng.randrange(len(buf)))
-                batch.append(x)
-                if len(batch) == self.batch_size:
-                    self.totals.update(counts)
-                    yield torch.stack(batch), dict(counts)
-                    batch, produced = [], produced + 1
-                    counts.clear()
-            rng.shuffle(buf)
-            for x in buf:
+            batch, produced = [], 0
+            for x in self._images(epoch, part, parts, counts, rng, to_skip):
                 batch.append(x)
                 if len(batch) == self.batch_size:
                     self.totals.update(counts)
@@ -251,7 +255,7 @@ class ImageStream(torch.utils.data.IterableDataset):
                 yield torch.stack(batch), dict(counts)
                 produced += 1
                 counts.clear()
-            empty_epochs = empty_epochs + 1 if produced == 0 and to_skip == 0 else 0
+            empty_epochs = empty_epochs + 1 if produced == 0 and to_skip[0] == 0 else 0
             if empty_epochs >= 5 and self.epochs is None:  # (one empty epoch can be a shard of only bad tars)
                 raise ValueError(f"data.source {self.cfg.source!r} gave no usable {self.split} image batch of "
                                  f"{self.batch_size} for rank {self.rank} worker {wid} ({dict(counts)} skipped)")
