@@ -47,7 +47,7 @@ def multinomial_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=1)
 
 
-def cumulative_schedule(num_timesteps: int, schedule: str, mask_rate: float, num_codes: int):
+def cumulative_schedule(num_timesteps: int, schedule: str, mask_rate: float):
     """Cumulative (alpha-bar, gamma-bar) over levels 0..T as float64 [T+1] each."""
     T = num_timesteps
     if schedule == "code":
@@ -89,7 +89,7 @@ class MaskAndReplaceDiffusion(nn.Module):
         self.schedule = schedule
         self.mask_rate = mask_rate
 
-        alpha_bar, gamma_bar = cumulative_schedule(num_timesteps, schedule, mask_rate, num_codes)
+        alpha_bar, gamma_bar = cumulative_schedule(num_timesteps, schedule, mask_rate)
         beta_bar = (1.0 - alpha_bar - gamma_bar) / num_codes
         # Each one-step matrix must be a valid mask-and-replace matrix (beta_l >= 0).
         alpha_step = alpha_bar[1:] / alpha_bar[:-1]
@@ -168,10 +168,10 @@ class MaskAndReplaceDiffusion(nn.Module):
         """Draw x_t ~ q(x_t | x0): ids [B, N] -> ids [B, N], exactly, without forming the distribution."""
         self._check_ids(x0, "x0", allow_mask=False)
         level = self._levels(t, x0.shape[0], "t", 0, x0.device)
-        return self._draw_at_level(x0, level, generator)
+        return self.sample_at_level(x0, level, generator)
 
-    def _draw_at_level(self, x0: torch.Tensor, level: torch.Tensor, generator) -> torch.Tensor:
-        """x0 [B, N] pushed to `level` [B] (level 0 returns x0 unchanged)."""
+    def sample_at_level(self, x0: torch.Tensor, level: torch.Tensor, generator=None) -> torch.Tensor:
+        """x0 [B, N] pushed through the forward process to `level` [B] in [0, T] (level 0 returns x0)."""
         log_a, log_b, log_g = (v.double().view(-1, 1) for v in self._cumulative(level, torch.float64))
         gamma, replace = log_g.exp(), self.num_codes * log_b.exp()
         gamma = torch.where(level.view(-1, 1) == 0, torch.zeros_like(gamma), gamma)

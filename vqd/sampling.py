@@ -162,7 +162,7 @@ def sample_tokens(
     def hold_known(x: torch.Tensor, level: int) -> torch.Tensor:
         if known_tokens is None:
             return x
-        noisy = diffusion._draw_at_level(known_tokens, torch.full((B,), level, device=device), generator)
+        noisy = diffusion.sample_at_level(known_tokens, torch.full((B,), level, device=device), generator)
         return torch.where(fill_mask, x, noisy)
 
     x = hold_known(sample_categorical(diffusion.log_prior(B, N, device), generator), T)
