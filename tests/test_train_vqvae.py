@@ -263,6 +263,9 @@ def test_tracker_records_parent_run_and_rank0_only(tmp_path):
     assert [m.value for m in client.get_metric_history(base_id, "loss")] == [0.5]
     again = Tracker(TrackingConfig(uri=uri, experiment="e"), tmp_path / "base")  # a resumed run reopens its run
     assert again.start() == base_id
+    # artifacts of a local sqlite store sit beside the database, not in the working directory's ./mlruns
+    again.log_image(np.zeros((4, 4, 3), dtype=np.uint8), "grids/step_1.png")
+    assert list((tmp_path / "mlartifacts").rglob("step_1.png"))
 
 
 def test_rng_state_round_trip(tmp_path):

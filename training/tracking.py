@@ -32,6 +32,7 @@ class Tracker:
 
     @property
     def uri(self) -> str:
+        """The tracking store: tracking.uri, else $MLFLOW_TRACKING_URI, else a local sqlite file."""
         return self.cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
     def start(self, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> str | None:
@@ -48,7 +49,8 @@ class Tracker:
                 self.client.update_run(self.run_id, status="RUNNING")
                 return
             exp = self.client.get_experiment_by_name(self.cfg.experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(self.cfg.experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                self.cfg.experiment, artifact_location=local_artifact_location(self.uri))
             all_tags = {**self.cfg.tags, **(tags or {})}
             if self.cfg.parent_run_id:
                 # the tag MLflow itself uses for nesting; works even when the base run has finished
@@ -141,4 +143,10 @@ def to_uint8(images) -> np.ndarray:
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
+
+def local_artifact_location(uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside its database file (MLflow's default, ./mlruns, follows the cwd)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
 
