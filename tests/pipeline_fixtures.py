@@ -17,6 +17,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from data_pipeline.emoji_source import serving
+
 
 def tiny_png(seed: int, size: int = 40) -> bytes:
     """A random-noise RGB PNG (distinct per seed)."""
@@ -98,16 +100,10 @@ class _Handler(BaseHTTPRequestHandler):
 def bad_server(files: dict[str, bytes], pause: float = 4.0, delay: float = 0.0, flaky_failures: int = 1) -> Iterator[str]:
     """Serve `files` with the routes of _Handler on 127.0.0.1 in a thread; yields the base URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
     server.files, server.pause, server.delay, server.flaky_failures = files, pause, delay, flaky_failures
     server.hits, server.lock = {}, threading.Lock()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(server) as url:
+        yield url
 
 
 def tiny_tokenizer(folder: Path, image_size: int = 16, codes: int = 32, seed: int = 0) -> Path:
