@@ -90,6 +90,15 @@ def _level(blocks: list[nn.Module], attns: list[nn.Module]) -> nn.Module:
     return level
 
 
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One resolution level's res-blocks, each followed by its attention block where the level has them."""
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn) > 0:
+            h = level.attn[i](h)
+    return h
+
+
 def _middle(channels: int, dropout: float, groups: int) -> nn.Module:
     mid = nn.Module()
     mid.block_1 = ResnetBlock(channels, channels, dropout, groups)
@@ -128,10 +137,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[i](h)
+            h = _run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
@@ -171,10 +177,7 @@ class Decoder(nn.Module):
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[i](h)
+            h = _run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
