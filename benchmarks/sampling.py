@@ -153,7 +153,7 @@ def main() -> None:
         breakdown = step_breakdown(model, text, args)
 
     base = {r["network_evals"]: r["images_per_s"] for r in rows if r["sampler"].startswith("VQ-Diffusion")}
-    print(f"\n| sampler | network evals | s / batch | images/s | vs VQ-Diffusion 25 steps |\n|---|---|---|---|---|")
+    print("\n| sampler | network evals | s / batch | images/s | vs VQ-Diffusion 25 steps |\n|---|---|---|---|---|")
     for r in rows:
         ratio = r["images_per_s"] / base[25] if 25 in base else float("nan")
         print(f"| {r['sampler']} | {r['network_evals']} | {r['seconds']:.2f} | {r['images_per_s']:.2f} | {ratio:.2f}x |")

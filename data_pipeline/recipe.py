@@ -7,13 +7,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from vqd.config import from_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO_ROOT / "configs" / "data"
@@ -103,46 +103,6 @@ class Recipe:
     split: SplitSpec = field(default_factory=SplitSpec)
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against a type hint (dataclass, list, dict, Optional, scalar); return it converted."""
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"recipe key {where!r}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"recipe key {where!r}: expected a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool) and type(value) is hint:
-        return value
-    raise ValueError(f"recipe key {where!r}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass `cls` from a mapping, refusing unknown keys."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"recipe key {where or '<root>'!r}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            full = f"{where}.{key}" if where else key
-            raise ValueError(f"unknown recipe key {full!r}; known keys here: {sorted(known)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
 def set_key(data: dict, dotted: str, value: Any) -> None:
     """Set `a.b.c = value` inside a nested dict (CLI overrides)."""
     *parents, last = dotted.split(".")
@@ -162,7 +122,7 @@ def load_recipe(name_or_path: str, overrides: Optional[dict[str, Any]] = None) -
     data = yaml.safe_load(path.read_text()) or {}
     for dotted, value in (overrides or {}).items():
         set_key(data, dotted, value)
-    recipe = _build(Recipe, data, "")
+    recipe = from_dict(Recipe, data)
     if not recipe.name:
         recipe.name = path.stem
     if not recipe.out:

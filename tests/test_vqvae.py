@@ -166,7 +166,7 @@ def test_config_errors_name_the_problem():
         VQVAEConfig(image_size=30, ch_mult=(1, 2, 2))
     with pytest.raises(ValueError, match="codebook"):
         VQVAEConfig(codebook="kmeans")
-    with pytest.raises(ValueError, match="unknown VQVAEConfig keys"):
+    with pytest.raises(ValueError, match="image_sise: unknown key for VQVAEConfig"):
         VQVAEConfig.from_dict({"image_sise": 32})
     m = VQVAE(VQVAEConfig(**TINY)).eval()
     with pytest.raises(ValueError, match="num_codes"):

@@ -14,7 +14,6 @@ section is a plain dict: it is the DeepSpeed config). Loading does, in order:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import types
@@ -24,6 +23,9 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
+
+from vqd.config import check_value, from_dict
+from vqd.config import to_dict as config_to_dict
 
 # ---- generic sections (programs add their own `model` / `data` / ... dataclasses) ----
 
@@ -168,37 +170,13 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
             raise ValueError(f"override --{dotted}: unknown key {key!r} in section {section!r}; "
                              f"known: {sorted(sec_hints)}")
         raw.setdefault(section, {})[key] = parse_value(text, sec_hints[key], dotted)
-    cfg = build_dataclass(cls, raw, where="")
+    cfg = from_dict(cls, raw)
     if hasattr(cfg, "deepspeed") and hasattr(cfg, "train"):
         cfg.deepspeed = derive_deepspeed(cfg.deepspeed, cfg.train)
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         validate()
     return cfg
-
-
-def build_dataclass(cls: type, raw: dict[str, Any], where: str):
-    """Recursively build `cls` from `raw`, checking keys and types; errors name the dotted key."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where or 'config'} must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        raise ValueError(f"unknown key(s) {[_join(where, u) for u in unknown]}; known in "
-                         f"{where or 'the top level'}: {sorted(hints)}")
-    kwargs = {}
-    for name, tp in hints.items():
-        if name not in raw:
-            continue
-        key = _join(where, name)
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = build_dataclass(tp, raw[name] or {}, key)
-        else:
-            kwargs[name] = check_value(raw[name], tp, key)
-    try:
-        return cls(**kwargs)
-    except ValueError as e:  # a section's own validation (e.g. image size vs downsampling)
-        raise ValueError(f"{where or 'config'}: {e}") from e
 
 
 def parse_value(text: str, tp: Any, key: str) -> Any:
@@ -226,54 +204,6 @@ def parse_value(text: str, tp: Any, key: str) -> Any:
     return check_value(yaml.safe_load(text), tp, key)
 
 
-def check_value(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` as type `tp` (ints widen to float, lists to tuples) or raise ValueError naming `key`."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return check_value(value, a, key)
-            except ValueError:
-                pass
-        raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp in (str, bool):
-        if isinstance(value, tp):
-            return value
-    elif origin in (tuple, list):
-        if isinstance(value, (list, tuple)):
-            if origin is tuple and args and args[-1] is not Ellipsis:
-                if len(value) != len(args):
-                    raise ValueError(f"{key}: expected {len(args)} items ({_type_name(tp)}), got {value!r}")
-                items = [check_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
-            else:
-                items = [check_value(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
-            return tuple(items) if origin is tuple else items
-    elif origin is dict or tp is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    else:
-        return value
-    raise ValueError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-
-
 def derive_deepspeed(ds: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
     """The DeepSpeed config dict with batch, accumulation, clipping and precision taken from `train`."""
     ds = dict(ds or {})
@@ -293,19 +223,6 @@ def derive_deepspeed(ds: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
     ds.update(derived)
     ds.setdefault("steps_per_print", 10 ** 9)  # our progress bar and MLflow do the reporting
     return ds
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Dataclasses -> plain dicts / lists (YAML- and MLflow-friendly)."""
-    def plain(v):
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-    return plain(cfg)
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
@@ -349,11 +266,3 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     for p in parts[:-1]:
         d = d.setdefault(p, {})
     d[parts[-1]] = value
-
-
-def _join(where: str, name: str) -> str:
-    return f"{where}.{name}" if where else name
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vqd.models import ComposedModel, NetworkConfig
+from vqd.network import ComposedModel, NetworkConfig
 from vqd.text import TextEncoder
 from vqd.transformer import KVCache, TokenGridTransformer, TransformerConfig, check_ids, check_text
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vqd.autoencoder import Decoder, Encoder
+from vqd.config import from_dict
 from vqd.io import load_folder, load_state_dict_strict, save_folder
 
 MAX_TOKEN_ID = 65535  # token ids are stored as uint16 in the shards
@@ -84,12 +85,8 @@ class VQVAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VQVAEConfig":
-        """Build from a (YAML) dict; unknown keys are an error naming them."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown VQVAEConfig keys {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        """Build from a (YAML) dict; unknown keys and wrong types are errors naming the key."""
+        return from_dict(cls, d)
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
