@@ -69,8 +69,8 @@ def check_compatible(manifest: dict, num_codes: int, grid) -> None:
         )
 
 
-def iter_shard(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray, str]]:
-    """(key, vq uint16 [h*w], clip int32 [77], caption) for each sample of one shard, in tar order."""
+def iter_samples(path: Path) -> Iterator[dict]:
+    """Each sample of one shard, in tar order: {'key', 'vq' uint16 [h*w], 'clip' int32 [77], 'txt', 'json' dict}."""
     with tarfile.open(path) as tf:
         current, parts = None, {}
         for m in tf:
@@ -84,13 +84,19 @@ def iter_shard(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray, str]]:
             yield _sample(current, parts)
 
 
-def _sample(key: str, parts: dict) -> tuple[str, np.ndarray, np.ndarray, str]:
+def iter_shard(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray, str]]:
+    """(key, vq uint16 [h*w], clip int32 [77], caption) for each sample of one shard, in tar order."""
+    for s in iter_samples(path):
+        yield s["key"], s["vq"], s["clip"], s["txt"]
+
+
+def _sample(key: str, parts: dict) -> dict:
     for ext in ("vq.npy", "clip.npy", "txt"):
         if ext not in parts:
             raise ValueError(f"sample {key!r} has no .{ext} member")
-    vq = np.load(io.BytesIO(parts["vq.npy"]), allow_pickle=False)
-    clip = np.load(io.BytesIO(parts["clip.npy"]), allow_pickle=False)
-    return key, vq, clip, parts["txt"].decode("utf-8")
+    return {"key": key, "vq": np.load(io.BytesIO(parts["vq.npy"]), allow_pickle=False),
+            "clip": np.load(io.BytesIO(parts["clip.npy"]), allow_pickle=False),
+            "txt": parts["txt"].decode("utf-8"), "json": json.loads(parts["json"]) if "json" in parts else {}}
 
 
 def _shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
