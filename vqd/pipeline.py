@@ -1,0 +1,72 @@
+"""Text -> image in one object: a trained VQ-Diffusion model and the tokenizer that decodes its ids.
+
+An exported model folder samples on its own: config.yaml + model.safetensors (the denoiser, the frozen text
+tower, the null text) and tokenizer/ (the VQ-VAE folder whose codes the model was trained on).
+
+    pipe = TextToImage.from_folder("runs/emoji_base/export")
+    images = pipe.generate(["red heart", "house"], SamplingConfig(steps=25))   # float [2, 3, H, W] in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from vqd.models import VQDiffusionModel, load_model
+from vqd.sampling import SamplingConfig, sample_captions
+from vqd.vqvae import VQVAE, load_tokenizer
+
+TOKENIZER_DIR = "tokenizer"
+
+
+class TextToImage:
+    """A VQ-Diffusion model with its tokenizer; both in eval mode on one device."""
+
+    def __init__(self, model: VQDiffusionModel, tokenizer: VQVAE):
+        if tokenizer.num_codes != model.num_codes or tuple(tokenizer.grid) != tuple(model.grid):
+            raise ValueError(f"tokenizer has {tokenizer.num_codes} codes on a {tuple(tokenizer.grid)} grid, the model "
+                             f"expects {model.num_codes} codes on {tuple(model.grid)}: they were not trained together")
+        self.model, self.tokenizer = model.eval(), tokenizer.eval()
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "TextToImage":
+        """Load `folder` (a model folder holding tokenizer/)."""
+        folder = Path(folder)
+        if not (folder / TOKENIZER_DIR).is_dir():
+            raise ValueError(f"model folder {str(folder)!r} has no {TOKENIZER_DIR}/ folder: it cannot decode its "
+                             "token ids into images (export it with training/train.py, which copies the tokenizer)")
+        model = load_model(folder)
+        if not isinstance(model, VQDiffusionModel):
+            raise ValueError(f"model folder {str(folder)!r} holds a {type(model).__name__}, not a VQ-Diffusion model")
+        return cls(model.to(device), load_tokenizer(folder / TOKENIZER_DIR, device=device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def image_size(self) -> int:
+        return self.tokenizer.image_size
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Token ids Long [B, h*w] -> images float [B, 3, H, W] in [-1, 1], in batches."""
+        dtype = next(self.tokenizer.parameters()).dtype
+        out = [self.tokenizer.decode(tokens[i:i + batch_size].to(self.device)).to(dtype).float().cpu()
+               for i in range(0, tokens.shape[0], batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, 3, self.image_size, self.image_size)
+
+    @torch.no_grad()
+    def generate(self, captions: list[str], config: SamplingConfig | None = None, *, batch_size: int = 32,
+                 generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """Captions -> images float [B, 3, H, W] in [-1, 1]."""
+        tokens = sample_captions(self.model, captions, config, batch_size=batch_size, generator=generator,
+                                 progress=progress)
+        return self.decode(tokens)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] (for PNG files and grids)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
