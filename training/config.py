@@ -51,7 +51,7 @@ class TrainConfig:
     micro_batch_size: int = 32  # per rank, per forward
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0 = off
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 where the GPU or CPU has it natively, else fp32) | fp32 | bf16 | fp16
     seed: int = 0
     run_dir: str = "runs/default"
     resume: str = ""  # "" = fresh, "auto" = latest checkpoint in run_dir/checkpoints, or a checkpoint folder
@@ -78,7 +78,7 @@ class TrackingConfig:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DERIVED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
                    "bf16", "fp16", "train_batch_size")
 
@@ -209,6 +209,7 @@ def derive_deepspeed(ds: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
     ds = dict(ds or {})
     if train.precision not in PRECISIONS:
         raise ValueError(f"train.precision must be one of {PRECISIONS}, got {train.precision!r}")
+    train.precision = resolve_precision(train.precision)
     if train.micro_batch_size < 1 or train.grad_accum < 1:
         raise ValueError("train.micro_batch_size and train.grad_accum must be >= 1")
     derived = {"train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -223,6 +224,25 @@ def derive_deepspeed(ds: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
     ds.update(derived)
     ds.setdefault("steps_per_print", 10 ** 9)  # our progress bar and MLflow do the reporting
     return ds
+
+
+def native_bf16() -> bool:
+    """True where bf16 matmuls run natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX.
+
+    On a CPU without them (AVX2 only) PyTorch emulates bf16 and its matmul runs ~60x slower than fp32.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> 'bf16' where this machine runs it natively, else 'fp32'; other values unchanged."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16() else "fp32"
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:

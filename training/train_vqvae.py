@@ -37,7 +37,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads must sleep
 
-import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -54,6 +53,7 @@ from tqdm import tqdm  # noqa: E402
 from training.checkpoint import export_dir, load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
 from training.config import (OptimConfig, TrackingConfig, TrainConfig, config_to_dict, load_config,  # noqa: E402
                              save_config, split_cli)
+from training.optim import build_optimizer  # noqa: E402
 from training.data_images import ImageDataConfig, image_loader  # noqa: E402
 from training.distributed import all_reduce_mean, barrier, cleanup, init_distributed  # noqa: E402
 from training.tracking import Tracker, image_grid, to_uint8  # noqa: E402
@@ -139,18 +139,6 @@ class TokenizerObjective(nn.Module):
         return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, self.cfg.adaptive_max).detach()
 
 
-def lr_lambda(optim: OptimConfig, total_steps: int):
-    """Linear warm-up, then constant or cosine down to min_lr_ratio."""
-    def f(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        if optim.schedule == "cosine":
-            t = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
-            return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-        return 1.0
-    return f
-
-
 @torch.no_grad()
 def evaluate(vqvae: VQVAE, cfg: VQVAERunConfig, rank: int, world: int, device, max_batches: int = 50) -> dict:
     """Held-out PSNR (of clamped decode(encode(x))) and codebook usage, averaged over ranks."""
@@ -219,10 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.train.init_from:
         vqvae.load_state_dict(load_tokenizer(cfg.train.init_from).state_dict())
     objective = TokenizerObjective(vqvae, cfg.loss)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay, fused=info.device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, cfg.train.steps))
+    opt, sched = build_optimizer(objective, cfg.optim, cfg.train.steps, info.device)
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, lr_scheduler=sched, config=cfg.deepspeed)
