@@ -179,3 +179,43 @@ def test_load_model_rejects_unknown_kinds(model, tmp_path):
         VQDiffusionModel.from_folder(tmp_path / "m")
     with pytest.raises(ValueError, match="does not exist"):
         load_model(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------- unified model (Sec. 5.4)
+
+
+def test_class_conditional_and_unconditional_models_round_trip(tmp_path):
+    torch.manual_seed(0)
+    classes = ("animal", "food", "heart")
+    model = VQDiffusionModel(micro_config(condition="class", classes=classes)).eval()
+    assert model.text_encoder is None and model.null_text.shape == (1, 32)
+    features = model.encode_prompts(["heart", "animal"])
+    assert features.shape == (2, 1, 32)
+    assert torch.equal(features[:, 0], model.class_embedding.weight[[2, 0]])
+    with pytest.raises(ValueError, match="unknown class name"):
+        model.encode_prompts(["vehicle"])
+    with pytest.raises(ValueError, match="labels must lie in"):
+        model.encode_classes(torch.tensor([3]))
+    with pytest.raises(ValueError, match="not on text"):
+        model.encode_text(torch.zeros(1, 77, dtype=torch.long))
+    x_t = torch.full((2, 6), 10)
+    logits = model.logits(x_t, torch.tensor([3, 3]), features)
+    # the class reaches the denoiser: two classes, two different predictions from the same x_t
+    assert not torch.allclose(logits[0], logits[1])
+    model.save(tmp_path / "cls")
+    again = load_model(tmp_path / "cls")
+    assert again.config.classes == classes and torch.equal(again.encode_prompts(["heart"]), features[:1])
+
+    uncond = VQDiffusionModel(micro_config(condition="none")).eval()
+    assert uncond.text_encoder is None and uncond.class_embedding is None
+    assert torch.equal(uncond.encode_prompts(["anything", "else"]), uncond.null_text_features(2))
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"condition": "image"}, "condition: expected one of"),
+    ({"condition": "class"}, "classes: a class-conditional model needs"),
+    ({"condition": "text", "classes": ("a",)}, "classes: a class-conditional model needs"),
+])
+def test_condition_config_errors_name_the_field(fields, match):
+    with pytest.raises(ValueError, match=match):
+        micro_config(**fields)

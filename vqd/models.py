@@ -21,6 +21,9 @@ from vqd.text import TextEncoder
 from vqd.transformer import Denoiser, TransformerConfig, check_text
 
 
+CONDITIONS = ("text", "class", "none")
+
+
 @dataclass
 class VQDiffusionConfig(NetworkConfig):
     """The composed VQ-Diffusion model: network (NetworkConfig) + mask-and-replace diffusion."""
@@ -30,6 +33,26 @@ class VQDiffusionConfig(NetworkConfig):
     num_timesteps: int = 100  # T
     schedule: str = "code"  # "code" (released code's) or "paper" (the text's linear ramps); see vqd/diffusion.py
     mask_rate: float = 0.9  # M, used by the "paper" schedule
+    # What the image is conditioned on (the paper's unified model, Sec. 5.4): "text" (CLIP features of a
+    # caption), "class" (a learned embedding of one of `classes`), or "none" (unconditional: only the learned
+    # null condition). The condition reaches the denoiser as a sequence [B, L, D] through cross-attention:
+    # L = 77 text tokens, or L = 1 for a class and for none; D = text.width in every case.
+    condition: str = "text"
+    classes: tuple[str, ...] = ()  # class names, in label order (condition "class")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.classes = tuple(self.classes)
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"condition: expected one of {CONDITIONS}, got {self.condition!r}")
+        if (self.condition == "class") != bool(self.classes):
+            raise ValueError("classes: a class-conditional model needs its class names, and only it has them "
+                             f"(condition {self.condition!r}, {len(self.classes)} classes)")
+
+    @property
+    def condition_length(self) -> int:
+        """L, the length of the condition sequence the denoiser attends to."""
+        return self.text.context_length if self.condition == "text" else 1
 
     def transformer_config(self) -> TransformerConfig:
         return TransformerConfig(
@@ -43,7 +66,8 @@ class VQDiffusionConfig(NetworkConfig):
 
 
 class VQDiffusionModel(ComposedModel):
-    """Denoiser + frozen text tower + learned null text [77, D] + MaskAndReplaceDiffusion (buffers only)."""
+    """Denoiser + condition (frozen text tower, or class embeddings) + learned null condition [L, D]
+    + MaskAndReplaceDiffusion (buffers only)."""
 
     CONFIG: ClassVar[type] = VQDiffusionConfig
 
@@ -52,22 +76,66 @@ class VQDiffusionModel(ComposedModel):
         from vqd.diffusion import MaskAndReplaceDiffusion
 
         self.config = config
-        self.text_encoder = TextEncoder(config.text, load_weights=load_text_weights)
+        dim = config.text.width
+        self.text_encoder = TextEncoder(config.text, load_weights=load_text_weights) if config.condition == "text" \
+            else None
+        self.class_embedding = nn.Embedding(len(config.classes), dim) if config.condition == "class" else None
         self.denoiser = Denoiser(config.transformer_config())
-        # Learned "no caption" features for classifier-free guidance; rows start at unit norm like real features.
-        self.null_text = nn.Parameter(torch.empty(config.text.context_length, config.text.width))
+        # Learned "no condition" features for classifier-free guidance (and the only condition of an
+        # unconditional model); rows start at unit norm like CLIP's per-token features.
+        self.null_text = nn.Parameter(torch.empty(config.condition_length, dim))
         if self.null_text.device.type != "meta":
             with torch.no_grad():
                 self.null_text.copy_(nn.functional.normalize(torch.randn_like(self.null_text), dim=-1))
+                if self.class_embedding is not None:
+                    self.class_embedding.weight.copy_(nn.functional.normalize(torch.randn(len(config.classes), dim),
+                                                                              dim=-1))
         self.diffusion = MaskAndReplaceDiffusion(config.num_codes, config.num_timesteps, config.schedule,
                                                  config.mask_rate)
 
+    def encode_text(self, clip_ids: torch.Tensor) -> torch.Tensor:
+        """CLIP ids Long [B, 77] -> frozen, L2-normalised per-token features [B, 77, D] (no grad)."""
+        if self.text_encoder is None:
+            raise ValueError(f"this model is conditioned on {self.config.condition!r}, not on text")
+        return self.text_encoder(clip_ids)
+
+    def encode_classes(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class labels Long [B] in [0, num_classes) -> condition features [B, 1, D]."""
+        if self.class_embedding is None:
+            raise ValueError(f"this model is conditioned on {self.config.condition!r}, not on a class")
+        if labels.dtype != torch.long or labels.dim() != 1:
+            raise ValueError(f"labels: expected a LongTensor [B], got {labels.dtype} {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(self.config.classes)):
+            raise ValueError(f"labels must lie in [0, {len(self.config.classes) - 1}], got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        return self.class_embedding(labels).unsqueeze(1)
+
+    def class_labels(self, names: list[str]) -> torch.Tensor:
+        """Class names -> labels Long [B]; an unknown name is a ValueError listing a few known ones."""
+        index = {name: i for i, name in enumerate(self.config.classes)}
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise ValueError(f"unknown class name(s) {unknown[:5]}; this model knows {len(index)} classes, e.g. "
+                             f"{list(index)[:5]}")
+        return torch.tensor([index[n] for n in names], dtype=torch.long, device=self.null_text.device)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> condition features [B, L, D]: captions (text), class names (class), ignored (none)."""
+        from vqd.text import tokenize
+
+        device = self.null_text.device
+        if self.config.condition == "text":
+            return self.encode_text(tokenize(list(prompts), self.config.text.context_length).to(device))
+        if self.config.condition == "class":
+            return self.encode_classes(self.class_labels(list(prompts)))
+        return self.null_text_features(len(prompts)).detach()
+
     def null_text_features(self, batch: int) -> torch.Tensor:
-        """The learned null text for `batch` rows: [B, 77, D] (a view; gradients reach null_text)."""
+        """The learned null condition for `batch` rows: [B, L, D] (a view; gradients reach null_text)."""
         return self.null_text.unsqueeze(0).expand(batch, -1, -1)
 
     def drop_text(self, text_features: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace each row of [B, 77, D] by the null text with probability p (classifier-free guidance)."""
+        """Replace each row of [B, L, D] by the null condition with probability p (classifier-free guidance)."""
         check_text("text_features", text_features, text_features.shape[0] if text_features.dim() == 3 else -1,
                    self.text_dim)
         if not 0.0 <= p <= 1.0:

@@ -196,19 +196,17 @@ def sample_captions(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Captions -> token grids Long [len(captions), h*w], in batches of `batch_size`.
+    """Prompts -> token grids Long [len(captions), h*w], in batches of `batch_size`.
 
-    `model` also needs `encode_text(clip_ids [B, 77]) -> [B, 77, D]` (a VQDiffusionModel has it).
+    `model` also needs `encode_prompts(prompts) -> [B, L, D]`: a VQDiffusionModel reads captions, or
+    class names when it is class-conditional, and ignores them when it is unconditional.
     """
-    from vqd.text import tokenize
-
     if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
         raise ValueError("captions must be a list of strings")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
     out = []
     for start in range(0, len(captions), batch_size):
-        ids = tokenize(list(captions[start : start + batch_size])).to(device)
-        out.append(sample_tokens(model, model.encode_text(ids), config, generator=generator, progress=progress))
+        features = model.encode_prompts(list(captions[start : start + batch_size]))
+        out.append(sample_tokens(model, features, config, generator=generator, progress=progress))
     return torch.cat(out) if out else torch.zeros(0, model.grid[0] * model.grid[1], dtype=torch.long)
