@@ -297,3 +297,18 @@ def test_distributed_env_is_read_from_any_launcher(monkeypatch, env, expected):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert read_env() == expected
+
+
+def test_params_are_redacted_before_they_reach_mlflow():
+    from training.tracking import redact
+
+    params = {"tracking.uri": "postgresql://bob:hunter2@db:5432/mlflow", "data.path": "s3://b/x?X-Amz-Signature=abc&n=1",
+              "deepspeed.api_key": "zzz", "store.access_token": "t", "db.password": "p", "data.tokenizer": "runs/tok",
+              "data.label_key": "subcategory", "train.steps": 3, "tracking.token": ""}
+    out = redact(params)
+    assert out["tracking.uri"] == "postgresql://bob:***@db:5432/mlflow"
+    assert out["data.path"] == "s3://b/x?X-Amz-Signature=***&n=1"
+    assert out["deepspeed.api_key"] == out["store.access_token"] == out["db.password"] == "***"
+    assert "hunter2" not in str(out) and "zzz" not in str(out)
+    # names that merely contain the words stay readable
+    assert out["data.tokenizer"] == "runs/tok" and out["data.label_key"] == "subcategory" and out["train.steps"] == 3

@@ -9,6 +9,7 @@ the tracker warns and training goes on.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ class Tracker:
     @property
     def uri(self) -> str:
         """The tracking store: tracking.uri, else $MLFLOW_TRACKING_URI, else a local sqlite file."""
-        return self.cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        return tracking_uri(self.cfg)
 
     def start(self, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> str | None:
         """Open (or reopen, on resume) the run and log the flattened params. Returns the run id or None."""
@@ -71,7 +72,7 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        flat = [Param(k, str(v)[:6000]) for k, v in redact(flatten(params)).items()]
         for i in range(0, len(flat), 100):
             self._safe("params", self.client.log_batch, self.run_id, params=flat[i:i + 100])
 
@@ -105,6 +106,11 @@ class Tracker:
         if self._ready():
             self._safe("artifact", self.client.log_artifact, self.run_id, str(path), artifact_dir)
 
+    def log_artifacts(self, folder: str | Path, artifact_dir: str | None = None) -> None:
+        """Every file under `folder` (e.g. an exported model folder) as artifacts under `artifact_dir`."""
+        if self._ready():
+            self._safe("artifacts", self.client.log_artifacts, self.run_id, str(folder), artifact_dir)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if self._ready():
             for k, v in tags.items():
@@ -125,6 +131,41 @@ class Tracker:
                 self._warned.add(what)
                 warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training goes on", stacklevel=2)
             return None
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (a file in the working directory)."""
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+SECRET_WORDS = {"password", "passwd", "secret", "token", "tokens", "credential", "credentials", "apikey"}
+SECRET_ENDINGS = ("api_key", "access_key", "secret_key", "private_key", "auth_key")
+
+
+def is_secret_name(name: str) -> bool:
+    """'tracking.api_key', 'x.access_token', 'db.password' -> True; 'data.label_key', 'data.tokenizer' -> False."""
+    last = name.rsplit(".", 1)[-1].lower()
+    return last == "key" or last.endswith(SECRET_ENDINGS) or bool(SECRET_WORDS & set(last.split("_")))
+
+
+URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<password>[^@/\s]+)@", re.IGNORECASE)
+URI_QUERY_SECRET = re.compile(r"(?P<name>[?&][^=&]*(?:key|token|signature|password|secret|credential)[^=&]*=)[^&\s]+",
+                              re.IGNORECASE)
+
+
+def redact(params: dict[str, Any]) -> dict[str, Any]:
+    """Params safe to publish: values of keys named like key/token/password/secret become '***', and
+    passwords and signed query parameters inside URIs are masked (user:***@host, ?X-Amz-Signature=***)."""
+    out = {}
+    for name, value in params.items():
+        if is_secret_name(name) and value not in (None, "", [], {}):
+            out[name] = "***"
+        elif isinstance(value, str):
+            value = URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+            out[name] = URI_QUERY_SECRET.sub(lambda m: f"{m['name']}***", value)
+        else:
+            out[name] = value
+    return out
 
 
 def image_grid(images: np.ndarray, ncols: int = 8) -> np.ndarray:
