@@ -40,7 +40,11 @@ def product(mats: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
 
 
 def brute_posterior(mats, p_x0: torch.Tensor, x_t: torch.Tensor, level_t: int, level_s: int) -> torch.Tensor:
-    """sum_x0 p(x0) q(x_s | x_t, x0) by Bayes on explicit matrices: p_x0 [B, K, N] -> [B, K+1, N]."""
+    """sum_x0 p(x0) q(x_s | x_t, x0) by Bayes on explicit matrices: p_x0 [B, K, N] -> [B, K+1, N].
+
+    Only x0 that can produce x_t (q(x_t | x0) > 0) take part, p(x0) renormalised over them: under a
+    schedule without replacement, a code in x_t can only come from itself.
+    """
     K = p_x0.shape[1]
     cum_s, cum_t = product(mats, 0, level_s), product(mats, 0, level_t)
     span = product(mats, level_s, level_t)
@@ -49,8 +53,10 @@ def brute_posterior(mats, p_x0: torch.Tensor, x_t: torch.Tensor, level_t: int, l
     for b in range(B):
         for n in range(N):
             xt = x_t[b, n].item()
-            for x0 in range(K):
+            possible = [x0 for x0 in range(K) if cum_t[x0, xt] > 1e-12]
+            mass = sum(p_x0[b, x0, n].double() for x0 in possible)
+            for x0 in possible:
                 # q(x_s = j | x_t, x0) = q(x_t | x_s = j) q(x_s = j | x0) / q(x_t | x0)
                 q = span[:, xt] * cum_s[x0, :] / cum_t[x0, xt]
-                out[b, :, n] += p_x0[b, x0, n].double() * q
+                out[b, :, n] += p_x0[b, x0, n].double() / mass * q
     return out

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from brute_force import brute_posterior, code_step_matrices, paper_step_matrices, product
-from vqd.diffusion import MaskAndReplaceDiffusion, TimestepSampler, log_onehot, multinomial_kl
+from vqd.diffusion import MaskAndReplaceDiffusion, TimestepSampler, log_onehot, multinomial_kl, sample_categorical
 
 
 def random_inputs(K, N, B, seed, t_mask_frac=0.4):
@@ -41,9 +41,9 @@ def test_q_xt_given_x0_equals_diffusers_cumulative_transitions():
         torch.testing.assert_close(diffusion.log_q_xt_given_x0(x0, t).exp(), theirs.exp(), atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("schedule", ["paper", "code"])
-def test_q_xt_given_x0_equals_matrix_product(schedule):
-    K, T, M = 4, 6, 0.7
+@pytest.mark.parametrize("schedule,M", [("paper", 0.7), ("code", 0.9), ("paper", 0.0), ("paper", 1.0)])
+def test_q_xt_given_x0_equals_matrix_product(schedule, M):
+    K, T = 4, 6
     mats = paper_step_matrices(K, T, M) if schedule == "paper" else code_step_matrices(K, T)
     diffusion = MaskAndReplaceDiffusion(K, T, schedule=schedule, mask_rate=M)
     x0 = torch.arange(K).repeat(2).view(2, K)
@@ -54,17 +54,60 @@ def test_q_xt_given_x0_equals_matrix_product(schedule):
         torch.testing.assert_close(got, expected.clamp(min=1e-30), atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("schedule", ["paper", "code"])
-def test_one_step_and_strided_posterior_equal_brute_force(schedule):
-    K, T, M = 4, 6, 0.9
+# M = 0 (replace only) has no [MASK] in x_t; M = 1 (mask only) has no replacement, so a code in x_t
+# can only have come from itself: the brute force renormalises p(x0) over the x0 that can produce x_t.
+@pytest.mark.parametrize("schedule,M", [("paper", 0.9), ("code", 0.9), ("paper", 0.0), ("paper", 1.0)])
+def test_one_step_and_strided_posterior_equal_brute_force(schedule, M):
+    K, T = 4, 6
     mats = paper_step_matrices(K, T, M) if schedule == "paper" else code_step_matrices(K, T)
     diffusion = MaskAndReplaceDiffusion(K, T, schedule=schedule, mask_rate=M)
-    log_p, x_t = random_inputs(K, N=5, B=2, seed=1)
+    log_p, x_t = random_inputs(K, N=5, B=2, seed=1, t_mask_frac=0.0 if M == 0.0 else 0.4)
     for t, t_prev in [(0, -1), (3, 2), (5, 4), (5, 1), (5, -1), (4, 0), (2, -1)]:
+        if M == 1.0 and t == T - 1:
+            x_t = x_t.masked_fill(x_t < K, K)  # mask only: level T is all [MASK]
         expected = brute_posterior(mats, log_p.exp(), x_t, t + 1, t_prev + 1)
         got = diffusion.log_posterior(log_p, x_t, t, t_prev).exp().double()
         torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-4, msg=f"t={t} t_prev={t_prev}")
         torch.testing.assert_close(got.sum(1), torch.ones(2, 5, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_mask_only_posterior_keeps_a_revealed_code_whatever_p_x0_says():
+    K, T = 8, 10
+    d = MaskAndReplaceDiffusion(K, T, schedule="paper", mask_rate=1.0)
+    x_t = torch.tensor([[3, K, 0, 7]])
+    log_p = torch.full((1, K, 4), -30.0)
+    log_p[:, 5] = 0.0  # the network is sure of code 5 everywhere, revealed tokens included
+    log_p = log_p.log_softmax(1)
+    for t, t_prev in [(1, 0), (5, 4), (8, 2), (9, -1)]:
+        post = d.log_posterior(log_p, x_t, t, t_prev).exp()
+        for n in (0, 2, 3):  # revealed codes: exactly themselves, at every earlier level
+            assert post[0, x_t[0, n], n].item() == 1.0
+            assert post[0, :, n].sum().item() == 1.0
+        masked = post[0, :, 1]  # the [MASK]: reveals code 5 or stays masked, nothing else
+        assert masked[5].item() + masked[K].item() == pytest.approx(1.0, abs=1e-6)
+    # the draw never moves a revealed token (here 20000 draws of the same posterior)
+    post = d.log_posterior(log_p.expand(20000, K, 4), x_t.expand(20000, 4), 5, 4)
+    drawn = sample_categorical(post, torch.Generator().manual_seed(0))
+    assert torch.equal(drawn[:, [0, 2, 3]], x_t[:, [0, 2, 3]].expand(20000, 3))
+
+
+@pytest.mark.parametrize("M", [0.0, 1.0])
+def test_edge_mask_rates_sample_and_train(M):
+    K, T, B, N = 6, 10, 64, 16
+    d = MaskAndReplaceDiffusion(K, T, schedule="paper", mask_rate=M)
+    x0 = torch.randint(0, K, (B, N), generator=torch.Generator().manual_seed(0))
+    t = torch.arange(B) % T
+    x_t = d.q_sample(x0, t, generator=torch.Generator().manual_seed(1))
+    if M == 0.0:
+        assert (x_t < K).all()  # no [MASK] ever
+    else:
+        assert ((x_t == x0) | (x_t == K)).all()  # no replacement ever
+    logits = torch.randn(B, K, N, requires_grad=True)
+    loss, terms = d.training_loss(logits.log_softmax(1), x0, x_t, t)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    prior = d.log_prior(2, 3).exp()
+    assert prior[0, K, 0].item() == pytest.approx(M, abs=1e-6)
 
 
 def test_strided_posterior_with_per_sample_timesteps():
@@ -158,24 +201,55 @@ def test_multinomial_kl_zero_for_equal_and_positive_otherwise():
     assert (multinomial_kl(p, q) > 0).all()
 
 
-def test_timestep_sampler_warmup_then_importance():
-    s = TimestepSampler(4, warmup=2)
-    torch.testing.assert_close(s.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))
-    t = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    loss = torch.tensor([1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.0, 3.0])
-    # two ranks: sum the statistics as an all-reduce would
-    s0, c0 = s.batch_statistics(t[:4], loss[:4])
-    s1, c1 = s.batch_statistics(t[4:], loss[4:])
-    s.update(s0 + s1, c0 + c1)
-    assert s.ready
+def released_probabilities(history: list[float]) -> list[float]:
+    """The released code's p(t) from its Lt_history, in plain Python: sqrt(h + 1e-10) + 1e-4, t = 0 as t = 1."""
+    w = [math.sqrt(h + 1e-10) + 1e-4 for h in history]
+    w[0] = w[1]
+    return [x / sum(w) for x in w]
+
+
+def test_timestep_sampler_follows_the_released_code():
+    T, rounds = 4, 3
+    s = TimestepSampler(T, warmup=2)  # the released code waits for more than 10; 2 keeps the test short
+    uniform = torch.full((T,), 1 / T, dtype=torch.float64)
+    loss = torch.tensor([7.0, 1.0, 2.0, 6.0])  # L_t per timestep, constant
+    history = [0.0] * T  # the released code's Lt_history: starts at zero, 0.1 L^2 + 0.9 old
+    for r in range(rounds):
+        if r < 2:  # every t seen 2 r <= warmup times: not yet
+            assert not s.ready
+            torch.testing.assert_close(s.probabilities(), uniform)
+        # two ranks, each holding every t once: sum the statistics as an all-reduce would
+        t = torch.arange(T)
+        (s0, c0), (s1, c1) = s.batch_statistics(t, loss), s.batch_statistics(t, loss)
+        s.update(s0 + s1, c0 + c1)
+        history = [0.1 * L**2 + 0.9 * h for L, h in zip(loss.tolist(), history)]
+    assert s.ready  # every t seen 6 > 2 times
+    torch.testing.assert_close(s.loss_sq, torch.tensor(history, dtype=torch.float64))
     p = s.probabilities()
-    assert p[3].item() == pytest.approx(3 * p[0].item(), rel=1e-3)  # sqrt(E[L^2]) = 3 vs 1
+    torch.testing.assert_close(p, torch.tensor(released_probabilities(history), dtype=torch.float64))
+    assert p[0] == p[1] and p[3] > 5 * p[1]  # t = 0 takes t = 1's weight, not its own large one
     t_draw, pt = s.sample(20000, generator=torch.Generator().manual_seed(0))
-    assert abs((t_draw == 3).float().mean().item() - 0.5) < 0.02
+    freq = torch.bincount(t_draw, minlength=T).double() / 20000
+    assert (freq - p).abs().max() < 4 * math.sqrt(0.25 / 20000)
     torch.testing.assert_close(pt, p[t_draw].float())
-    restored = TimestepSampler(4, warmup=2)
+    restored = TimestepSampler(T, warmup=2)
     restored.load_state_dict(s.state_dict())
     torch.testing.assert_close(restored.probabilities(), p)
+    with pytest.raises(ValueError, match="steps"):
+        TimestepSampler(T + 1).load_state_dict(s.state_dict())
+
+
+def test_timestep_sampler_switches():
+    T = 3
+    t, loss = torch.arange(T).repeat(5), torch.tensor([1.0, 2.0, 4.0]).repeat(5)
+    uniform = TimestepSampler(T, importance=False, warmup=0)
+    seeded = TimestepSampler(T, warmup=0, ema_from_zero=False, t0_as_t1=False)
+    for s in (uniform, seeded):
+        s.update(*s.batch_statistics(t, loss))
+    torch.testing.assert_close(uniform.probabilities(), torch.full((T,), 1 / T, dtype=torch.float64))
+    torch.testing.assert_close(seeded.loss_sq, torch.tensor([1.0, 4.0, 16.0], dtype=torch.float64))  # first = mean L^2
+    w = torch.tensor([1.0, 4.0, 16.0], dtype=torch.float64).add(1e-10).sqrt() + 1e-4  # t = 0 keeps its own
+    torch.testing.assert_close(seeded.probabilities(), w / w.sum())
 
 
 def test_bad_inputs_name_the_argument():
@@ -199,11 +273,11 @@ def test_bad_inputs_name_the_argument():
         MaskAndReplaceDiffusion(5, 10, schedule="cosine")
     with pytest.raises(ValueError, match="mask_rate"):
         MaskAndReplaceDiffusion(5, 10, schedule="paper", mask_rate=1.5)
+    with pytest.raises(ValueError, match="mask_rate"):
+        MaskAndReplaceDiffusion(5, 10, schedule="paper", mask_rate=-0.1)
 
 
 def test_sample_categorical_frequencies_and_zero_probability_classes():
-    from vqd.diffusion import sample_categorical
-
     p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
     log_p = p.clamp(min=1e-30).log().view(1, -1, 1).expand(2, -1, 20000) + 7.0  # unnormalised is fine
     x = sample_categorical(log_p, torch.Generator().manual_seed(0))

@@ -16,22 +16,25 @@ P = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
 class IdealDenoiser:
     """p(x0 = k | x_t = j) proportional to p_k Qbar_level[k, j], per position; text is ignored."""
 
-    def __init__(self, p: torch.Tensor, T: int, grid: tuple[int, int]):
+    def __init__(self, p: torch.Tensor, T: int, grid: tuple[int, int], mask_rate: float = 0.9):
         K = p.numel()
-        self.diffusion = MaskAndReplaceDiffusion(K, T, schedule="paper")
-        mats = paper_step_matrices(K, T, 0.9)
-        # table[level][j] = log p(x0 | x_t = j) over K, for j in K+1
+        self.diffusion = MaskAndReplaceDiffusion(K, T, schedule="paper", mask_rate=mask_rate)
+        mats = paper_step_matrices(K, T, mask_rate)
+        # table[level][j] = log p(x0 | x_t = j) over K, for j in K+1 (a j no x0 can produce: uniform)
         self.table = []
         for level in range(1, T + 1):
-            joint = p.view(-1, 1) * product(mats, 0, level)[:K]  # [K, K+1]
+            joint = (p.view(-1, 1) * product(mats, 0, level)[:K]).clamp(min=0)  # [K, K+1]
+            joint = torch.where(joint.sum(0) > 1e-12, joint, torch.ones_like(joint))
             self.table.append((joint / joint.sum(0, keepdim=True)).clamp(min=1e-30).log().float())
         self.grid = grid
         self.t_seen: list[int] = []
         self.masks_seen: list[int] = []
+        self.x_seen: list[torch.Tensor] = []
 
     def logits(self, x_t, t, text_features):
         self.t_seen.append(int(t[0]))
         self.masks_seen.append(int((x_t == self.diffusion.mask_id).sum()))
+        self.x_seen.append(x_t.clone())
         out = torch.stack([self.table[int(tb)][:, x] for tb, x in zip(t, x_t)])  # [B, K, N]
         return out + text_features.mean() * 0  # keeps the text argument in the graph of shapes
 
@@ -43,15 +46,38 @@ def frequencies(x: torch.Tensor, K: int) -> torch.Tensor:
     return torch.bincount(x.flatten(), minlength=K).double() / x.numel()
 
 
+@pytest.mark.parametrize("mask_rate", [0.9, 0.0, 1.0])
 @pytest.mark.parametrize("steps", [8, 4, 3, 1])
-def test_strided_sampling_reproduces_the_data_marginal(steps):
-    model = IdealDenoiser(P, T=8, grid=(40, 50))
+def test_strided_sampling_reproduces_the_data_marginal(steps, mask_rate):
+    model = IdealDenoiser(P, T=8, grid=(40, 50), mask_rate=mask_rate)
     text = torch.zeros(2, 3, 2)
     x = sample_tokens(model, text, SamplingConfig(steps=steps, truncation=1.0), generator=torch.Generator().manual_seed(steps))
     assert x.shape == (2, 2000) and x.max() < 4
     tol = 4 * math.sqrt(0.25 / x.numel())
     assert (frequencies(x, 4) - P).abs().max() < tol
     assert len(model.t_seen) == steps and model.t_seen[0] == 7
+
+
+class UniformDenoiser(IdealDenoiser):
+    """Says every code is equally likely, revealed positions included: the worst case for keeping them."""
+
+    def logits(self, x_t, t, text_features):
+        super().logits(x_t, t, text_features)
+        return torch.zeros(x_t.shape[0], self.diffusion.num_codes, x_t.shape[1])
+
+
+@pytest.mark.parametrize("denoiser", [IdealDenoiser, UniformDenoiser])
+@pytest.mark.parametrize("purity", [False, True])
+def test_mask_only_sampling_never_changes_a_revealed_token(denoiser, purity):
+    model = denoiser(P, T=20, grid=(16, 16), mask_rate=1.0)
+    cfg = SamplingConfig(steps=20, truncation=1.0, purity=purity)
+    x = sample_tokens(model, torch.zeros(4, 3, 2), cfg, generator=torch.Generator().manual_seed(0))
+    states = model.x_seen + [x]
+    assert (states[0] == 4).all()  # the mask-only prior is all [MASK]
+    for before, after in zip(states, states[1:]):
+        revealed = before != 4
+        assert torch.equal(after[revealed], before[revealed])
+    assert (x < 4).all()
 
 
 def test_level_schedule_is_strictly_decreasing_and_complete():

@@ -32,13 +32,14 @@ def sample_categorical(log_probs: torch.Tensor, generator: torch.Generator | Non
     """One class per position from (unnormalised) log-probs [B, C, N] -> ids [B, N], by inverse CDF.
 
     One uniform per position and a cumulative sum over C: several times cheaper than Gumbel-max,
-    which needs C uniforms and two logs per position.
+    which needs C uniforms and two logs per position. u lies in (0, total] (never 0: torch.rand's
+    uniforms are multiples of 2^-24, so 1 - rand >= 2^-24) and the draw is the first class whose cdf
+    reaches u: a class of probability 0, or of the LOG_EPS "zeros" of the maths, is never drawn.
     """
     probs = (log_probs.float() - log_probs.float().amax(dim=1, keepdim=True)).exp().transpose(1, 2)  # [B, N, C]
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device) * cdf[..., -1:]
-    # right=True: the first class whose cdf exceeds u, so a class of probability 0 is never drawn
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=log_probs.shape[1] - 1)
+    u = (1.0 - torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device)) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=log_probs.shape[1] - 1)
 
 
 def multinomial_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -48,23 +49,30 @@ def multinomial_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def cumulative_schedule(num_timesteps: int, schedule: str, mask_rate: float):
-    """Cumulative (alpha-bar, gamma-bar) over levels 0..T as float64 [T+1] each."""
+    """Cumulative (alpha-bar, gamma-bar, K beta-bar) over levels 0..T as float64 [T+1] each.
+
+    The three sum to 1. The replace rate K beta-bar is formed directly, not as 1 - alpha - gamma, so
+    that a schedule without replacement (mask_rate = 1) has exactly 0 there, and one without masking
+    (mask_rate = 0) exactly 0 mask rate.
+    """
     T = num_timesteps
     if schedule == "code":
         # The released code: cumulative keep rate ramps 0.99999 -> 0.000009 and cumulative mask rate
         # 0.000009 -> 0.99999 over levels 1..T, leaving ~1e-6 of uniform replacement in total.
         alpha_bar = torch.linspace(0.99999, 0.000009, T, dtype=torch.float64)
         gamma_bar = torch.linspace(0.000009, 0.99999, T, dtype=torch.float64)
+        replace_bar = 1.0 - alpha_bar - gamma_bar
     elif schedule == "paper":
         # The paper's text: gamma-bar rises linearly 0 -> M and K*beta-bar 0 -> 1-M, so alpha-bar
-        # falls 1 -> 0. (M = 0.9 was the best of the mask-rate ablation.)
+        # falls 1 -> 0. (M = 0.9 was the best of the mask-rate ablation, which ran M from 0 to 1.)
         frac = torch.arange(1, T + 1, dtype=torch.float64) / T
         gamma_bar = mask_rate * frac
+        replace_bar = (1.0 - mask_rate) * frac
         alpha_bar = 1.0 - frac
     else:
         raise ValueError(f"schedule must be 'code' or 'paper', got {schedule!r}")
-    one = torch.ones(1, dtype=torch.float64)
-    return torch.cat([one, alpha_bar]), torch.cat([0 * one, gamma_bar])
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    return torch.cat([one, alpha_bar]), torch.cat([zero, gamma_bar]), torch.cat([zero, replace_bar])
 
 
 class MaskAndReplaceDiffusion(nn.Module):
@@ -80,8 +88,8 @@ class MaskAndReplaceDiffusion(nn.Module):
             raise ValueError(f"num_codes must be an int >= 2, got {num_codes!r}")
         if not isinstance(num_timesteps, int) or num_timesteps < 2:
             raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
-        if not 0.0 < mask_rate <= 1.0:
-            raise ValueError(f"mask_rate must be in (0, 1], got {mask_rate!r}")
+        if not 0.0 <= mask_rate <= 1.0:
+            raise ValueError(f"mask_rate must be in [0, 1], got {mask_rate!r}")
         self.num_codes = num_codes
         self.num_classes = num_codes + 1
         self.mask_id = num_codes
@@ -89,17 +97,24 @@ class MaskAndReplaceDiffusion(nn.Module):
         self.schedule = schedule
         self.mask_rate = mask_rate
 
-        alpha_bar, gamma_bar = cumulative_schedule(num_timesteps, schedule, mask_rate)
-        beta_bar = (1.0 - alpha_bar - gamma_bar) / num_codes
-        # Each one-step matrix must be a valid mask-and-replace matrix (beta_l >= 0).
-        alpha_step = alpha_bar[1:] / alpha_bar[:-1]
-        keep_step = (1.0 - gamma_bar[1:]) / (1.0 - gamma_bar[:-1])
+        alpha_bar, gamma_bar, replace_bar = cumulative_schedule(num_timesteps, schedule, mask_rate)
+        beta_bar = replace_bar / num_codes
+        # Each one-step matrix must be a valid mask-and-replace matrix (beta_l >= 0). A level whose
+        # keep rate is 0 (the paper schedule's last) has nothing left to keep or replace.
+        alpha_step = alpha_bar[1:] / alpha_bar[:-1].clamp(min=LOG_EPS)
+        keep_step = (1.0 - gamma_bar[1:]) / (1.0 - gamma_bar[:-1]).clamp(min=LOG_EPS)
         if (beta_bar < -1e-12).any() or (keep_step - alpha_step < -1e-12).any():
             raise ValueError(f"schedule {schedule!r} with mask_rate={mask_rate} gives negative replace rates")
 
         def log(p: torch.Tensor) -> torch.Tensor:
             return p.clamp(min=LOG_EPS).log()
 
+        # Exact rates for drawing x_t (a LOG_EPS "zero" must not become a real 1e-30 chance).
+        self.register_buffer("gamma_bar", gamma_bar, persistent=False)
+        self.register_buffer("replace_bar", replace_bar, persistent=False)
+        # Levels that no replacement has reached: there, a code in x_t is its x0 (see log_posterior).
+        self.register_buffer("replace_free", replace_bar == 0, persistent=False)
+        self.has_replace_free_levels = bool(self.replace_free[1:].any())
         self.register_buffer("log_alpha_bar", log(alpha_bar), persistent=False)
         self.register_buffer("log_gamma_bar", log(gamma_bar), persistent=False)
         self.register_buffer("log_beta_bar", log(beta_bar), persistent=False)
@@ -172,10 +187,7 @@ class MaskAndReplaceDiffusion(nn.Module):
 
     def sample_at_level(self, x0: torch.Tensor, level: torch.Tensor, generator=None) -> torch.Tensor:
         """x0 [B, N] pushed through the forward process to `level` [B] in [0, T] (level 0 returns x0)."""
-        log_a, log_b, log_g = (v.double().view(-1, 1) for v in self._cumulative(level, torch.float64))
-        gamma, replace = log_g.exp(), self.num_codes * log_b.exp()
-        gamma = torch.where(level.view(-1, 1) == 0, torch.zeros_like(gamma), gamma)
-        replace = torch.where(level.view(-1, 1) == 0, torch.zeros_like(replace), replace)
+        gamma, replace = self.gamma_bar[level].view(-1, 1), self.replace_bar[level].view(-1, 1)
         u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
         uniform = torch.randint(0, self.num_codes, x0.shape, generator=generator, device=x0.device)
         out = torch.where(u < gamma + replace, uniform, x0)
@@ -194,7 +206,9 @@ class MaskAndReplaceDiffusion(nn.Module):
         """p(x_{t_prev} | x_t) = sum_x0 q(x_{t_prev} | x_t, x0) p(x0 | x_t): [B, K, N] -> [B, K+1, N].
 
         t_prev defaults to t - 1 (one step); any t_prev in [-1, t-1] is exact, because the transition
-        from level t_prev+1 to t+1 is itself a mask-and-replace matrix (`_span`).
+        from level t_prev+1 to t+1 is itself a mask-and-replace matrix (`_span`). An x0 that cannot have
+        produced x_t (q(x_t | x0) = 0: another code, under a schedule without replacement) gets no
+        weight, p(x0) being renormalised over those that can.
         """
         self._check_ids(x_t, "x_t", allow_mask=True)
         self._check_log_p_x0(log_p_x0, x_t)
@@ -229,7 +243,15 @@ class MaskAndReplaceDiffusion(nn.Module):
         codes = codes.scatter(1, at_xt, torch.where(is_mask, codes.gather(1, at_xt), own_out))
         # [MASK] at level s: reachable only if x_t is [MASK] (a [MASK] never turns back into a code)
         mask_row = torch.where(is_mask, s_g + norm, torch.full_like(norm, math.log(LOG_EPS)))
-        return torch.cat([codes, mask_row], dim=1)
+        out = torch.cat([codes, mask_row], dim=1)
+        if self.has_replace_free_levels:
+            # No replacement up to level t (mask_rate = 1): only x0 = x_t can have produced a code x_t, so
+            # the token is x_t at every earlier level, whatever p(x0) says of other codes. The formula
+            # above would divide q(x_t | x0) = 0 by itself there, and the clamps would make that 0/0 a
+            # finite weight: a revealed token could switch to another code.
+            kept = ~is_mask & self.replace_free[level_t].view(-1, 1, 1)
+            out = torch.where(kept, log_onehot(x_t, self.num_classes), out)
+        return out
 
     # ----------------------------------------------------------------------------------------------
     # losses
@@ -285,29 +307,58 @@ class MaskAndReplaceDiffusion(nn.Module):
 
 
 class TimestepSampler:
-    """Importance sampling of t with p(t) ~ sqrt(EMA of L_t^2), uniform until each t was seen `warmup` times.
+    """Which timesteps to train on: importance sampling p(t) ~ sqrt(E[L_t^2]), as the released code always trains.
+
+    Defaults follow the released code (`DiffusionTransformer.sample_time` / `_train_loss`):
+    - uniform until every t has been drawn more than `warmup` (10) times;
+    - E[L_t^2] is an EMA (decay 0.9) that starts at zero, so early estimates are shrunk towards it;
+    - p(t) ~ sqrt(E[L_t^2] + 1e-10) + 1e-4, and t = 0 (whose term is the decoder NLL, of another
+      scale) takes t = 1's weight (`t0_as_t1`).
+    `importance=False` draws t uniformly throughout; `ema_from_zero=False` seeds each t's EMA with its
+    first observation. One departure: the released code folds each sample into the EMA by a scatter (of
+    several samples at one t, one arbitrary sample's update survives); here each t seen in a step takes
+    one EMA step towards the mean L_t^2 of all its samples, across ranks.
 
     Across ranks: call `batch_statistics` on the local (t, L_t), all-reduce both returned tensors
     (sum), then `update` with the result, so that every rank holds the same history and draws alike.
     """
 
-    def __init__(self, num_timesteps: int, warmup: int = 10, decay: float = 0.9):
+    def __init__(
+        self,
+        num_timesteps: int,
+        importance: bool = True,
+        warmup: int = 10,
+        decay: float = 0.9,
+        t0_as_t1: bool = True,
+        ema_from_zero: bool = True,
+    ):
+        if not isinstance(num_timesteps, int) or num_timesteps < 2:
+            raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup!r}")
         self.num_timesteps = num_timesteps
+        self.importance = importance
         self.warmup = warmup
         self.decay = decay
+        self.t0_as_t1 = t0_as_t1
+        self.ema_from_zero = ema_from_zero
         self.loss_sq = torch.zeros(num_timesteps, dtype=torch.float64)
         self.count = torch.zeros(num_timesteps, dtype=torch.long)
 
     @property
     def ready(self) -> bool:
-        """True once every timestep has been observed `warmup` times."""
-        return bool((self.count >= self.warmup).all())
+        """True once importance sampling is on and every timestep was observed more than `warmup` times."""
+        return self.importance and bool((self.count > self.warmup).all())
 
     def probabilities(self) -> torch.Tensor:
-        """p(t) [T] (float64): uniform before warm-up, then sqrt-EMA weighted."""
+        """p(t) [T] (float64): uniform until ready, then sqrt-EMA weighted."""
         if not self.ready:
             return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
-        w = self.loss_sq.clamp(min=0).sqrt() + 1e-4
+        w = (self.loss_sq.clamp(min=0) + 1e-10).sqrt() + 1e-4
+        if self.t0_as_t1:
+            w[0] = w[1]
         return w / w.sum()
 
     def sample(self, batch: int, generator: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,9 +380,11 @@ class TimestepSampler:
         sums, counts = sums.double().cpu(), counts.long().cpu()
         seen = counts > 0
         mean_sq = sums[seen] / counts[seen]
-        first = self.count[seen] == 0
         old = self.loss_sq[seen]
-        self.loss_sq[seen] = torch.where(first, mean_sq, self.decay * old + (1 - self.decay) * mean_sq)
+        ema = self.decay * old + (1 - self.decay) * mean_sq
+        if not self.ema_from_zero:
+            ema = torch.where(self.count[seen] == 0, mean_sq, ema)
+        self.loss_sq[seen] = ema
         self.count += counts
 
     def state_dict(self) -> dict[str, torch.Tensor]:
