@@ -3,18 +3,24 @@
 Two kinds, as DESIGN.md says:
   * resume checkpoints: `engine.save_checkpoint` on ALL ranks (weights, optimizer, scheduler, ZeRO shards) in
     run_dir/checkpoints/step_XXXXXXXX/, plus per-rank `rank_N.pt` (step, data position, RNG states: plain
-    tensors and numbers, read back with weights_only=True) and the resolved config.yaml;
+    tensors and numbers, read back with weights_only=True), what the program adds (EMA, sampler statistics)
+    and the resolved config.yaml;
   * exports: a model folder (config.yaml + model.safetensors via vqd.io) in run_dir/export/, for everything else.
 `resume: auto` picks the newest complete checkpoint in the run dir.
+
+A checkpoint is trusted only once complete and is never rewritten in place: every rank writes into
+step_X.partial/, rank 0 marks it complete and only then renames it to step_X/ (a previous step_X/ of a
+rerun is moved aside first). A crash at any point leaves either no step_X/ or a complete one.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -79,19 +85,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, cfg: Any = None,
-                    rank_state: dict[str, Any] | None = None, keep: int = 2) -> Path:
-    """All ranks: DeepSpeed state + this rank's step/data position/RNG; rank 0: config + completion mark."""
+                    rank_state: dict[str, Any] | None = None, keep: int = 2,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """All ranks: DeepSpeed state + this rank's step/data position/RNG (+ `extra(folder)`, called on every rank);
+    rank 0: config, completion mark, then the rename that publishes the checkpoint."""
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
-    path = root / tag
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": step, **(rank_state or {}), "rng": rng_state()}, path / f"rank_{rank}.pt")
+    partial = root / f"{tag}.partial"
+    if rank == 0 and partial.exists():  # left by a crash: never mix its files with this save's
+        shutil.rmtree(partial)
     barrier()
+    engine.save_checkpoint(str(root), tag=partial.name, client_state={"step": step}, save_latest=False)
+    partial.mkdir(parents=True, exist_ok=True)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    torch.save({"step": step, "world_size": world, **(rank_state or {}), "rng": rng_state()}, partial / f"rank_{rank}.pt")
+    if extra is not None:
+        extra(partial)
+    barrier()
+    path = root / tag
     if rank == 0:
         if cfg is not None:
-            save_config(cfg, path / "config.yaml")
-        (path / DONE_FILE).write_text(str(step))
+            save_config(cfg, partial / "config.yaml")
+        (partial / DONE_FILE).write_text(str(step))
+        if path.exists():  # a rerun saving the same step: the old folder goes aside, never rewritten in place
+            aside = root / f"{tag}.replaced"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(partial, path)
         for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -99,14 +120,24 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, cfg: Any 
 
 
 def load_checkpoint(engine, path: str | Path, rank: int) -> dict[str, Any]:
-    """Restore DeepSpeed state and this rank's RNG; returns the rank state ({'step': ..., data position...})."""
+    """Restore DeepSpeed state and this rank's RNG; returns the rank state ({'step': ..., data position...}).
+
+    The data position and ZeRO partitions belong to the world size that wrote them: another world size is
+    refused with the way on (the run's export, then a new run with `--train.init_from`).
+    """
     path = Path(path)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank_file = path / f"rank_{rank}.pt"
+    saved = torch.load(path / "rank_0.pt", map_location="cpu", weights_only=True).get("world_size", world)
+    if saved != world or not rank_file.is_file():
+        raise ValueError(
+            f"checkpoint {path} was written by {saved} ranks and this run has {world}: its data position and "
+            f"optimizer partitions cannot be resumed exactly. Continue from its weights instead: start a new run "
+            f"with --train.init_from={export_dir(path.parent.parent)} (the export written with it) and a new "
+            f"--train.run_dir")
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load the checkpoint in {path}")
-    rank_file = path / f"rank_{rank}.pt"
-    if not rank_file.is_file():  # resumed on more ranks than saved: start those ranks' data afresh
-        rank_file = path / "rank_0.pt"
     state = torch.load(rank_file, map_location="cpu", weights_only=True)
     set_rng_state(state.pop("rng"))
     return state

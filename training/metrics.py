@@ -23,30 +23,32 @@ class MetricWindow:
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor | float] = {}
-        self.steps = 0
+        self.counts: dict[str, int] = {}
         self.samples = 0
-        self.started = time.perf_counter()
+        self.seconds = 0.0
 
-    def add(self, samples: int, **values) -> None:
-        """One optimizer step's scalars (floats or 0-d tensors) and the samples this rank trained on."""
+    def add(self, samples: int, seconds: float = 0.0, **values) -> None:
+        """One (micro-)step's scalars (floats or 0-d tensors), the samples this rank trained on and the seconds
+        it took (checkpoints, evaluations and grids happen between steps and stay out of the throughput)."""
         for k, v in values.items():
             v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.steps += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.samples += samples
+        self.seconds += seconds
 
     def flush(self, device: torch.device) -> dict[str, float]:
-        """Means over the window's steps and all ranks, plus samples_per_s (all ranks); resets the window."""
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        """Means over the window's values and all ranks, plus samples_per_s of all ranks; resets the window."""
         keys = sorted(self.sums)
         values = [torch.as_tensor(self.sums[k], dtype=torch.float64, device=device).reshape(()) for k in keys]
-        stacked = torch.stack(values + [torch.tensor(float(self.samples), dtype=torch.float64, device=device)])
+        totals = torch.tensor([float(self.samples), self.seconds], dtype=torch.float64, device=device)
+        stacked = torch.cat([torch.stack(values), totals]) if values else totals
         world = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stacked)
             world = dist.get_world_size()
-        means = {k: float(v) / (max(self.steps, 1) * world) for k, v in zip(keys, stacked[:-1].tolist())}
-        means["samples_per_s"] = float(stacked[-1]) / elapsed
+        means = {k: float(v) / (self.counts[k] * world) for k, v in zip(keys, stacked[:-2].tolist())}
+        means["samples_per_s"] = float(stacked[-2]) / max(float(stacked[-1]) / world, 1e-9)
         self.__init__()
         return means
 

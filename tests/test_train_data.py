@@ -1,0 +1,99 @@
+"""The trainer's token reader: every sample once per epoch across ranks x workers, equal batch counts, exact resume."""
+
+import collections
+
+import pytest
+import torch
+
+from token_data import FORMS, write_token_dataset
+from training.data import TokenDataConfig, TokenStream, class_names, open_dataset, token_loader
+from vqd.text import tokenize
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = write_token_dataset(tmp_path_factory.mktemp("toy"), train=200, test=40, per_shard=25)
+    return open_dataset(str(folder))
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b["keys"]]
+
+
+def first_epoch(manifest, cfg, readers_per_rank, world, batch=5):
+    """Every rank's batches until each reader has covered one epoch (200 samples / all readers)."""
+    per_rank = 200 // world // batch
+    out = []
+    for rank in range(world):
+        stream = TokenStream(manifest, cfg, batch, seed=3, rank=rank, world_size=world)
+        out.append([b for _, b in zip(range(per_rank), stream)])
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_one_epoch_covers_every_sample_once(dataset, world):
+    cfg = TokenDataConfig(caption_forms=False, shuffle_block=2)
+    ranks = first_epoch(dataset, cfg, 1, world)
+    seen = [k for batches in ranks for k in keys_of(batches)]
+    assert len(seen) == len(set(seen)) == 200  # every training sample exactly once, whatever the rank count
+    assert all(b["epoch"] == 0 for batches in ranks for b in batches)
+
+
+def test_more_readers_than_shards_split_samples(dataset):
+    # 8 train shards, 16 readers: every reader keeps every 16th sample of all shards
+    cfg = TokenDataConfig(caption_forms=False)
+    streams = [TokenStream(dataset, cfg, 1, seed=0, rank=r, world_size=16) for r in range(16)]
+    taken = [keys_of([b for _, b in zip(range(12), s)]) for s in streams]  # 200 / 16 = 12.5 per reader
+    assert len(set(k for t in taken for k in t)) == sum(len(t) for t in taken) == 192
+
+
+def test_ranks_never_run_dry_and_epochs_advance(dataset):
+    cfg = TokenDataConfig(caption_forms=False)
+    stream = TokenStream(dataset, cfg, 64, seed=0, rank=1, world_size=2)  # 100 samples a rank-epoch, batch 64
+    epochs = [b["epoch"] for _, b in zip(range(7), stream)]
+    assert epochs[0] == 0 and epochs[-1] >= 3 and epochs == sorted(epochs)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_exactly_the_remaining_batches(dataset, workers):
+    cfg = TokenDataConfig(caption_forms=True, shuffle_block=3)
+    full = list(zip(range(30), token_loader(dataset, cfg, 7, seed=5, rank=1, world_size=2, num_workers=workers)))
+    resumed = list(zip(range(19), token_loader(dataset, cfg, 7, seed=5, rank=1, world_size=2, skip_batches=11,
+                                               num_workers=workers)))
+    assert len(resumed) == 19
+    for (_, a), (_, b) in zip(full[11:], resumed):
+        assert a["keys"] == b["keys"] and torch.equal(a["vq"], b["vq"]) and torch.equal(a["clip"], b["clip"])
+    # and the stream differs between epochs (reshuffled) and between seeds
+    other = list(zip(range(30), token_loader(dataset, cfg, 7, seed=6, rank=1, world_size=2, num_workers=workers)))
+    assert [a["keys"] for _, a in full] != [b["keys"] for _, b in other]
+    epoch_of = {}
+    for _, b in full:
+        for k in b["keys"]:
+            epoch_of.setdefault(k, []).append(b["epoch"])
+    assert max(len(v) for v in epoch_of.values()) >= 2  # 210 draws of a 100-sample rank share: epochs repeat keys
+
+
+def test_caption_forms_are_drawn_and_labels_follow_classes(dataset):
+    classes = class_names(dataset, "train", "subcategory")
+    assert classes == ("border", "checkerboard", "diagonal", "stripes")
+    stream = TokenStream(dataset, TokenDataConfig(caption_forms=True), 50, seed=0, classes=classes)
+    batch = next(iter(stream))
+    forms = {tuple(tokenize([c])[0, :8].tolist()): c for caption, alts in FORMS.items() for c in [caption, *alts]}
+    drawn = collections.Counter(forms[tuple(ids[:8].tolist())] for ids in batch["clip"])
+    assert len(drawn) >= 6  # the typed forms are trained, not only the .txt
+    # each label names the class of the caption the sample came with
+    for ids, label in zip(batch["clip"], batch["label"]):
+        assert classes[label] in forms[tuple(ids[:8].tolist())]
+    plain = next(iter(TokenStream(dataset, TokenDataConfig(caption_forms=False), 50, seed=0)))
+    assert all(forms[tuple(ids[:8].tolist())] in FORMS for ids in plain["clip"]) and (plain["label"] == -1).all()
+
+
+def test_bad_split_and_labels_are_named(dataset):
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        TokenStream(dataset, TokenDataConfig(split="validation"), 4, seed=0)
+    with pytest.raises(ValueError, match="has no 'category' field"):
+        class_names(dataset, "train", "category")
+    stream = TokenStream(dataset, TokenDataConfig(), 4, seed=0, classes=("stripes",))
+    with pytest.raises(ValueError, match="not one of the model's 1 classes"):
+        for _ in zip(range(50), stream):
+            pass

@@ -1,0 +1,181 @@
+"""Token shards -> training batches: endless, split across ranks and loader workers, resumable exactly.
+
+Each rank x DataLoader worker is one *reader*. In every epoch the manifest's shards are shuffled (the
+same order on every reader, from the seed and the epoch); reader r takes every R-th shard, or, when there
+are fewer shards than readers, every R-th sample of all of them. A reader reads `shuffle_block` shards at a
+time, permutes their samples and yields them; batches run across epoch boundaries, so the stream never
+ends and every rank can take exactly `train.steps x grad_accum` batches (no rank waits in a collective
+for a rank that ran dry).
+
+Resuming is exact and cheap: a rank that consumed B batches tells each worker how many samples it
+yielded (DataLoader takes workers round-robin); the worker skips whole blocks by the manifest's counts
+without reading them and re-permutes the block it stopped in. Nothing is skipped or repeated when the
+number of ranks and workers is unchanged.
+
+Per sample: the VQ ids, CLIP ids of one caption form (the .txt or one of the .json's `captions`, drawn
+per sample and epoch, so prompts as a person types them are trained too), and the class label when the
+model is class-conditional.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from data_pipeline.shards import check_compatible, iter_samples, open_manifest
+
+
+@dataclass
+class TokenDataConfig:
+    """Which built data set to train on, and how to read it."""
+
+    path: str = "data/emoji"  # a data set folder: manifest.json + token shards (data_pipeline/build.py)
+    split: str = "train"
+    eval_split: str = "test"  # held-out split for the validation loss ("" = none)
+    drop_text: float = 0.1  # probability that a sample's condition becomes the learned null (guidance)
+    caption_forms: bool = True  # draw each sample's caption among its .txt and its .json's `captions`
+    label_key: str = "subcategory"  # the .json field a class-conditional model learns (emoji: ~100 classes)
+    shuffle_block: int = 4  # shards a reader holds and permutes at a time (memory: block x shard size)
+
+
+def split_shards(manifest: dict, split: str) -> list[tuple[Path, int]]:
+    """(path, sample count) of every shard of `split`, in manifest order."""
+    if split not in manifest["splits"]:
+        raise ValueError(f"data.split: {manifest['folder']} has no split {split!r} (it has {sorted(manifest['splits'])})")
+    shards = [(Path(manifest["folder"]) / s["name"], int(s["samples"])) for s in manifest["splits"][split]["shards"]]
+    if not shards or sum(n for _, n in shards) == 0:
+        raise ValueError(f"data.split: split {split!r} of {manifest['folder']} holds no samples")
+    return shards
+
+
+def class_names(manifest: dict, split: str, key: str) -> tuple[str, ...]:
+    """The sorted values of .json field `key` over a split (one pass over its shards): a model's classes."""
+    names = set()
+    for path, _ in split_shards(manifest, split):
+        for sample in iter_samples(path):
+            value = sample["json"].get(key)
+            if value in (None, ""):
+                raise ValueError(f"data.label_key: sample {sample['key']} of {path.name} has no {key!r} field "
+                                 f"(its .json has {sorted(sample['json'])})")
+            names.add(str(value))
+    return tuple(sorted(names))
+
+
+class TokenStream(torch.utils.data.IterableDataset):
+    """Endless batches {'vq' Long [B, N], 'clip' Long [B, 77], 'label' Long [B], 'epoch', 'keys'} for one rank."""
+
+    def __init__(self, manifest: dict, cfg: TokenDataConfig, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, skip_batches: int = 0, classes: tuple[str, ...] = (), split: str | None = None):
+        self.shards = split_shards(manifest, split or cfg.split)
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.rank, self.world_size, self.skip_batches = rank, world_size, skip_batches
+        self.class_index = {name: i for i, name in enumerate(classes)}
+
+    # ---- which samples a reader owns, epoch by epoch ----
+
+    def _plan(self, epoch: int, reader: int, readers: int) -> list[list[tuple[Path, int, int, int]]]:
+        """Blocks of (shard, first kept index, stride, kept count) this reader reads in `epoch`."""
+        order = list(self.shards)
+        random.Random(f"shards-{self.seed}-{epoch}").shuffle(order)
+        if len(order) >= readers:
+            mine = [(path, 0, 1, n) for path, n in order[reader::readers]]
+        else:  # fewer shards than readers: reader r keeps the samples whose running index is r mod R
+            mine, offset = [], 0
+            for path, n in order:
+                first = (reader - offset) % readers
+                mine.append((path, first, readers, len(range(first, n, readers))))
+                offset += n
+        step = max(1, self.cfg.shuffle_block)
+        return [mine[i:i + step] for i in range(0, len(mine), step)]
+
+    def _samples(self, reader: int, readers: int, skip: int) -> Iterator[tuple[dict, int]]:
+        """(sample, epoch) forever, after skipping the first `skip` samples of this reader's stream."""
+        epoch = 0
+        while True:
+            plan = self._plan(epoch, reader, readers)
+            if sum(kept for block in plan for *_, kept in block) == 0:
+                raise ValueError(f"data: reader {reader} of {readers} (ranks x data workers) gets no sample of "
+                                 f"{len(self.shards)} shards: lower train.num_workers or use fewer ranks")
+            for b, block in enumerate(plan):
+                size = sum(kept for *_, kept in block)
+                if skip >= size:  # resume: pass over a whole block without reading it
+                    skip -= size
+                    continue
+                samples = [s for path, first, stride, _ in block
+                           for i, s in enumerate(iter_samples(path)) if i >= first and (i - first) % stride == 0]
+                random.Random(f"block-{self.seed}-{epoch}-{reader}-{b}").shuffle(samples)
+                for sample in samples[skip:]:
+                    yield sample, epoch
+                skip = 0
+            epoch += 1
+
+    # ---- one sample -> tensors ----
+
+    def _caption_ids(self, sample: dict, epoch: int) -> np.ndarray:
+        """CLIP ids [77] of the .txt, or of one caption form drawn for this sample and epoch."""
+        forms = sample["json"].get("captions") if self.cfg.caption_forms else None
+        if not forms:
+            return sample["clip"]
+        pick = random.Random(f"caption-{self.seed}-{epoch}-{sample['key']}").randrange(len(forms) + 1)
+        if pick == 0:
+            return sample["clip"]
+        from vqd.text import tokenize
+
+        return tokenize([str(forms[pick - 1])])[0].numpy()
+
+    def _label(self, sample: dict) -> int:
+        if not self.class_index:
+            return -1
+        name = str(sample["json"].get(self.cfg.label_key, ""))
+        if name not in self.class_index:
+            raise ValueError(f"data.label_key: sample {sample['key']} has {self.cfg.label_key}={name!r}, which is not "
+                             f"one of the model's {len(self.class_index)} classes")
+        return self.class_index[name]
+
+    def _batch(self, items: list[tuple[dict, int]]) -> dict:
+        vq = torch.from_numpy(np.stack([s["vq"].astype(np.int64) for s, _ in items]))
+        clip = torch.from_numpy(np.stack([self._caption_ids(s, e).astype(np.int64) for s, e in items]))
+        label = torch.tensor([self._label(s) for s, _ in items], dtype=torch.long)
+        return {"vq": vq, "clip": clip, "label": label, "epoch": max(e for _, e in items), "keys": [s["key"] for s, _ in items]}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        physical, nw = (info.id, info.num_workers) if info else (0, 1)
+        # The DataLoader takes workers round-robin from worker 0: after B batches the next one is logical worker
+        # B mod nw's, so worker 0 takes that role, and each worker skips what its role made before the checkpoint.
+        wid = (physical + self.skip_batches) % nw
+        done = self.skip_batches // nw + (1 if wid < self.skip_batches % nw else 0)
+        items: list[tuple[dict, int]] = []
+        for item in self._samples(self.rank * nw + wid, self.world_size * nw, done * self.batch_size):
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield self._batch(items)
+                items = []
+
+
+def token_loader(manifest: dict, cfg: TokenDataConfig, batch_size: int, seed: int, rank: int, world_size: int,
+                 skip_batches: int = 0, num_workers: int = 1, classes: tuple[str, ...] = (),
+                 split: str | None = None) -> torch.utils.data.DataLoader:
+    """DataLoader over a TokenStream (the stream batches; workers are taken in order, so resume is exact)."""
+    stream = TokenStream(manifest, cfg, batch_size, seed, rank, world_size, skip_batches, classes, split)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                       worker_init_fn=_one_thread if num_workers else None,
+                                       prefetch_factor=4 if num_workers else None,
+                                       persistent_workers=False)
+
+
+def open_dataset(path: str, num_codes: int | None = None, grid=None) -> dict:
+    """The manifest of a built data set, checked against the model's codebook and grid when given."""
+    manifest = open_manifest(path)
+    if num_codes is not None:
+        check_compatible(manifest, num_codes, grid)
+    return manifest
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # loader workers must not compete with the training threads

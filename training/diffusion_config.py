@@ -1,0 +1,122 @@
+"""The diffusion trainer's run config: one YAML with sections model, diffusion, text, data, optim, train,
+sample, tracking, deepspeed (configs/emoji_base.yaml, configs/base_cc.yaml, configs/finetune_*.yaml).
+
+The token grid and codebook size are not in the config: they come from the data set's manifest, so a
+model always matches the tokens it is trained on (`build_model_config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from training.config import OptimConfig, TrackingConfig, TrainConfig
+from training.data import TokenDataConfig
+from training.metrics import denoiser_flops_per_sample, text_tower_flops_per_sample
+from vqd.models import VQDiffusionConfig
+from vqd.text import TextEncoderConfig
+
+
+@dataclass
+class ModelSection:
+    """The network (vqd/network.py MODEL_SIZES names a preset; explicit fields win) and its condition."""
+
+    size: str | None = "tiny"
+    depth: int | None = None
+    width: int | None = None
+    heads: int | None = None
+    mlp_ratio: int | None = None
+    dropout: float = 0.0
+    checkpoint: bool = False  # activation checkpointing: recompute each block in the backward pass
+    condition: str = "text"  # text | class (data.label_key of each sample) | none (unconditional)
+
+
+@dataclass
+class DiffusionSection:
+    """The forward process and the loss (defaults: the released code)."""
+
+    num_timesteps: int = 100  # T
+    schedule: str = "code"  # code | paper
+    mask_rate: float = 0.9  # M of the paper schedule
+    aux_weight: float = 5e-4  # lambda of the auxiliary x0 cross-entropy
+    adaptive_aux: bool = True  # lambda * (2 - t/T), as the released code
+    importance_sampling: bool = True  # t ~ p(t) from the history of L_t (the released code always does)
+
+
+@dataclass
+class SampleSection:
+    """Grids logged to MLflow while training: fixed prompts, drawn from the exported (EMA) weights."""
+
+    prompts: list[str] = field(default_factory=list)  # empty: the first captions (or classes) of the held-out split
+    count: int = 8  # prompts taken from the held-out split when `prompts` is empty
+    steps: int = 25
+    truncation: float = 0.86
+    guidance_scale: float = 1.0
+
+
+@dataclass
+class DiffusionRunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    text: TextEncoderConfig | None = None  # None: the tower that goes with model.size
+    data: TokenDataConfig = field(default_factory=TokenDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleSection = field(default_factory=SampleSection)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.data.drop_text <= 1.0:
+            raise ValueError(f"data.drop_text: expected a probability in [0, 1], got {self.data.drop_text}")
+        if self.train.ema_decay and not 0.0 < self.train.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay: expected 0 (off) or a value in (0, 1), got {self.train.ema_decay}")
+        if self.train.save_every < 1 or self.train.log_every < 1:
+            raise ValueError("train.save_every and train.log_every must be >= 1")
+        if self.train.steps < 1:
+            raise ValueError(f"train.steps: expected >= 1, got {self.train.steps}")
+        # every model field is checked now, before any rank starts (the grid and codebook are placeholders here)
+        build_model_config(self, {"tokenizer": {"num_codes": 2, "grid": [1, 1]}},
+                           ("a",) if self.model.condition == "class" else ())
+
+
+# the fields a fine-tune may change from its base model; every other one must match the base's weights
+TRAINING_ONLY = ("dropout", "checkpoint")
+
+
+def build_model_config(cfg: DiffusionRunConfig, manifest: dict, classes: tuple[str, ...] = (),
+                       base: dict | None = None) -> VQDiffusionConfig:
+    """The VQDiffusionConfig of this run: the config's model, text and diffusion sections, the manifest's grid
+    and codebook, and `classes` (condition "class"). With `base` (a fine-tune's starting model), the base's
+    architecture is kept and any difference in it is an error naming the field."""
+    tok = manifest["tokenizer"]
+    wanted = VQDiffusionConfig.from_dict(dict(
+        num_codes=int(tok["num_codes"]), grid=[int(g) for g in tok["grid"]],
+        **{f.name: getattr(cfg.model, f.name) for f in fields(ModelSection)},
+        text=cfg.text, classes=list(classes), num_timesteps=cfg.diffusion.num_timesteps,
+        schedule=cfg.diffusion.schedule, mask_rate=cfg.diffusion.mask_rate))
+    if base is None:
+        return wanted
+    base_cfg = VQDiffusionConfig.from_dict(base)
+    differ = [f.name for f in fields(VQDiffusionConfig)
+              if f.name not in TRAINING_ONLY + ("size",) and getattr(base_cfg, f.name) != getattr(wanted, f.name)]
+    if differ:
+        detail = "; ".join(f"{n}: base {getattr(base_cfg, n)!r}, config {getattr(wanted, n)!r}" for n in differ[:4])
+        raise ValueError(f"train.init_from: the base model differs from this config in {differ} ({detail}). "
+                         "A fine-tune keeps its base's architecture, codebook, grid and classes: fix the config "
+                         "(or the data set) to match")
+    for name in TRAINING_ONLY:
+        setattr(base_cfg, name, getattr(wanted, name))
+    return base_cfg
+
+
+def flops_per_sample(model: VQDiffusionConfig) -> float:
+    """Training FLOPs of one sample: 3x the denoiser's forward (backward is 2x) + the frozen tower's forward."""
+    h, w = model.grid
+    length = model.condition_length
+    flops = 3 * denoiser_flops_per_sample(model.depth, model.width, model.mlp_ratio, h * w, length,
+                                          model.text.width, model.num_codes)
+    if model.condition == "text":
+        t = model.text
+        flops += text_tower_flops_per_sample(t.layers, t.width, t.mlp_ratio, t.context_length)
+    return flops

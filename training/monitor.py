@@ -1,0 +1,101 @@
+"""What the diffusion trainer reports besides the loss: the MLflow run it writes to, a held-out validation
+loss, and grids of pictures drawn for fixed prompts from the exported weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.config import config_to_dict, save_config
+from data_pipeline.shards import iter_samples
+from training.data import split_shards, token_loader
+from training.distributed import DistInfo
+from training.tracking import Tracker
+
+
+def start_tracking(cfg, run_dir: Path, info: DistInfo, model_cfg, base_run: str, program: str) -> Tracker:
+    """Rank 0: save the resolved config, open (or reopen) the MLflow run with the base run as parent."""
+    if base_run and not cfg.tracking.parent_run_id:
+        cfg.tracking.parent_run_id = base_run
+    tracker = Tracker(cfg.tracking, run_dir, info.is_main)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    params = config_to_dict(cfg)
+    params["model_resolved"] = {k: v for k, v in model_cfg.to_dict().items() if k not in ("classes", "text")}
+    params["model_resolved"]["classes"] = len(model_cfg.classes)
+    tracker.start(params, tags={"program": program, "world_size": str(info.world_size),
+                                "condition": model_cfg.condition})
+    tracker.log_artifact(run_dir / "config.yaml")
+    return tracker
+
+
+def fixed_prompts(cfg, manifest: dict, model_cfg) -> list[str]:
+    """The prompts of the training grids: the config's, else the first held-out captions (or class names)."""
+    if cfg.sample.prompts:
+        return list(cfg.sample.prompts)
+    if model_cfg.condition == "class":
+        return list(model_cfg.classes[:: max(1, len(model_cfg.classes) // cfg.sample.count)][: cfg.sample.count])
+    if model_cfg.condition == "none":
+        return [""] * cfg.sample.count
+    split = cfg.data.eval_split or cfg.data.split
+    captions = []
+    for path, _ in split_shards(manifest, split):
+        for sample in iter_samples(path):
+            captions.append(sample["txt"])
+            if len(captions) >= cfg.sample.count:
+                return captions
+    return captions
+
+
+def sample_grid(export: Path, cfg, prompts: list[str], info: DistInfo) -> np.ndarray | None:
+    """Rank 0: pictures for `prompts` from the model folder `export`, captions under them, as uint8 [H, W, 3]."""
+    if not info.is_main or not (export / "tokenizer").is_dir():
+        return None
+    from training.grid import captioned_grid
+    from vqd.pipeline import TextToImage, to_uint8
+    from vqd.sampling import SamplingConfig
+
+    pipe = TextToImage.from_folder(export, device=info.device)
+    steps = min(cfg.sample.steps, pipe.model.diffusion.num_timesteps)
+    sampling = SamplingConfig(steps=steps, truncation=cfg.sample.truncation, guidance_scale=cfg.sample.guidance_scale)
+    images = pipe.generate(prompts, sampling, generator=torch.Generator(info.device).manual_seed(0))
+    labels = prompts if pipe.model.config.condition != "none" else ["(unconditional)"] * len(prompts)
+    return np.asarray(captioned_grid(to_uint8(images).numpy(), labels, ncols=min(8, len(prompts))))
+
+
+@torch.no_grad()
+def validation_loss(engine, model, manifest: dict, cfg, info: DistInfo, batches: int = 4) -> dict[str, float]:
+    """Held-out bound estimate (nats per token): `batches` fixed batches per rank, t stratified over [0, T).
+
+    The same samples, timesteps and noise at every evaluation, so successive values compare the weights only.
+    """
+    from training.objective import step_generator
+
+    diffusion, T = model.diffusion, model.diffusion.num_timesteps
+    loader = token_loader(manifest, cfg.data, cfg.train.micro_batch_size, seed=12345, rank=info.rank,
+                          world_size=info.world_size, num_workers=0, classes=model.config.classes,
+                          split=cfg.data.eval_split)
+    was_training = engine.module.training
+    engine.module.eval()
+    total, count = torch.zeros(2, dtype=torch.float64, device=info.device), 0
+    for i, batch in zip(range(batches), loader):
+        g = step_generator(12345, info.rank, i, 0, info.device)
+        x0 = batch["vq"].to(info.device)
+        B, N = x0.shape
+        t = (torch.arange(B, device=info.device) * T // B + i * 7) % T
+        x_t = diffusion.q_sample(x0, t, generator=g)
+        kind = model.config.condition
+        condition = model.encode_text(batch["clip"].to(info.device)) if kind == "text" else batch["label"].to(info.device)
+        drop = torch.full((B,), kind == "none", device=info.device)
+        terms = diffusion.loss_terms(engine(x_t, t, condition, drop), x0, x_t, t)
+        total += torch.stack([terms["vlb"].sum().double() * T / N, terms["aux"].sum().double() / N])
+        count += B
+    engine.module.train(was_training)
+    stats = torch.cat([total, torch.tensor([float(count)], dtype=torch.float64, device=info.device)])
+    if info.world_size > 1:
+        torch.distributed.all_reduce(stats)
+    n = max(float(stats[2]), 1.0)
+    return {"val/vlb": float(stats[0]) / n, "val/aux": float(stats[1]) / n}

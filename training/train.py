@@ -1,0 +1,207 @@
+"""Train VQ-Diffusion on a built token data set with DeepSpeed ZeRO, from one YAML config.
+
+Commands (from the repository root):
+
+  one CPU (2 ranks over gloo; world size 1 needs no launcher at all):
+    deepspeed --num_gpus 2 training/train.py --config configs/emoji_base.yaml
+    python training/train.py --config configs/emoji_base.yaml --train.steps=100
+
+  one node, many GPUs:
+    deepspeed --num_gpus 8 training/train.py --config configs/base_cc.yaml
+    torchrun --nproc_per_node 8 training/train.py --config configs/base_cc.yaml
+
+  many nodes (cluster/ has a hostfile example, per-node launch and SLURM scripts):
+    deepspeed --hostfile cluster/hostfile training/train.py --config configs/base_cc.yaml
+    srun --nodes 8 --ntasks-per-node 8 --gpus-per-task 1 python training/train.py --config configs/base_cc.yaml
+
+  fine-tune (VQ-Diffusion-F), resume, overrides:
+    deepspeed --num_gpus 8 training/train.py --config configs/finetune_cub200.yaml \
+        --train.init_from=runs/base_cc/export          # or runs:/<mlflow run id of the base>
+    ... --train.resume=auto                            # newest complete checkpoint of train.run_dir
+    ... --train.steps=20000 --optim.lr=1e-4 --deepspeed.zero_optimization.stage=3
+
+Outputs in train.run_dir: checkpoints/step_*/ (resume: weights, optimizer, EMA, timestep-sampler
+statistics, RNG, data position), export/ (the model folder: `python training/sample.py --model <run>/export`),
+config.yaml (resolved), mlflow_run_id.txt. MLflow (rank 0): the flattened config, loss / vlb / aux / lr /
+grad norm / samples/s / tokens/s / MFU, validation loss, sample grids for fixed prompts, the export.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads must sleep
+
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+if __package__ in (None, ""):  # `python training/train.py` / deepspeed launcher: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from training.checkpoint import export_dir, load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
+from training.config import load_config, split_cli  # noqa: E402
+from training.data import class_names, open_dataset, token_loader  # noqa: E402
+from training.diffusion_config import DiffusionRunConfig, build_model_config, flops_per_sample  # noqa: E402
+from training.distributed import barrier, cleanup, init_distributed  # noqa: E402
+from training.ema import EMA, full_weights  # noqa: E402
+from training.export import export_model, resolve_init_from, tokenizer_folder  # noqa: E402
+from training.metrics import MetricWindow, measured_matmul_flops  # noqa: E402
+from training.monitor import fixed_prompts, sample_grid, start_tracking, validation_loss  # noqa: E402
+from training.objective import Denoising, micro_step, step_generator  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+from training.tracking import tracking_uri  # noqa: E402
+from vqd.diffusion import TimestepSampler  # noqa: E402
+from vqd.io import load_folder, load_state_dict_strict  # noqa: E402
+from vqd.models import VQDiffusionModel  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    config_path, overrides = split_cli(argv)
+    cfg: DiffusionRunConfig = load_config(DiffusionRunConfig, config_path, overrides)
+    manifest = open_dataset(cfg.data.path)  # a missing or broken data set fails here, before any rank works
+    run_dir = Path(cfg.train.run_dir)
+    info = init_distributed()
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (DeepSpeed broadcasts them too)
+
+    # ---- the model: from scratch, or from a base model folder (fine-tuning, VQ-Diffusion-F) ----
+    base_dir, base_run, base_config, base_tensors = None, "", None, None
+    if cfg.train.init_from:
+        if info.is_main:  # rank 0 fetches an MLflow run's export once; the others then find it in run_dir
+            resolve_init_from(cfg.train.init_from, tracking_uri(cfg.tracking), run_dir)
+        barrier()
+        base_dir, base_run = resolve_init_from(cfg.train.init_from, tracking_uri(cfg.tracking), run_dir)
+        base_config, base_tensors = load_folder(base_dir)
+    classes = tuple(base_config.get("classes", ())) if base_config else ()
+    if cfg.model.condition == "class" and not classes:
+        classes = class_names(manifest, cfg.data.split, cfg.data.label_key)
+    model_cfg = build_model_config(cfg, manifest, classes, base_config)
+    tokenizer = tokenizer_folder(manifest)
+    model = VQDiffusionModel(model_cfg, load_text_weights=base_tensors is None)
+    if base_tensors is not None:
+        load_state_dict_strict(model, base_tensors, where=f"train.init_from {str(base_dir)!r}")
+    model.to(info.device)
+
+    # ---- DeepSpeed: the engine trains the denoiser, the null condition and class embeddings ----
+    import deepspeed
+
+    denoising = Denoising(model)
+    opt, sched = build_optimizer(denoising, cfg.optim, cfg.train.steps, info.device)
+    engine, _, _, _ = deepspeed.initialize(model=denoising, optimizer=opt, lr_scheduler=sched, config=cfg.deepspeed)
+    if cfg.train.compile:
+        engine.compile()
+    trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    ema = EMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    sampler = TimestepSampler(model_cfg.num_timesteps) if cfg.diffusion.importance_sampling else None
+
+    step, batches = 0, 0
+    resume_from = resolve_resume(cfg.train.resume, run_dir)
+    if resume_from is not None:
+        state = load_checkpoint(engine, resume_from, info.rank)
+        step, batches = int(state["step"]), int(state["batches"])
+        if ema is not None:
+            ema.load(resume_from, info.rank)
+        if sampler is not None:
+            sampler.load_state_dict(torch.load(resume_from / "timestep_sampler.pt", weights_only=True))
+
+    tracker = start_tracking(cfg, run_dir, info, model_cfg, base_run, program="train")
+    prompts = fixed_prompts(cfg, manifest, model_cfg)
+    exported_at = -1
+
+    def export(step: int) -> None:
+        """The EMA (or live) weights as run_dir/export, self-sufficient (collective under ZeRO-3)."""
+        nonlocal exported_at
+        weights = ema.full_state() if ema is not None else full_weights(trainable)
+        if info.is_main:
+            provenance = {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri if tracker.run_id else None,
+                          "experiment": cfg.tracking.experiment, "step": step, "run_dir": str(run_dir.resolve()),
+                          "data": {"folder": manifest["folder"], "recipe": manifest["recipe"].get("name"),
+                                   "tokenizer_sha256": manifest["tokenizer"]["sha256"]},
+                          "base_run_id": base_run or None, "weights": "ema" if ema is not None else "live"}
+            export_model(model, weights, export_dir(run_dir), tokenizer, provenance)
+        exported_at = step
+        barrier()
+
+    def save(step: int) -> None:
+        """A resume checkpoint on every rank, then the export that goes with it."""
+        def extra(folder: Path) -> None:
+            if ema is not None:
+                ema.save(folder, info.rank)
+            if sampler is not None and info.is_main:
+                torch.save(sampler.state_dict(), folder / "timestep_sampler.pt")
+
+        save_checkpoint(engine, run_dir, step, info.rank, cfg, {"batches": batches}, cfg.train.keep_checkpoints, extra)
+        export(step)
+
+    # ---- the loop ----
+    loader = token_loader(manifest, cfg.data, cfg.train.micro_batch_size, cfg.train.seed, info.rank, info.world_size,
+                          skip_batches=batches, num_workers=cfg.train.num_workers, classes=model_cfg.classes)
+    data = iter(loader)
+    flops = flops_per_sample(model_cfg)
+    peak = measured_matmul_flops(info.device, next(iter(trainable.values())).dtype)
+    window = MetricWindow()
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not info.is_main, desc="train", dynamic_ncols=True)
+    engine.train()
+    while step < cfg.train.steps:
+        started = time.perf_counter()
+        vlbs, ts = [], []
+        for micro in range(cfg.train.grad_accum):
+            batch = next(data)
+            batches += 1
+            g = step_generator(cfg.train.seed, info.rank, step, micro, info.device)
+            loss, vlb, t, metrics = micro_step(engine, model, sampler, batch, cfg.data.drop_text,
+                                               cfg.diffusion.aux_weight, cfg.diffusion.adaptive_aux, g, info.device)
+            engine.backward(loss)
+            engine.step()
+            vlbs.append(vlb)
+            ts.append(t)
+            window.add(batch["vq"].shape[0], loss=loss.detach(), epoch=batch["epoch"], **metrics)
+        step += 1
+        if ema is not None:
+            ema.update()
+        if sampler is not None:  # every rank folds in every rank's (t, L_t): all draw from the same p(t)
+            sums, counts = sampler.batch_statistics(torch.cat(ts), torch.cat(vlbs))
+            if info.world_size > 1:
+                sums, counts = sums.to(info.device), counts.to(info.device)
+                torch.distributed.all_reduce(sums)
+                torch.distributed.all_reduce(counts)
+            sampler.update(sums, counts)
+        window.add(0, time.perf_counter() - started)
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            means = window.flush(info.device)
+            means["lr"] = sched.get_last_lr()[0]
+            means["tokens_per_s"] = means["samples_per_s"] * model_cfg.grid[0] * model_cfg.grid[1]
+            means["mfu"] = means["samples_per_s"] * flops / (peak * info.world_size)
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                means["grad_norm"] = float(grad_norm)
+            tracker.log_metrics(means, step)
+            bar.set_postfix(loss=f"{means['loss']:.3f}", sps=f"{means['samples_per_s']:.0f}", mfu=f"{means['mfu']:.2f}")
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and cfg.data.eval_split:
+            tracker.log_metrics(validation_loss(engine, model, manifest, cfg, info), step)
+        if step % cfg.train.save_every == 0 or step == cfg.train.steps:
+            save(step)
+        if cfg.train.image_every and (step % cfg.train.image_every == 0 or step == cfg.train.steps):
+            if exported_at != step:
+                export(step)
+            grid = sample_grid(export_dir(run_dir), cfg, prompts, info)
+            if grid is not None:
+                tracker.log_image(grid, f"samples/step_{step:08d}.png")
+            barrier()
+    bar.close()
+
+    if info.is_main:
+        tracker.log_artifacts(export_dir(run_dir), "export")
+        tracker.set_tags({"export": str(export_dir(run_dir).resolve())})
+        print(f"done: {step} steps, export: {export_dir(run_dir)}", flush=True)
+    tracker.finish()
+    barrier()
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
