@@ -33,7 +33,8 @@ from data_pipeline.common import atomic_write_parquet
 from data_pipeline.recipe import Recipe
 
 SUCCESS = "success"
-KEEP_COLUMNS = ("uid", "split", "source_url", "width", "height", "similarity", "punsafe", "pwatermark", "nsfw", "language")
+KEEP_COLUMNS = ("uid", "split", "source_url", "width", "height", "similarity", "punsafe", "pwatermark", "nsfw", "language",
+                "captions", "category", "subcategory")  # the last three: other caption forms and class labels
 REASONS = (  # first pattern that matches an img2dataset error message names the failure
     ("decompression_bomb", r"decompression bomb"),
     ("truncated_image", r"truncated|premature end"),
@@ -114,12 +115,10 @@ def download_stats(folder: Path, attempted: int) -> dict:
     return {"attempted": attempted, "downloaded": ok, "failed": dict(sorted(failed.items())), "missing": attempted - len(final)}
 
 
-def _input_table(urls: pa.Table, base_url: str | None) -> pa.Table:
-    """img2dataset input: url (rewritten for the local emoji server), caption, kept columns."""
-    from data_pipeline.emoji_source import SCHEME
-
+def _input_table(urls: pa.Table, scheme: str | None, base_url: str | None) -> pa.Table:
+    """img2dataset input: url (`scheme` rewritten to the local emoji server), caption, kept columns."""
     src = urls["url"]
-    url = pc.replace_substring(src, SCHEME, base_url) if base_url else src
+    url = pc.replace_substring(src, scheme, base_url) if base_url else src
     cols = {"url": url, "caption": urls["caption"], "source_url": src}
     cols.update({c: urls[c] for c in KEEP_COLUMNS if c in urls.column_names and c not in cols})
     return pa.table(cols)
@@ -179,7 +178,7 @@ def run_img2dataset(recipe: Recipe, input_path: Path, folder: Path, mode: str, t
 
 def run_download(recipe: Recipe, out: Path, retry_failed: bool = False) -> dict:
     """Stage 3. With retry_failed: only the rows whose latest attempt failed, into new shards."""
-    from data_pipeline.emoji_source import asset_folder, serve_folder
+    from data_pipeline.emoji_source import local_images, serve_folder
 
     folder = out / "download"
     folder.mkdir(parents=True, exist_ok=True)
@@ -193,10 +192,11 @@ def run_download(recipe: Recipe, out: Path, retry_failed: bool = False) -> dict:
         urls = urls.filter(pc.is_in(urls["uid"], pa.array(sorted(failed), pa.int64())))
         mode = "extend"
     if urls.num_rows:
-        serving = serve_folder(asset_folder()) if recipe.source.kind == "emoji" else nullcontext(None)
+        scheme, images = local_images(recipe.source.kind, urls["url"].to_pylist(), out) or (None, None)
+        serving = serve_folder(images) if images else nullcontext(None)
         with serving as base_url:
             input_path = out / "download_input" / ("retry.parquet" if retry_failed else "urls.parquet")
             # rewritten each run: the local server's port changes, the shard layout does not
-            atomic_write_parquet(input_path, _input_table(urls, base_url))
+            atomic_write_parquet(input_path, _input_table(urls, scheme, base_url))
             run_img2dataset(recipe, input_path, folder, mode, urls.num_rows)
     return download_stats(folder, attempted)

@@ -23,7 +23,8 @@ from data_pipeline.recipe import TRAIN_VQVAE_HINT, Recipe
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 META_KEEP = ("uid", "split", "source_url", "original_width", "original_height", "sha256",
-             "width", "height", "similarity", "punsafe", "pwatermark", "nsfw", "language")
+             "width", "height", "similarity", "punsafe", "pwatermark", "nsfw", "language",
+             "captions", "category", "subcategory")
 
 
 def tokenizer_info(folder: Path) -> dict:

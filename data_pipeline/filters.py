@@ -19,7 +19,7 @@ RULES = (
     "url_invalid", "caption_utf8", "caption_length", "caption_include", "caption_exclude", "language",
     "image_size", "aspect_ratio", "unsafe", "clip_similarity", "watermark", "duplicate_url",
 )
-URL_SCHEMES = ("http://", "https://", "file://", "twemoji://")
+URL_SCHEMES = ("http://", "https://", "file://", "twemoji://", "openmoji://")
 DROP = "_drop"
 
 

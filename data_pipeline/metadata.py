@@ -3,7 +3,7 @@
 Every part has the columns: uid int64 (file index << 32 | row: stable across reruns), url, caption
 (UTF-8; invalid bytes replaced), caption_utf8_ok, split, key (what the hash split reads) and the canonical
 score columns the recipe maps (width, height, similarity, punsafe, pwatermark, nsfw, language).
-Sources: parquet/csv/tsv tables (local or fsspec URL), the emoji set, and local CUB-200 / Oxford-102 /
+Sources: parquet/csv/tsv tables (local or fsspec URL), the two emoji styles, and local CUB-200 / Oxford-102 /
 MSCOCO folders (their images become file:// URLs, so they travel the same img2dataset path).
 """
 
@@ -205,6 +205,10 @@ def source_tables(recipe: Recipe, metadata: Optional[str]) -> list[tuple[str, ca
         from data_pipeline.emoji_source import emoji_table
 
         return [("twemoji", emoji_table)]
+    if s.kind == "openmoji":
+        from data_pipeline.openmoji_source import openmoji_table
+
+        return [("openmoji", openmoji_table)]
     if s.kind in ("cub200", "oxford102", "mscoco"):
         root = Path(metadata or s.path).expanduser()
         return [(str(root), lambda: folder_table(s.kind, root))]

@@ -24,7 +24,7 @@ TRAIN_VQVAE_HINT = "python training/train_vqvae.py --config configs/vqvae_emoji.
 class SourceSpec:
     """Where the URL/caption rows come from."""
 
-    kind: str = "table"  # table | emoji | cub200 | oxford102 | mscoco
+    kind: str = "table"  # table | emoji | openmoji | cub200 | oxford102 | mscoco
     path: str = ""  # table: file, glob or fsspec URL (hf://, s3://...); folder kinds: the dataset root
     format: str = ""  # parquet | csv | tsv; empty: from the file extension
     column_names: list[str] = field(default_factory=list)  # csv/tsv without a header row: the names, in order
@@ -133,10 +133,10 @@ def load_recipe(name_or_path: str, overrides: Optional[dict[str, Any]] = None) -
 
 def validate(r: Recipe) -> None:
     """Value checks the types cannot express."""
-    kinds = ("table", "emoji", "cub200", "oxford102", "mscoco")
+    kinds = ("table", "emoji", "openmoji", "cub200", "oxford102", "mscoco")
     if r.source.kind not in kinds:
         raise ValueError(f"recipe key 'source.kind': expected one of {kinds}, got {r.source.kind!r}")
-    if r.source.kind != "emoji" and not r.source.path:
+    if r.source.kind not in ("emoji", "openmoji") and not r.source.path:
         raise ValueError(f"recipe key 'source.path' is required for source.kind={r.source.kind!r}")
     if r.source.format not in ("", "parquet", "csv", "tsv"):
         raise ValueError(f"recipe key 'source.format': expected parquet, csv or tsv, got {r.source.format!r}")

@@ -18,7 +18,7 @@ from PIL import Image
 from data_pipeline.build import build
 from data_pipeline.common import init_ray
 from data_pipeline.metadata import hash_split
-from data_pipeline.shards import ShardDataset, iter_shard, open_manifest
+from data_pipeline.shards import ShardDataset, iter_samples, iter_shard, open_manifest
 from pipeline_fixtures import bad_server, bomb_png, tiny_png, tiny_tokenizer, truncated_jpeg, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,6 +194,9 @@ def test_emoji_images_first_then_encode(ray_session, tokenizer, tmp_path):
         assert n == want.count(split)
     captions = sorted(c for _, _, c in _samples(out).values())
     assert captions == sorted(table["caption"].to_pylist())
+    forms = {c: (f, k, s) for c, f, k, s in zip(*(table[x].to_pylist() for x in ("caption", "captions", "category", "subcategory")))}
+    for s in (s for info in manifest["splits"].values() for sh in info["shards"] for s in iter_samples(out / sh["name"])):
+        assert (s["json"]["captions"], s["json"]["category"], s["json"]["subcategory"]) == forms[s["txt"]]
     assert manifest["tokenizer"]["grid"] == [8, 8] and manifest["statistics"]["encode"]["encoded"] == 60
 
 
