@@ -39,8 +39,14 @@ class OptimConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     warmup_steps: int = 0
-    schedule: str = "constant"  # constant | cosine (to min_lr_ratio * lr at train.steps)
+    schedule: str = "constant"  # constant | cosine | linear (to min_lr_ratio * lr at train.steps)
     min_lr_ratio: float = 0.1
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"schedule: expected constant, cosine or linear, got {self.schedule!r}")
+        if self.warmup_steps < 0 or self.lr < 0:
+            raise ValueError("lr and warmup_steps must be >= 0")
 
 
 @dataclass

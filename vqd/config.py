@@ -33,9 +33,11 @@ def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
     try:
         return cls(**kwargs)
     except ValueError as e:  # the dataclass's own validation (__post_init__): say which section it is
-        if where:
-            raise ValueError(f"{where}: {e}") from e
-        raise
+        if not where:
+            raise
+        field_name = str(e).split(":", 1)[0]
+        joined = _join(where, str(e)) if field_name in names else f"{where}: {e}"  # 'optim.schedule: ...'
+        raise ValueError(joined) from e
 
 
 def check_value(value: Any, hint: Any, key: str) -> Any:

@@ -1,0 +1,36 @@
+"""Start the training programs the way a user does: `deepspeed --num_gpus N program.py ...` on CPU ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env() -> dict[str, str]:
+    """One OpenMP thread per rank, sleeping when idle; this checkout importable; no ambient MLflow server."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def deepspeed_cmd(program: str, args: list[str], ranks: int = 2) -> list[str]:
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), program, *args]
+
+
+def launch(program: str, args: list[str], ranks: int = 2, timeout: int = 300, check: bool = True):
+    """Run to completion; returns the CompletedProcess (stdout + stderr in .stdout)."""
+    out = subprocess.run(deepspeed_cmd(program, args, ranks), cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if check:
+        assert out.returncode == 0, out.stdout[-5000:]
+    return out

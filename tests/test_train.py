@@ -1,0 +1,232 @@
+"""The diffusion trainer under the real launcher: DeepSpeed on 2 CPU ranks over gloo, a real MLflow store.
+
+Multi-process tests are `slow` (they run in CI); the unit tests of the pieces are at the top.
+"""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launch import REPO, deepspeed_cmd, launch, launcher_env
+from token_data import PATTERNS, write_token_dataset
+
+TRAIN = "training/train.py"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    return write_token_dataset(tmp_path_factory.mktemp("toy"), train=200, test=40, per_shard=25)
+
+
+def args(data: Path, run: Path, db: Path, *extra: str) -> list[str]:
+    """A micro model on the toy set: fp32 (bit-exact comparisons), every artefact written often."""
+    return ["--config", "configs/emoji_base.yaml", f"--data.path={data}", f"--train.run_dir={run}",
+            f"--tracking.uri=sqlite:///{db}", "--tracking.experiment=test-train", "--model.size=micro",
+            "--train.micro_batch_size=16", "--train.precision=fp32", "--train.log_every=2", "--sample.count=4",
+            "--sample.steps=4", "--optim.warmup_steps=5", "--train.num_workers=1", *extra]
+
+
+# ---------------------------------------------------------------------------------------------- units
+
+
+def test_bad_config_is_refused_naming_the_key():
+    from training.config import load_config
+    from training.diffusion_config import DiffusionRunConfig
+
+    base = REPO / "configs/emoji_base.yaml"
+    for override, match in [("--train.stepz=3", "train.stepz"), ("--model.condition=image", "condition"),
+                            ("--data.drop_text=1.5", "data.drop_text"), ("--model.size=huge", "size"),
+                            ("--optim.schedule=exp", "optim.schedule"), ("--train.precision=fp8", "train.precision")]:
+        with pytest.raises(ValueError, match=match):
+            load_config(DiffusionRunConfig, base, [override])
+
+
+def test_fine_tune_must_keep_the_base_architecture(toy):
+    from training.config import load_config
+    from training.data import open_dataset
+    from training.diffusion_config import DiffusionRunConfig, build_model_config
+
+    manifest = open_dataset(str(toy))
+    cfg = load_config(DiffusionRunConfig, REPO / "configs/emoji_base.yaml", ["--model.size=micro"])
+    base = build_model_config(cfg, manifest).to_dict()
+    cfg.model.dropout, cfg.model.checkpoint = 0.1, True  # training-only fields may change
+    tuned = build_model_config(cfg, manifest, base=base)
+    assert tuned.dropout == 0.1 and tuned.checkpoint and tuned.depth == base["depth"]
+    cfg.model.depth = 5
+    with pytest.raises(ValueError, match=r"differs from this config in \['depth'\]"):
+        build_model_config(cfg, manifest, base=base)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from training.config import OptimConfig
+    from training.optim import lr_multiplier
+
+    f = lr_multiplier(OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), total_steps=110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    g = lr_multiplier(OptimConfig(warmup_steps=0, schedule="linear", min_lr_ratio=0.0), total_steps=100)
+    assert g(50) == pytest.approx(0.5)
+
+
+def test_ema_tracks_the_weights_with_warm_up():
+    from training.ema import EMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA({"p": p}, decay=0.9)
+    expected = torch.zeros(3)
+    for step in range(30):
+        with torch.no_grad():
+            p.fill_(float(step))
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * float(step)
+        ema.update()
+    assert torch.allclose(ema.full_state()["p"], expected)
+
+
+def test_flops_count_matches_a_hand_count():
+    from training.metrics import denoiser_flops_per_sample
+
+    # one block, width 2, 1 image token, 1 text token of width 2, mlp 1, K = 1: count every matmul by hand
+    # self-attn qkv+out 4*c*c, scores+sum 2*n*c, cross q+out 2*c*c, scores+sum 2*L*c, mlp 2*r*c*c -> MACs per token
+    macs_token = 4 * 4 + 2 * 1 * 2 + 2 * 4 + 2 * 1 * 2 + 2 * 1 * 4
+    macs_text_kv = 2 * 1 * 2 * 2
+    macs_head = 2 * 1
+    assert denoiser_flops_per_sample(1, 2, 1, 1, 1, 2, 1) == 2 * (macs_token + macs_text_kv + macs_head)
+
+
+# -------------------------------------------------------------------------------- multi-process (slow)
+
+
+def read_run(db: Path, run: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    return client, client.get_run((run / "mlflow_run_id.txt").read_text().strip())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_ranks_zero2_learn_log_and_export(tmp_path, toy):
+    run, db = tmp_path / "run", tmp_path / "mlflow.db"
+    out = launch(TRAIN, args(toy, run, db, "--train.steps=200", "--train.save_every=100", "--train.image_every=100",
+                             "--train.eval_every=25", "--deepspeed.zero_optimization.stage=2", "--optim.lr=3e-3",
+                             "--train.ema_decay=0.9", "--diffusion.num_timesteps=10"))
+    assert "done: 200 steps" in out.stdout
+    client, info = read_run(db, run)
+    rid = info.info.run_id
+    val = [m.value for m in sorted(client.get_metric_history(rid, "val/vlb"), key=lambda m: m.step)]
+    assert len(val) == 8 and val[-1] < 0.5 * val[0], val  # the held-out bound falls
+    for name in ("loss", "vlb", "aux", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu", "epoch"):
+        assert client.get_metric_history(rid, name), name
+    assert info.data.params["deepspeed.zero_optimization.stage"] == "2" and info.data.tags["world_size"] == "2"
+    assert {a.path for a in client.list_artifacts(rid, "samples")} == {"samples/step_00000100.png",
+                                                                       "samples/step_00000200.png"}
+    assert "export/model.safetensors" in {a.path for a in client.list_artifacts(rid, "export")}
+
+    # the export samples on its own: model, text tower, tokenizer; and it learned the captions' patterns
+    from vqd.pipeline import TextToImage
+    from vqd.sampling import SamplingConfig, sample_captions
+
+    pipe = TextToImage.from_folder(run / "export")
+    captions = list(PATTERNS)
+    tokens = sample_captions(pipe.model, captions * 8, SamplingConfig(steps=10, truncation=1.0),
+                             generator=torch.Generator().manual_seed(0))
+    match = [(tokens[i::len(captions)] == torch.as_tensor(PATTERNS[c]).long()).float().mean().item()
+             for i, c in enumerate(captions)]
+    assert min(match) > 0.5, match  # 1/8 by chance
+    assert pipe.generate(captions[:2], SamplingConfig(steps=4)).shape == (2, 3, 16, 16)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, toy):
+    common = ["--train.steps=40", "--train.save_every=8", "--train.image_every=0", "--train.eval_every=0",
+              "--deepspeed.zero_optimization.stage=1", "--train.ema_decay=0.95"]
+    whole, db = tmp_path / "whole", tmp_path / "mlflow.db"
+    launch(TRAIN, args(toy, whole, db, *common))
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(deepspeed_cmd(TRAIN, args(toy, cut, db, *common)), cwd=REPO, env=launcher_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (cut / "checkpoints/step_00000008/complete").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, mid-run
+    proc.wait()
+    done = sorted(p.name for p in (cut / "checkpoints").glob("step_*") if (p / "complete").is_file())
+    assert done and done[-1] != "step_00000040", done  # killed before the end
+
+    launch(TRAIN, args(toy, cut, db, *common, "--train.resume=auto"))
+    a, b = weights(whole / "export"), weights(cut / "export")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    # the live weights too, not only the EMA
+    live = [torch.load(p / "checkpoints/step_00000040/mp_rank_00_model_states.pt", weights_only=False)["module"]
+            for p in (whole, cut)]
+    assert all(torch.equal(live[0][k], live[1][k]) for k in live[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_zero3_export_samples_like_zero0(tmp_path, toy):
+    common = ["--train.steps=10", "--train.save_every=10", "--train.image_every=0", "--train.eval_every=0",
+              "--train.ema_decay=0.9"]
+    db = tmp_path / "mlflow.db"
+    exports = {}
+    for stage in (0, 3):
+        run = tmp_path / f"zero{stage}"
+        launch(TRAIN, args(toy, run, db, *common, f"--deepspeed.zero_optimization.stage={stage}"))
+        exports[stage] = run / "export"
+    a, b = weights(exports[0]), weights(exports[3])
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].numel() for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+
+    from vqd.models import load_model
+    from vqd.sampling import SamplingConfig, sample_captions
+
+    tokens = [sample_captions(load_model(exports[s]), list(PATTERNS), SamplingConfig(steps=10),
+                              generator=torch.Generator().manual_seed(1)) for s in (0, 3)]
+    assert (tokens[0] == tokens[1]).float().mean() > 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fine_tune_starts_from_the_base_and_records_its_parent(tmp_path, toy):
+    db = tmp_path / "mlflow.db"
+    base = tmp_path / "base"
+    launch(TRAIN, args(toy, base, db, "--train.steps=6", "--train.save_every=6", "--train.image_every=0",
+                       "--train.eval_every=0", "--deepspeed.zero_optimization.stage=2"))
+    client, base_run = read_run(db, base)
+    for init_from in (str(base / "export"), f"runs:/{base_run.info.run_id}"):
+        tuned = tmp_path / ("ft_folder" if init_from.startswith("/") else "ft_run")
+        # lr 0: the fine-tune's weights can only be the base's, so equality proves where it started
+        launch(TRAIN, args(toy, tuned, db, "--train.steps=2", "--train.save_every=2", "--train.image_every=0",
+                           "--train.eval_every=0", f"--train.init_from={init_from}", "--optim.lr=0.0",
+                           "--train.ema_decay=0.5", "--deepspeed.zero_optimization.stage=2"))
+        a, b = weights(base / "export"), weights(tuned / "export")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        _, run = read_run(db, tuned)
+        assert run.data.tags["mlflow.parentRunId"] == base_run.info.run_id
+        assert run.data.params["train.init_from"] == init_from
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bad_config_fails_before_any_rank_works(tmp_path, toy):
+    run = tmp_path / "run"
+    start = time.time()
+    out = launch(TRAIN, args(toy, run, tmp_path / "m.db", "--train.stepz=3"), check=False)
+    assert out.returncode != 0 and "train.stepz" in out.stdout
+    out = launch(TRAIN, args(tmp_path / "no_such_data", run, tmp_path / "m.db"), check=False)
+    assert out.returncode != 0 and "no_such_data" in out.stdout and "build.py" in out.stdout
+    assert not run.exists() and time.time() - start < 120
