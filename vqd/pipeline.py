@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vqd.models import VQDiffusionModel, load_model
-from vqd.sampling import SamplingConfig, sample_captions
+from vqd.sampling import SamplingConfig, sample_captions, sample_tokens
 from vqd.vqvae import VQVAE, load_tokenizer
 
 TOKENIZER_DIR = "tokenizer"
@@ -65,6 +65,32 @@ class TextToImage:
         tokens = sample_captions(self.model, captions, config, batch_size=batch_size, generator=generator,
                                  progress=progress)
         return self.decode(tokens)
+
+    @torch.no_grad()
+    def inpaint(self, prompts: list[str], image: torch.Tensor, mask: torch.Tensor, config: SamplingConfig | None = None,
+                *, generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """Regenerate the masked part of one image for each prompt: image float [3, H, W] in [-1, 1] at the
+        tokenizer's size, mask Bool [H, W] (True = generate) -> images float [B, 3, H, W]."""
+        return self.decode(self.inpaint_tokens(prompts, image, mask, config, generator=generator, progress=progress))
+
+    @torch.no_grad()
+    def inpaint_tokens(self, prompts: list[str], image: torch.Tensor, mask: torch.Tensor,
+                       config: SamplingConfig | None = None, *, generator: torch.Generator | None = None,
+                       progress: bool = False) -> torch.Tensor:
+        """As `inpaint`, returning token ids Long [B, h*w]: a token is regenerated when any of its pixels is
+        masked; the others are held to the image's own tokens."""
+        size = self.image_size
+        if tuple(image.shape) != (3, size, size) or tuple(mask.shape) != (size, size):
+            raise ValueError(f"image must be [3, {size}, {size}] and mask [{size}, {size}], got {tuple(image.shape)} "
+                             f"and {tuple(mask.shape)}")
+        h, w = self.model.grid
+        known = self.tokenizer.encode(image[None].to(self.device))  # [1, N]
+        cells = mask.float().reshape(h, size // h, w, size // w).amax(dim=(1, 3)) > 0  # [h, w]
+        B = len(prompts)
+        features = self.model.encode_prompts(list(prompts))
+        return sample_tokens(self.model, features, config, known_tokens=known.expand(B, -1).contiguous(),
+                             fill_mask=cells.reshape(1, -1).expand(B, -1).to(self.device), generator=generator,
+                             progress=progress)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,121 @@
+"""Text -> image from an exported model folder (it carries its text tower and tokenizer: nothing else is read).
+
+    python training/sample.py --model runs/emoji_base/export --prompt "red heart" --prompt "house" --out grid.png
+    python training/sample.py --model runs/emoji_base/export --prompt "smiling cat" --steps 50 --guidance 3 --purity
+    python training/sample.py --model DIR --prompt "red heart" --image in.png --mask mask.png --out inpaint.png
+    python training/sample.py --model DIR --prompts prompts.txt --out-dir samples/     # 0000.png, 0001.png ...
+
+A grid shows each picture with its prompt under it (each prompt `--per-prompt` times). `--prompts FILE` (one
+prompt a line) writes one PNG per line at the model's native resolution, numbered in file order, in
+batches of `--batch`. Inpainting: white pixels of `--mask` are regenerated, the rest of `--image` is kept.
+Class-conditional models take class names as prompts; unconditional models take `--count N` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vqd.pipeline import TextToImage, to_uint8  # noqa: E402
+from vqd.sampling import SamplingConfig  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="an exported model folder (config.yaml, model.safetensors, tokenizer/)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
+    p.add_argument("--prompts", help="a text file of prompts, one a line (with --out-dir)")
+    p.add_argument("--count", type=int, default=0, help="unconditional models: how many images")
+    p.add_argument("--per-prompt", type=int, default=1, help="images per prompt in a grid")
+    p.add_argument("--out", default="samples.png", help="the grid PNG")
+    p.add_argument("--out-dir", help="one PNG per prompt, native resolution (with --prompts)")
+    p.add_argument("--steps", type=int, default=None, help="reverse steps (default: all T)")
+    p.add_argument("--truncation", type=float, default=0.86, help="keep the top-r probability mass (1 = off)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--purity", action="store_true", help="reveal the most certain positions first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--image", help="inpainting: the image to edit")
+    p.add_argument("--mask", help="inpainting: white = regenerate, black = keep (same aspect as --image)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace, condition: str) -> list[str]:
+    """The prompts in order: --prompts FILE lines, then --prompt flags (or --count blanks when unconditional)."""
+    prompts = []
+    if args.prompts:
+        prompts += [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts += args.prompt
+    if condition == "none":
+        prompts = prompts or [""] * args.count
+    if not prompts:
+        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts FILE" +
+                         (" or --count N" if condition == "none" else ""))
+    return prompts
+
+
+def load_rgb(path: str, size: int) -> torch.Tensor:
+    """An image file -> float [3, size, size] in [-1, 1] (alpha on white, centre crop, bicubic)."""
+    from training.data_images import load_image
+
+    return load_image(Path(path).read_bytes(), size)
+
+
+def load_mask(path: str, size: int) -> torch.Tensor:
+    """A mask image -> Bool [size, size], True where it is light (to regenerate)."""
+    with Image.open(path) as im:
+        im = im.convert("L").resize((size, size), Image.Resampling.NEAREST)
+        return torch.from_numpy(np.asarray(im) > 127)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    pipe = TextToImage.from_folder(args.model, device=args.device)
+    config = SamplingConfig(steps=args.steps, truncation=args.truncation, guidance_scale=args.guidance,
+                            purity=args.purity)
+    config.validate(pipe.model.diffusion.num_timesteps)
+    prompts = read_prompts(args, pipe.model.config.condition)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    if args.out_dir:  # evaluation at scale: one native-size PNG per line, in file order
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        from tqdm import tqdm
+
+        for start in tqdm(range(0, len(prompts), args.batch), desc="sampling", unit="batch"):
+            chunk = prompts[start:start + args.batch]
+            for i, image in enumerate(to_uint8(pipe.generate(chunk, config, batch_size=args.batch, generator=generator))):
+                Image.fromarray(image.numpy()).save(out / f"{start + i:04d}.png")
+        print(f"{len(prompts)} images in {out}")
+        return
+    from training.grid import captioned_grid
+
+    prompts = [p for p in prompts for _ in range(args.per_prompt)]
+    labels = prompts if pipe.model.config.condition != "none" else ["(unconditional)"] * len(prompts)
+    if args.image or args.mask:
+        if not (args.image and args.mask):
+            raise SystemExit("error: inpainting needs both --image and --mask")
+        image, mask = load_rgb(args.image, pipe.image_size), load_mask(args.mask, pipe.image_size)
+        images = pipe.inpaint(prompts, image, mask, config, generator=generator, progress=True)
+        kept = torch.where(mask[None], torch.full_like(image, -1.0), image)  # what the model was given
+        images, labels = torch.cat([image[None], kept[None], images]), ["input", "kept (black: regenerate)", *labels]
+    else:
+        images = pipe.generate(prompts, config, batch_size=args.batch, generator=generator, progress=True)
+    grid = captioned_grid(to_uint8(images).numpy(), labels, ncols=min(8, len(labels)))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(args.out)
+    print(f"{len(prompts)} images: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
