@@ -7,18 +7,33 @@
 Backend: nccl on CUDA, gloo on CPU. On CPU each rank gets cores / ranks-per-node torch threads and OpenMP
 threads that sleep when idle (OMP_WAIT_POLICY=PASSIVE, which must be set before torch starts OpenMP:
 entry points set it first thing).
+
+Failure: every collective (and the rendezvous) gives up after $VQD_DIST_TIMEOUT seconds (default 600, DeepSpeed's
+own default), so a rank that dies or hangs takes the whole job down instead of leaving the others waiting for
+ever. A rank whose peer died usually fails at once (the connection is reset); a hung peer costs the timeout.
+Either way the failing rank ends with a message that says what happened and how to continue, below the traceback.
+Raise the timeout when rank 0 alone does long work (a slow export) while the others wait at a barrier.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+TIMEOUT_ENV = "VQD_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+# what gloo and NCCL say when a peer is gone or silent (they raise plain RuntimeErrors as often as DistErrors)
+PEER_LOST = re.compile(r"gloo|nccl|connection (reset|closed|refused)|timed out|timeout|broken pipe|socket",
+                       re.IGNORECASE)
 
 
 @dataclass
@@ -69,8 +84,8 @@ def read_env() -> tuple[int, int, int, int]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
         local = _env_int("LOCAL_RANK", default=0)
-        local_world = _env_int("LOCAL_WORLD_SIZE", default=None)
-        if local_world is None:  # the deepspeed launcher does not export it: assume a full node of ranks
+        local_world = _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=None)  # LOCAL_SIZE: deepspeed's name
+        if local_world is None:  # assume a full node of ranks
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             local_world = min(world, len(visible.split(","))) if visible else world
         return rank, world, local, local_world
@@ -81,8 +96,26 @@ def read_env() -> tuple[int, int, int, int]:
     return 0, 1, 0, 1
 
 
-def init_distributed(use_deepspeed: bool = True, cpu_threads: int | None = None) -> DistInfo:
-    """Create the default process group from the environment (any launcher) and pick this rank's device."""
+def collective_timeout(timeout_s: float | None = None) -> float:
+    """Seconds a collective may wait: the argument, else $VQD_DIST_TIMEOUT, else 600."""
+    if timeout_s is None:
+        text = os.environ.get(TIMEOUT_ENV, "")
+        try:
+            timeout_s = float(text) if text else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV}={text!r} must be a number of seconds") from None
+    if timeout_s <= 0:
+        raise ValueError(f"the collective timeout must be > 0 seconds, got {timeout_s}")
+    return float(timeout_s)
+
+
+def init_distributed(use_deepspeed: bool = True, cpu_threads: int | None = None,
+                     timeout_s: float | None = None) -> DistInfo:
+    """Create the default process group from the environment (any launcher) and pick this rank's device.
+
+    timeout_s bounds every collective and the rendezvous (default: $VQD_DIST_TIMEOUT, else 600 s).
+    """
+    timeout = datetime.timedelta(seconds=collective_timeout(timeout_s))
     rank, world, local, local_world = read_env()
     # export what torch.distributed's env:// rendezvous (and DeepSpeed) read, for SLURM and plain python
     os.environ.setdefault("RANK", str(rank))
@@ -99,13 +132,36 @@ def init_distributed(use_deepspeed: bool = True, cpu_threads: int | None = None)
         threads = cpu_threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
         torch.set_num_threads(threads)
     if not dist.is_initialized():
+        # groups made later without a timeout (DeepSpeed's data-parallel group) take torch's default: make it ours
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+        if world > 1:
+            _explain_peer_loss(rank, world, timeout.total_seconds())
         if use_deepspeed:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
         else:
-            dist.init_process_group(backend=backend, rank=rank, world_size=world)
+            dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
     return DistInfo(rank, world, local, local_world, device, backend)
+
+
+def _explain_peer_loss(rank: int, world: int, timeout_s: float) -> None:
+    """Chain onto sys.excepthook: a collective that failed ends with what happened and what to do next."""
+    previous = sys.excepthook
+
+    def hook(kind, error, tb):
+        previous(kind, error, tb)
+        if isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and PEER_LOST.search(str(error))):
+            host = socket.gethostname()
+            master = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            print(f"\nvqd: rank {rank} of {world} on {host} stops: a collective with the other ranks failed "
+                  f"(master {master}, timeout {timeout_s:g} s, {TIMEOUT_ENV}). Another rank died or stopped "
+                  "answering: look for the first error in every node's log. The whole job stops here; restart "
+                  "all nodes with --train.resume=auto to go on from the last complete checkpoint.",
+                  file=sys.stderr, flush=True)
+    sys.excepthook = hook
 
 
 def barrier() -> None:
