@@ -1,0 +1,103 @@
+"""cluster/: the examples read the way DeepSpeed reads them, and the launch scripts refuse a bad setup by name.
+
+The scripts' real runs are in test_multinode.py (train_node.sh) and test_tracking_server.py (mlflow_server.sh).
+"""
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from launch import REPO, launcher_env
+
+
+def test_hostfile_example_is_what_deepspeed_parses():
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    pool = fetch_hostfile(str(REPO / "cluster/hostfile.example"))
+    assert list(pool) == ["node001", "node002", "node003", "node004"] and set(pool.values()) == {8}
+
+
+def test_deepspeed_env_example_is_key_value_lines_only():
+    # deepspeed's ssh launcher splits every line at its first '=' (a comment or blank line would crash it)
+    lines = (REPO / "cluster/deepspeed_env.example").read_text().splitlines()
+    keys = [line.split("=", 1)[0] for line in lines]
+    assert all("=" in line and re.fullmatch(r"[A-Z_][A-Z0-9_]*", k) for line, k in zip(lines, keys)), lines
+    assert {"MLFLOW_TRACKING_URI", "VQD_DIST_TIMEOUT", "NCCL_SOCKET_IFNAME", "OMP_NUM_THREADS"} <= set(keys)
+
+
+def run_node_script(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "cluster/train_node.sh", *args], cwd=REPO, env={**launcher_env(), **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_train_node_refuses_a_missing_hostfile_or_a_node_rank_outside_it(tmp_path):
+    out = run_node_script("0", "127.0.0.1", "training/train.py", HOSTFILE=str(tmp_path / "nope"))
+    assert out.returncode == 2 and "no hostfile at" in out.stderr and "hostfile.example" in out.stderr
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# comment\nnode0 slots=1\n\nnode1 slots=1\n")
+    out = run_node_script("2", "127.0.0.1", "training/train.py", HOSTFILE=str(hostfile))
+    assert out.returncode == 2 and "NODE_RANK must be 0..1 for the 2 nodes" in out.stderr
+    out = run_node_script("0", "127.0.0.1", HOSTFILE=str(hostfile))
+    assert out.returncode == 2 and "usage:" in out.stderr
+
+
+# ---- the SLURM script, under a stand-in for srun and scontrol (SLURM itself is not installed on a test machine)
+
+SRUN = '''#!/usr/bin/env python3
+"""srun on one machine: start the step's tasks with the variables srun gives each task; --kill-on-bad-exit."""
+import os, subprocess, sys, time
+args, opts = sys.argv[1:], {}
+while args and args[0].startswith("--"):
+    key, _, value = args.pop(0)[2:].partition("=")
+    opts[key] = value
+nodes = os.environ["SLURM_JOB_NODELIST"].split(",")
+ntasks = int(opts.get("ntasks", os.environ["SLURM_NTASKS"]))
+per_node = int(opts.get("ntasks-per-node", os.environ["SLURM_NTASKS_PER_NODE"]))
+procs = []
+for i in range(ntasks):
+    env = {**os.environ, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i % per_node), "SLURM_NODEID": str(i // per_node),
+           "SLURM_NTASKS": str(ntasks), "SLURM_NTASKS_PER_NODE": str(per_node),
+           "SLURM_STEP_NODELIST": ",".join(nodes[: -(-ntasks // per_node)])}
+    procs.append(subprocess.Popen(args, env=env))
+while any(p.poll() is None for p in procs):
+    if any(p.returncode for p in procs):
+        for p in procs:
+            p.kill()
+    time.sleep(0.1)
+sys.exit(max(abs(p.returncode) for p in procs))
+'''
+SCONTROL = '''#!/usr/bin/env bash
+[ "$1 $2" = "show hostnames" ] && tr ',' '\\n' <<< "$3"
+'''
+PROBE = '''import os, sys
+sys.path.insert(0, os.getcwd())
+from training.distributed import all_reduce_mean, init_distributed
+info = init_distributed()
+mean = all_reduce_mean({"rank": float(info.rank)}, info.device)["rank"]
+print(f"probe rank={info.rank} world={info.world_size} local={info.local_rank}/{info.local_world_size} "
+      f"master={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} mean={mean}", flush=True)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("launch,nodelist,per_node", [("srun", "127.0.0.1", 2), ("deepspeed", "127.0.0.1,localhost", 1)])
+def test_slurm_script_gives_every_rank_its_place(tmp_path, launch, nodelist, per_node):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "probe.py").write_text(PROBE)
+    env = {**launcher_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "LAUNCH": launch, "TMPDIR": str(tmp_path),
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": nodelist, "SLURM_NTASKS": "2",
+           "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_NNODES": str(2 // per_node)}
+    out = subprocess.run(["bash", "cluster/train_slurm.sbatch", str(tmp_path / "probe.py")], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:]
+    probes = sorted(re.findall(r"probe (rank=\S+ world=\S+ local=\S+ master=\S+ mean=[0-9.]+)", out.stdout))
+    # the master is the first node of the list and the port follows the job id (20000 + 4242)
+    local = ["0/2", "1/2"] if per_node == 2 else ["0/1", "0/1"]
+    assert probes == [f"rank={r} world=2 local={local[r]} master=127.0.0.1:24242 mean=0.5" for r in (0, 1)], probes
