@@ -191,6 +191,66 @@ def test_purity_resamples_the_replace_noise_of_the_paper_schedule():
     assert (x == 0).all()
 
 
+class TwoGroupDenoiser(IdealDenoiser):
+    """Fixed p(x0) per position: even positions `low` (uncertain), odd positions `high` (certain)."""
+
+    def __init__(self, low, high, T=8, grid=(40, 50)):
+        super().__init__(P, T=T, grid=grid, mask_rate=1.0)  # mask only: x_T is all [MASK]
+        self.low, self.high = torch.tensor(low).log(), torch.tensor(high).log()
+
+    def logits(self, x_t, t, text_features):
+        super().logits(x_t, t, text_features)
+        out = self.low.view(1, -1, 1).repeat(x_t.shape[0], 1, x_t.shape[1])
+        out[:, :, 1::2] = self.high.view(1, -1, 1)
+        return out
+
+
+def sharpened(p: list[float], power: float) -> torch.Tensor:
+    """p^power renormalised: Eq. 11's sharpening, by hand."""
+    q = torch.tensor(p, dtype=torch.float64) ** power
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.0, 3.0])
+def test_purity_strength_sharpens_revealed_values_as_eq_11(strength):
+    low, high = [0.5, 0.3, 0.15, 0.05], [0.9, 0.05, 0.03, 0.02]
+    model = TwoGroupDenoiser(low, high)
+    cfg = SamplingConfig(steps=1, truncation=1.0, purity=True, purity_strength=strength)
+    x = sample_tokens(model, torch.zeros(4, 3, 2), cfg, generator=torch.Generator().manual_seed(0))
+    tol = 4 * math.sqrt(0.25 / (x.numel() / 2))
+    # purity 0.5 and 0.9; relative to the sample's most certain position: 0.5 / 0.9 and 1
+    assert (frequencies(x[:, 0::2], 4) - sharpened(low, 1 + strength * 0.5 / 0.9)).abs().max() < tol
+    assert (frequencies(x[:, 1::2], 4) - sharpened(high, 1 + strength)).abs().max() < tol
+
+
+@pytest.mark.parametrize("order", ["purity", "random"])
+def test_reveal_order_scores_the_untruncated_p(order):
+    # Truncated at r = 0.25 both groups keep only class 0 (renormalised top probability 1 for both):
+    # only the raw top probabilities, 0.3 and 0.95, tell them apart.
+    low, high = [0.3, 0.25, 0.25, 0.2], [0.95, 0.03, 0.01, 0.01]
+    model = TwoGroupDenoiser(low, high)
+    cfg = SamplingConfig(steps=8, truncation=0.25, purity=True, reveal_order=order, purity_strength=0.0)
+    sample_tokens(model, torch.zeros(2, 3, 2), cfg, generator=torch.Generator().manual_seed(0))
+    after_first = model.x_seen[1] != 4  # revealed by the first step: 1/8 of the positions
+    assert after_first.sum() == 2 * 2000 // 8
+    low_share = after_first[:, 0::2].float().mean().item() / after_first.float().mean().item() / 2
+    if order == "purity":  # drawn without replacement with weights 0.3 : 0.95 -> well below half
+        assert low_share < 0.3, low_share
+    else:
+        assert abs(low_share - 0.5) < 0.1, low_share
+
+
+def test_max_reveal_evaluates_again_until_the_step_is_done():
+    model = IdealDenoiser(P, T=8, grid=(10, 10), mask_rate=1.0)
+    cfg = SamplingConfig(steps=4, truncation=1.0, purity=True, reveal_order="random", max_reveal=5)
+    x = sample_tokens(model, torch.zeros(1, 3, 2), cfg, generator=torch.Generator().manual_seed(0))
+    assert (x < 4).all()
+    drops = [a - b for a, b in zip(model.masks_seen, model.masks_seen[1:] + [0])]
+    assert max(drops) <= 5 and min(drops) >= 0
+    # 100 tokens, at most 5 per evaluation: at least 20 evaluations, at the 4 levels' timesteps
+    assert len(model.t_seen) >= 20 and sorted(set(model.t_seen), reverse=True) == [7, 5, 3, 1]
+
+
 def test_inpainting_keeps_known_tokens_and_fills_the_region():
     model = IdealDenoiser(P, T=8, grid=(30, 40))
     known = torch.full((2, 1200), 3)
@@ -219,6 +279,10 @@ def test_same_generator_same_tokens():
         (dict(config=SamplingConfig(truncation=0.0)), "truncation"),
         (dict(config=SamplingConfig(truncation=1.2)), "truncation"),
         (dict(config=SamplingConfig(guidance_scale=-1.0)), "guidance_scale"),
+        (dict(config=SamplingConfig(purity=True, purity_strength=-1.0)), "purity_strength"),
+        (dict(config=SamplingConfig(purity=True, reveal_order="best")), "reveal_order"),
+        (dict(config=SamplingConfig(purity=True, max_reveal=0)), "max_reveal"),
+        (dict(config=SamplingConfig(max_reveal=4)), "max_reveal"),
         (dict(known_tokens=torch.zeros(2, 64, dtype=torch.long)), "fill_mask"),
         (dict(known_tokens=torch.zeros(2, 63, dtype=torch.long), fill_mask=torch.ones(2, 63, dtype=torch.bool)), "known_tokens"),
         (dict(known_tokens=torch.full((2, 64), 4), fill_mask=torch.ones(2, 64, dtype=torch.bool)), "known_tokens ids"),

@@ -9,7 +9,7 @@ one-step posterior stretched over the gap.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -25,14 +25,29 @@ class DenoisingModel(Protocol):
     def null_text_features(self, batch: int) -> torch.Tensor: ...
 
 
+REVEAL_ORDERS = ("purity", "random")
+
+
 @dataclass
 class SamplingConfig:
-    """How to sample; defaults follow the paper (all T steps, truncation r = 0.86, no guidance)."""
+    """How to sample; defaults follow the paper (all T steps, truncation r = 0.86, no guidance).
+
+    `purity` turns on Improved VQ-Diffusion's inference (arXiv 2205.16007, the released `prior_rule`):
+    masked positions are revealed in an order (`reveal_order`), as many per step as q says (see
+    `purity_step`). The released purity-sampling command is `purity=True` with the defaults below
+    (prior_rule 2, prior_weight 1); its high-quality mode at speed s is `purity=True,
+    reveal_order="random", max_reveal=int(N // T * s)` (prior_rule 1, prior_ps).
+    """
 
     steps: int | None = None  # None: every one of the T steps
     truncation: float = 0.86  # keep the top-r cumulative probability of p(x0 | x_t); 1.0 turns it off
     guidance_scale: float = 1.0  # classifier-free guidance; 1.0 = conditional only, 0 = unconditional
-    purity: bool = False  # Improved VQ-Diffusion: unmask the most certain positions first
+    purity: bool = False  # Improved VQ-Diffusion: reveal masked positions in `reveal_order`
+    # r of the paper's Eq. 11 (released `prior_weight`; its purity command uses 1): a revealed position's
+    # p(x0) is sharpened to p^(1 + r * purity / max purity). 0 turns it off. Only for reveal_order "purity".
+    purity_strength: float = 1.0
+    reveal_order: str = "purity"  # "purity": the most certain first (prior_rule 2); "random" (prior_rule 1)
+    max_reveal: int | None = None  # at most this many reveals per network evaluation (prior_ps); None: no limit
 
     def validate(self, num_timesteps: int) -> None:
         """Raise ValueError naming the field that is out of range."""
@@ -42,6 +57,15 @@ class SamplingConfig:
             raise ValueError(f"truncation r must be in (0, 1], got {self.truncation!r}")
         if not self.guidance_scale >= 0.0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale!r}")
+        if not self.purity_strength >= 0.0:
+            raise ValueError(f"purity_strength must be >= 0, got {self.purity_strength!r}")
+        if self.reveal_order not in REVEAL_ORDERS:
+            raise ValueError(f"reveal_order must be one of {REVEAL_ORDERS}, got {self.reveal_order!r}")
+        if self.max_reveal is not None:
+            if isinstance(self.max_reveal, bool) or not isinstance(self.max_reveal, int) or self.max_reveal < 1:
+                raise ValueError(f"max_reveal must be None or an int >= 1, got {self.max_reveal!r}")
+            if not self.purity:
+                raise ValueError("max_reveal limits the reveals of purity sampling: it needs purity=True")
 
 
 def level_schedule(num_timesteps: int, steps: int) -> list[int]:
@@ -87,35 +111,62 @@ def guided_log_p_x0(model: DenoisingModel, x_t, t, text_features, null_features,
 
 def purity_step(
     diffusion: MaskAndReplaceDiffusion,
-    log_p_x0: torch.Tensor,
+    evaluate: Callable[[torch.Tensor], torch.Tensor],
     x_t: torch.Tensor,
     level_t: int,
     level_s: int,
+    config: SamplingConfig,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """One purity step (Improved VQ-Diffusion): ids [B, N] at level_t -> ids [B, N] at level_s.
+    """One step of Improved VQ-Diffusion's inference: ids [B, N] at level_t -> ids [B, N] at level_s.
 
-    Purity decides only WHICH masked positions are revealed, and how many: a masked token stays masked
-    from level t to s with probability gamma-bar_s / gamma-bar_t, so that fraction of the masked positions
-    stays masked, and the others are chosen without replacement with weights proportional to purity
-    max_k p(x0 = k) (Gumbel top-k). Every other position, code tokens included, draws its value from
-    the exact posterior p(x_s | x_t) restricted to codes, so replace-noise in x_t is still corrected.
+    `evaluate(x [B, N]) -> [B, K, N]` is the network's guided log p(x0 | x, t), untruncated.
+    How many: a [MASK] stays masked from level t to s with probability gamma-bar_s / gamma-bar_t, so
+    that fraction of the masked positions stays masked (all are revealed at level 0).
+    Which: without replacement, weighted by purity max_k p(x0 = k) ("purity", Gumbel top-k) or alike
+    ("random"). Purity is scored on the guided p before truncation, as the released code does (its
+    truncation zeroes classes without renormalising, so the top probability it scores is the raw one).
+    Values: a revealed position draws from the exact posterior p(x_s | x_t) of its truncated p(x0),
+    sharpened to p^(1 + r * purity / max purity) (Eq. 11; r = purity_strength, max over the sample's
+    positions). Code positions draw from the exact posterior of the unsharpened p, so the paper
+    schedule's replace-noise is still corrected (the released code keeps them as they are).
+    With `max_reveal`, each network evaluation reveals at most that many per sample, and the network is
+    evaluated again at the same t on the partly revealed grid until the step's count is done.
     """
-    B, device = x_t.shape[0], x_t.device
-    is_mask = x_t == diffusion.mask_id
-    stay = (diffusion.log_gamma_bar[level_s] - diffusion.log_gamma_bar[level_t]).exp().item() if level_s > 0 else 0.0
-    n_masked = is_mask.sum(dim=1)
-    n_reveal = n_masked - (n_masked.double() * stay).round().long()
-    purity = log_p_x0.max(dim=1).values  # log of the top probability, [B, N]
-    u = torch.rand(purity.shape, generator=generator, device=device)
-    keys = purity - torch.log((-torch.log(u.clamp(min=1e-30))).clamp(min=1e-30))
-    keys = keys.masked_fill(~is_mask, float("-inf"))
-    rank = keys.argsort(dim=1, descending=True).argsort(dim=1)
-    still_masked = is_mask & (rank >= n_reveal.unsqueeze(1))
+    B, device, K = x_t.shape[0], x_t.device, diffusion.num_codes
     t = torch.full((B,), level_t - 1, dtype=torch.long, device=device)
-    log_probs = diffusion.log_posterior(log_p_x0, x_t, t, level_s - 1)[:, : diffusion.num_codes]
-    values = sample_categorical(log_probs, generator)
-    return values.masked_fill(still_masked, diffusion.mask_id)
+    stay = (diffusion.log_gamma_bar[level_s] - diffusion.log_gamma_bar[level_t]).exp().item() if level_s > 0 else 0.0
+    n_masked = (x_t == diffusion.mask_id).sum(dim=1)
+    remaining = n_masked - (n_masked.double() * stay).round().long()  # [B] reveals left in this step
+    x, first = x_t, True
+    while first or remaining.max() > 0:
+        guided = evaluate(x)
+        log_p = truncate(guided, config.truncation)
+        masked = x == diffusion.mask_id
+        count = remaining if config.max_reveal is None else remaining.clamp(max=config.max_reveal)
+        if config.reveal_order == "purity":
+            log_purity = guided.max(dim=1).values  # [B, N]
+            reveal = _draw_without_replacement(log_purity, masked, count, generator)
+            if config.purity_strength > 0:
+                relative = (log_purity - log_purity.amax(dim=1, keepdim=True)).exp()  # purity / max purity
+                sharp = ((1 + config.purity_strength * relative).unsqueeze(1) * log_p).log_softmax(dim=1)
+                log_p = torch.where(masked.unsqueeze(1), sharp, log_p)
+        else:
+            reveal = _draw_without_replacement(torch.zeros(masked.shape, device=device), masked, count, generator)
+        values = sample_categorical(diffusion.log_posterior(log_p, x, t, level_s - 1)[:, :K], generator)
+        x = torch.where(reveal | (first & ~masked), values, x)  # code tokens move once per step
+        remaining, first = remaining - count, False
+    return x
+
+
+def _draw_without_replacement(log_weight: torch.Tensor, allowed: torch.Tensor, count: torch.Tensor, generator) -> torch.Tensor:
+    """Per row, `count` [B] positions among `allowed` [B, N], drawn without replacement with
+    probability ~ exp(log_weight) (Gumbel top-k) -> Bool [B, N]."""
+    u = torch.rand(log_weight.shape, generator=generator, device=log_weight.device)
+    keys = log_weight - torch.log((-torch.log(u.clamp(min=1e-30))).clamp(min=1e-30))
+    keys = keys.masked_fill(~allowed, float("-inf"))
+    rank = keys.argsort(dim=1, descending=True).argsort(dim=1)
+    return allowed & (rank < count.unsqueeze(1))
 
 
 def _check_inputs(model: DenoisingModel, text_features, known_tokens, fill_mask) -> int:
@@ -174,10 +225,14 @@ def sample_tokens(
         pairs = tqdm(pairs, desc="sampling", unit="step")
     for level_t, level_s in pairs:
         t = torch.full((B,), level_t - 1, dtype=torch.long, device=device)
-        log_p_x0 = truncate(guided_log_p_x0(model, x, t, text_features, null, config.guidance_scale), config.truncation)
+
+        def evaluate(x_now: torch.Tensor) -> torch.Tensor:
+            return guided_log_p_x0(model, x_now, t, text_features, null, config.guidance_scale)
+
         if config.purity:
-            x = purity_step(diffusion, log_p_x0, x, level_t, level_s, generator)
+            x = purity_step(diffusion, evaluate, x, level_t, level_s, config, generator)
         else:
+            log_p_x0 = truncate(evaluate(x), config.truncation)
             log_probs = diffusion.log_posterior(log_p_x0, x, t, level_s - 1)
             if level_s == 0:
                 log_probs = log_probs[:, : diffusion.num_codes]  # level 0 holds no [MASK]
