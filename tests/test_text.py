@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 
 import open_clip
 import pytest
@@ -90,6 +91,128 @@ def test_pretrained_from_a_local_file(tmp_path, suffix):
     encoder = TextEncoder(TextEncoderConfig(pretrained=str(path), **SMALL))
     ids = tokenize(CAPTIONS[:1])
     torch.testing.assert_close(encoder(ids), torch.nn.functional.normalize(reference(ids)[1], dim=-1))
+
+
+# ------------------------------------------------------------------ the three sources of pretrained weights
+# No real CLIP weights exist offline: a small random open_clip tower stands in for OpenAI's, written in
+# each format a user may hold, and every source must give the features open_clip's own tower computes.
+
+QUICK = dict(width=32, layers=2, heads=4, activation="quick_gelu")
+
+
+def open_clip_to_hf(state: dict, layers: int, prefix: str) -> dict:
+    """open_clip text tower names -> transformers' CLIPTextModel names (the test's own, reverse mapping)."""
+    out = {
+        f"{prefix}embeddings.token_embedding.weight": state["token_embedding.weight"],
+        f"{prefix}embeddings.position_embedding.weight": state["positional_embedding"],
+        f"{prefix}final_layer_norm.weight": state["ln_final.weight"],
+        f"{prefix}final_layer_norm.bias": state["ln_final.bias"],
+    }
+    for i in range(layers):
+        oc, hf = f"transformer.resblocks.{i}.", f"{prefix}encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = state[f"{oc}attn.in_proj_{kind}"].chunk(3)
+            out.update({f"{hf}self_attn.q_proj.{kind}": q, f"{hf}self_attn.k_proj.{kind}": k,
+                        f"{hf}self_attn.v_proj.{kind}": v,
+                        f"{hf}self_attn.out_proj.{kind}": state[f"{oc}attn.out_proj.{kind}"],
+                        f"{hf}layer_norm1.{kind}": state[f"{oc}ln_1.{kind}"],
+                        f"{hf}layer_norm2.{kind}": state[f"{oc}ln_2.{kind}"],
+                        f"{hf}mlp.fc1.{kind}": state[f"{oc}mlp.c_fc.{kind}"],
+                        f"{hf}mlp.fc2.{kind}": state[f"{oc}mlp.c_proj.{kind}"]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tower_in_every_format(tmp_path_factory):
+    """A random QuickGELU tower as: open_clip's reference, .safetensors, .bin, HF text folder, HF CLIP folder,
+    and an open_clip tag in a Hugging Face cache. Returns (reference features, {source name: path})."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(7)
+    reference = open_clip_tower("quick_gelu", **SMALL)
+    ids = tokenize(CAPTIONS)
+    expected = torch.nn.functional.normalize(reference(ids)[1], dim=-1)
+    # a whole open_clip CLIP's state dict holds the text tower at the top level, beside visual.*
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()} | {"visual.proj": torch.zeros(4, 4)}
+    paths = {"safetensors": root / "open_clip_model.safetensors", "bin": root / "open_clip_pytorch_model.bin"}
+    save_file(state, str(paths["safetensors"]))
+    torch.save(state, paths["bin"])
+
+    text_cfg = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=128,
+                                           num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                           hidden_act="quick_gelu", projection_dim=16)
+    hf_text = transformers.CLIPTextModel(text_cfg).eval()
+    prefix = "text_model." if "text_model.final_layer_norm.weight" in hf_text.state_dict() else ""  # transformers < 5
+    hf_text.load_state_dict(open_clip_to_hf(reference.state_dict(), 2, prefix))
+    with torch.no_grad():  # the reverse mapping is right: transformers' own forward gives the same tokens
+        hf_tokens = hf_text(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(torch.nn.functional.normalize(hf_tokens, dim=-1), expected, rtol=1e-5, atol=1e-5)
+    paths["hf_text_folder"] = root / "hf_text"
+    hf_text.save_pretrained(paths["hf_text_folder"])
+    vision_cfg = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=32, patch_size=16, projection_dim=16)
+    hf_clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=text_cfg.to_dict(),
+                                                             vision_config=vision_cfg.to_dict(), projection_dim=16))
+    hf_clip.text_model.load_state_dict(hf_text.state_dict() if not prefix else hf_text.text_model.state_dict())
+    paths["hf_clip_folder"] = root / "hf_clip"  # the form of openai/clip-vit-base-patch32
+    hf_clip.save_pretrained(paths["hf_clip_folder"])
+
+    snapshot = root / "hub" / "models--timm--vit_base_patch32_clip_224.openai" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    save_file(state, str(snapshot / "open_clip_model.safetensors"))
+    (root / "hub" / "models--timm--vit_base_patch32_clip_224.openai" / "refs").mkdir()
+    (root / "hub" / "models--timm--vit_base_patch32_clip_224.openai" / "refs" / "main").write_text("0123abcd")
+    paths["hub"] = root / "hub"
+    return expected, paths
+
+
+@pytest.mark.parametrize("source", ["safetensors", "bin", "hf_text_folder", "hf_clip_folder", "openai"])
+def test_every_source_of_pretrained_weights_gives_the_same_features(tower_in_every_format, source, monkeypatch):
+    import huggingface_hub
+
+    expected, paths = tower_in_every_format
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(paths["hub"]))
+    pretrained = "openai" if source == "openai" else str(paths[source])
+    encoder = TextEncoder(TextEncoderConfig(pretrained=pretrained, **QUICK))
+    torch.testing.assert_close(encoder(tokenize(CAPTIONS)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_weights_fail_naming_how_to_supply_them(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from vqd.models import VQDiffusionConfig, VQDiffusionModel
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    cfg = VQDiffusionConfig(num_codes=2887, grid=(32, 32), size="VQD-S")
+    assert (cfg.text.pretrained, cfg.text.activation) == ("openai", "quick_gelu")  # the paper presets' tower
+    with pytest.raises(FileNotFoundError) as err:
+        VQDiffusionModel(cfg)
+    message = str(err.value)
+    for needle in ("ViT-B-32/openai", "not on this machine", "nothing is downloaded", "Hugging Face CLIP folder",
+                   "openai/clip-vit-base-patch32", "open_clip_model.safetensors", "huggingface-cli download"):
+        assert needle in message, needle
+    # counting parameters needs no weights; a model folder carries its own (load_text_weights=False)
+    with torch.device("meta"):
+        VQDiffusionModel(cfg)
+
+
+def test_wrong_or_unsafe_weight_sources_are_refused(tower_in_every_format, tmp_path):
+    _, paths = tower_in_every_format
+    with pytest.raises(ValueError, match="hidden_act 'quick_gelu' \\(config: 'gelu'\\)"):
+        TextEncoder(TextEncoderConfig(pretrained=str(paths["hf_text_folder"]), **SMALL))  # gelu config
+    with pytest.raises(ValueError, match="hidden_size 32 \\(config: 64\\)"):
+        TextEncoder(TextEncoderConfig(pretrained=str(paths["hf_clip_folder"]), **(QUICK | {"width": 64})))
+    with pytest.raises(ValueError, match="not a Hugging Face CLIP folder"):
+        TextEncoder(TextEncoderConfig(pretrained=str(tmp_path), **QUICK))
+    with pytest.raises(ValueError, match="activation: open_clip weights ViT-B-32/openai need quick_gelu"):
+        TextEncoder(TextEncoderConfig(pretrained="openai", **SMALL))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    scripted.save(str(tmp_path / "ViT-B-32.pt"))  # OpenAI's original file is a TorchScript archive
+    with pytest.raises(ValueError, match="TorchScript archive"):
+        TextEncoder(TextEncoderConfig(pretrained=str(tmp_path / "ViT-B-32.pt"), **QUICK))
 
 
 def test_weights_without_a_text_tower_are_rejected(tmp_path):

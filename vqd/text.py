@@ -7,15 +7,14 @@ released `CLIPTextEmbedding` with `normalize: True, pick_last_embedding: False`)
 The tower below is written here (causal pre-LN transformer, parameter names as open_clip's
 `TextTransformer`, so open_clip / OpenAI weights load by name). Its architecture comes from open_clip's
 model configs (`text_config_from_open_clip("ViT-B-32")`); CPU configs may choose a smaller tower with the
-same vocabulary and context. open_clip is imported only inside the functions that need it.
+same vocabulary and context. The weights come from an open_clip tag, a file or a Hugging Face CLIP folder
+(vqd/clip_weights.py). open_clip and transformers are imported only inside the functions that need them.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -37,7 +36,9 @@ class TextEncoderConfig:
     mlp_ratio: int = 4
     activation: str = "gelu"  # "gelu" (open_clip/LAION weights) or "quick_gelu" (OpenAI weights)
     open_clip_model: str = "ViT-B-32"  # architecture name that an open_clip pretrained tag refers to
-    pretrained: str | None = None  # open_clip tag ("openai", "laion2b_s34b_b79k"), a weights file, or None
+    # Where the weights come from (vqd/clip_weights.py): an open_clip tag ("openai", read from the local
+    # Hugging Face cache only), a weights file, a Hugging Face CLIP folder, or None (seeded random init).
+    pretrained: str | None = None
     seed: int = 0  # seeded random init when pretrained is None
 
 
@@ -144,15 +145,22 @@ class TextEncoder(nn.Module):
         if cfg.activation not in ("gelu", "quick_gelu"):
             raise ValueError(f"text.activation: expected 'gelu' or 'quick_gelu', got {cfg.activation!r}")
         self.cfg = cfg
+        # Weights are read first, so that missing ones fail before anything is built. A model folder carries
+        # the tower's weights itself (load_weights=False), and a tower built on the meta device (to count
+        # parameters) needs none.
+        state = None
+        if load_weights and cfg.pretrained and torch.empty(0).device.type != "meta":
+            from vqd.clip_weights import read_text_weights
+
+            state = read_text_weights(cfg)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.transformer = _Resblocks(cfg)
         self.ln_final = nn.LayerNorm(cfg.width)
         if self.positional_embedding.device.type != "meta":
             self._seeded_init()
-            # A model folder carries the tower's weights itself, so loading one passes load_weights=False.
-            if load_weights and cfg.pretrained:
-                self.load_tower_weights(_read_pretrained(cfg))
+        if state is not None:
+            self.load_tower_weights(state)
         self.requires_grad_(False)
         super().train(False)
 
@@ -214,35 +222,3 @@ class TextEncoder(nn.Module):
                 x = block(x)
             x = self.ln_final(x)
         return F.normalize(x.float(), dim=-1)
-
-
-def _read_pretrained(cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
-    """Tensors named by cfg.pretrained: a local .safetensors / torch file, or an open_clip pretrained tag."""
-    source = cfg.pretrained
-    if os.path.isfile(source):
-        if str(source).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(source)
-        state = torch.load(source, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ValueError(f"pretrained: {source!r} does not hold a dict of tensors")
-        return state
-    import open_clip
-
-    if source not in open_clip.list_pretrained_tags_by_model(cfg.open_clip_model):
-        raise ValueError(f"pretrained: {source!r} is neither a file nor an open_clip tag of {cfg.open_clip_model!r}")
-    quick = bool(open_clip.get_pretrained_cfg(cfg.open_clip_model, source).get("quick_gelu", False))
-    if quick != (cfg.activation == "quick_gelu"):
-        raise ValueError(f"activation: open_clip weights {cfg.open_clip_model}/{source} need "
-                         f"{'quick_gelu' if quick else 'gelu'}, config says {cfg.activation!r}")
-    # Needs the weights in open_clip's cache or network access; nothing here downloads on its own accord.
-    model = open_clip.create_model(cfg.open_clip_model, pretrained=source, device="cpu")
-    return {k: v.detach().float() for k, v in model.state_dict().items()}
-
-
-def text_state_from_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a weights file for TextEncoder.load_tower_weights (safetensors or a weights-only torch file)."""
-    return _read_pretrained(TextEncoderConfig(pretrained=str(path)))
