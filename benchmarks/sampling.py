@@ -4,10 +4,12 @@
     python benchmarks/sampling.py --size VQD-B --grid 32 --device cuda --dtype bf16   # the paper's setting
 
 Rows: images/s at one batch size for VQ-Diffusion at 100/50/25/10 steps (our sampler, exact strided
-posterior), VQ-AR as the paper ran it (whole prefix recomputed per token) and with a KV cache, and
-diffusers' VQ-Diffusion (Transformer2DModel for discrete inputs + VQDiffusionScheduler, randomly
-initialised at the same depth/width) over the same number of network evaluations. A second table splits
-one reverse step into the network and the posterior maths. Weights are random: speed does not depend on them.
+posterior), VQ-AR of the same parameter count (vqd/network.py AR_SIZE_OF: the paper's Table 3 compares
+equal sizes) without a cache (whole prefix recomputed per token) and with a KV cache, and diffusers'
+VQ-Diffusion (Transformer2DModel for discrete inputs + VQDiffusionScheduler, randomly initialised at the
+same depth/width) over the same number of network evaluations. A second table splits one reverse step
+into the network and the posterior maths. Weights are random, the text tower's too: speed does not
+depend on them, so the paper sizes run without CLIP weights on disk.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch  # noqa: E402
 from vqd.ar import VQARConfig, VQARModel  # noqa: E402
 from vqd.diffusion import sample_categorical  # noqa: E402
 from vqd.models import VQDiffusionConfig, VQDiffusionModel, count_parameters  # noqa: E402
+from vqd.network import AR_SIZE_OF  # noqa: E402
 from vqd.sampling import SamplingConfig, guided_log_p_x0, sample_tokens, truncate  # noqa: E402
 
 
@@ -41,11 +44,12 @@ def timed(fn, device: str) -> float:
 
 
 def build_models(args):
-    """Our VQ-Diffusion and VQ-AR models of one network size, random weights, eval mode."""
-    common = dict(num_codes=args.num_codes, grid=(args.grid, args.grid), size=args.size)
-    diffusion = VQDiffusionModel(VQDiffusionConfig(**common)).to(args.device).eval()
-    ar = VQARModel(VQARConfig(**common)).to(args.device).eval()
-    return diffusion, ar
+    """Our VQ-Diffusion model and the VQ-AR of its parameter count, random weights, eval mode."""
+    common = dict(num_codes=args.num_codes, grid=(args.grid, args.grid))
+    diffusion = VQDiffusionModel(VQDiffusionConfig(size=args.size, **common), load_text_weights=False)
+    ar = VQARModel(VQARConfig(size=args.ar_size or AR_SIZE_OF.get(args.size, args.size), **common),
+                   load_text_weights=False)
+    return diffusion.to(args.device).eval(), ar.to(args.device).eval()
 
 
 def build_diffusers_peer(model: VQDiffusionModel, args):
@@ -103,6 +107,7 @@ def step_breakdown(model: VQDiffusionModel, text, args) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="tiny")
+    parser.add_argument("--ar-size", default=None, help="VQ-AR size (default: the one of --size's parameter count)")
     parser.add_argument("--grid", type=int, default=16, help="token grid side (32 in the paper)")
     parser.add_argument("--num-codes", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=32)
@@ -134,12 +139,14 @@ def main() -> None:
     g = lambda: torch.Generator(device=args.device).manual_seed(0)  # noqa: E731
     with autocast:  # warm-up: allocator, kernels, lazy init
         sample_tokens(model, text, SamplingConfig(steps=2), generator=g())
-    print(f"batch {args.batch}, grid {args.grid}x{args.grid}, K={args.num_codes}, size {args.size}, "
-          f"{args.device} {args.dtype}, truncation r={args.truncation}")
+    n_diffusion, n_ar = count_parameters(model.denoiser), count_parameters(ar.transformer)
+    print(f"batch {args.batch}, grid {args.grid}x{args.grid}, K={args.num_codes}, {args.device} {args.dtype}, "
+          f"truncation r={args.truncation}\nparameters: VQ-Diffusion {args.size} {n_diffusion / 1e6:.2f}M, "
+          f"VQ-AR {ar.config.size} {n_ar / 1e6:.2f}M ({n_ar / n_diffusion - 1:+.1%})")
     for steps in args.steps:
         run(f"VQ-Diffusion ({steps} steps)", steps, lambda: sample_tokens(model, text, SamplingConfig(steps=steps, truncation=args.truncation), generator=g()))
     if "ar-nocache" not in args.skip:
-        run("VQ-AR, prefix recomputed", N, lambda: ar.generate(text, g(), use_cache=False))
+        run("VQ-AR, no cache", N, lambda: ar.generate(text, g(), use_cache=False))
     if "ar-cache" not in args.skip:
         run("VQ-AR, KV cache", N, lambda: ar.generate(text, g(), use_cache=True))
     peer_params = None
@@ -151,6 +158,8 @@ def main() -> None:
                 lambda: diffusers_sample(net, scheduler, text, steps, model.num_codes, N, g()))
     with autocast:
         breakdown = step_breakdown(model, text, args)
+    if peer_params is not None:
+        print(f"parameters: diffusers peer {peer_params / 1e6:.2f}M")
 
     base = {r["network_evals"]: r["images_per_s"] for r in rows if r["sampler"].startswith("VQ-Diffusion")}
     print("\n| sampler | network evals | s / batch | images/s | vs VQ-Diffusion 25 steps |\n|---|---|---|---|---|")
@@ -164,8 +173,8 @@ def main() -> None:
 
     result = {
         "args": vars(args), "rows": rows, "step_breakdown": breakdown,
-        "parameters": {"vq_diffusion_denoiser": count_parameters(model.denoiser),
-                       "vq_ar_transformer": count_parameters(ar.transformer), "diffusers_transformer": peer_params},
+        "parameters": {"vq_diffusion_denoiser": n_diffusion, "vq_ar_transformer": n_ar,
+                       "vq_ar_size": ar.config.size, "diffusers_transformer": peer_params},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
                     "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()},
     }

@@ -55,23 +55,23 @@ def cumulative_schedule(num_timesteps: int, schedule: str, mask_rate: float):
     that a schedule without replacement (mask_rate = 1) has exactly 0 there, and one without masking
     (mask_rate = 0) exactly 0 mask rate.
     """
-    T = num_timesteps
+    T, f64 = num_timesteps, dict(dtype=torch.float64, device="cpu")  # CPU even when a model is built on "meta"
     if schedule == "code":
         # The released code: cumulative keep rate ramps 0.99999 -> 0.000009 and cumulative mask rate
         # 0.000009 -> 0.99999 over levels 1..T, leaving ~1e-6 of uniform replacement in total.
-        alpha_bar = torch.linspace(0.99999, 0.000009, T, dtype=torch.float64)
-        gamma_bar = torch.linspace(0.000009, 0.99999, T, dtype=torch.float64)
+        alpha_bar = torch.linspace(0.99999, 0.000009, T, **f64)
+        gamma_bar = torch.linspace(0.000009, 0.99999, T, **f64)
         replace_bar = 1.0 - alpha_bar - gamma_bar
     elif schedule == "paper":
         # The paper's text: gamma-bar rises linearly 0 -> M and K*beta-bar 0 -> 1-M, so alpha-bar
         # falls 1 -> 0. (M = 0.9 was the best of the mask-rate ablation, which ran M from 0 to 1.)
-        frac = torch.arange(1, T + 1, dtype=torch.float64) / T
+        frac = torch.arange(1, T + 1, **f64) / T
         gamma_bar = mask_rate * frac
         replace_bar = (1.0 - mask_rate) * frac
         alpha_bar = 1.0 - frac
     else:
         raise ValueError(f"schedule must be 'code' or 'paper', got {schedule!r}")
-    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    one, zero = torch.ones(1, **f64), torch.zeros(1, **f64)
     return torch.cat([one, alpha_bar]), torch.cat([zero, gamma_bar]), torch.cat([zero, replace_bar])
 
 

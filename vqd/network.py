@@ -1,12 +1,22 @@
 """What the VQ-Diffusion model and the VQ-AR baseline share: the size registry, the network fields of
 their configs, and the composed-model base (frozen text tower, saving and loading as a model folder).
 
-Sizes. The paper (Gu et al. 2022, Sec. 4.1 "Implementation details") builds two denoisers:
-VQ-Diffusion-S, "18 transformer blocks with dimension of 192" (34M parameters), and VQ-Diffusion-B,
-"19 transformer blocks with dimension of 1024" (370M parameters). The released configs
-(microsoft/VQ-Diffusion configs/coco.yaml, cub200.yaml) confirm B: n_layer 19, n_embd 1024, n_head 16,
-mlp_hidden_times 4, condition_dim 512 (CLIP ViT-B/32 text), a 32 x 32 grid of 2887 codes. No released
-config gives S's head count; we use 6 heads of 32 channels. The tiny sizes are ours, for CPUs.
+Sizes. The paper (Gu et al. 2022, Sec. 4.1) builds VQ-Diffusion-S, "18 transformer blocks with dimension
+of 192" (34M parameters), and VQ-Diffusion-B, "19 transformer blocks with dimension of 1024" (370M).
+The released configs (microsoft/VQ-Diffusion configs/coco.yaml, cub200.yaml) confirm B: n_layer 19,
+n_embd 1024, n_head 16, mlp_hidden_times 4, condition_dim 512 (CLIP ViT-B/32 text), a 32 x 32 grid of
+K = 2887 image codes (2886 used VQGAN codes plus id 0, where its remapping sends the 5306 unused ones;
+[MASK] is a 2888th class). Counted here at that K and grid, without the frozen text tower (63.2M):
+- VQD-B builds 388.8M parameters, 5% over the paper's 370M (the paper does not say what it counted).
+- VQD-S: no S config was released, and 18 blocks of width 192 hold only 17.4M, half the paper's 34M.
+  We keep the parameter count, which is what the paper's comparisons rest on, and widen to 288
+  (9 heads of 32 channels): 35.0M, 3% over, as B is over. `width: 192` gives the text's literal S.
+- VQ-AR-S / VQ-AR-B, the Table 3 baseline at equal size: the same depth, width and heads, causal and
+  without the timestep's AdaLN layers; their parameters go back into a wider MLP (ratio 6.25 and 6):
+  34.7M (-0.8%) and 384.9M (-1.0%). The paper does not say how its VQ-AR matched the sizes.
+The paper presets condition on OpenAI's CLIP ViT-B/32 text tower, as the released code does (QuickGELU,
+open_clip tag "openai"); its weights must be on disk (vqd/clip_weights.py). The CPU sizes are ours: a
+small seeded tower with CLIP's vocabulary and context.
 """
 
 from __future__ import annotations
@@ -23,6 +33,11 @@ from vqd.config import from_dict, to_dict
 from vqd.text import TextEncoder, TextEncoderConfig
 
 
+def openai_vit_b_32() -> TextEncoderConfig:
+    """OpenAI's CLIP ViT-B/32 text tower (the released code's `clip_name: ViT-B/32`), pretrained weights."""
+    return TextEncoderConfig(activation="quick_gelu", pretrained="openai")
+
+
 @dataclass
 class ModelSize:
     """Depth and width of the image transformer, and the text tower that goes with them."""
@@ -30,17 +45,25 @@ class ModelSize:
     depth: int
     width: int
     heads: int
-    mlp_ratio: int = 4
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    mlp_ratio: float = 4  # MLP hidden width = round(mlp_ratio * width)
+    text: TextEncoderConfig = field(default_factory=openai_vit_b_32)
 
 
+# Parameter counts without the text tower, at K = 2887 and a 32 x 32 grid (tiny: K = 1024, 16 x 16, the
+# sampling benchmark's); tests/test_models.py checks them.
 MODEL_SIZES: dict[str, ModelSize] = {
-    "VQD-S": ModelSize(depth=18, width=192, heads=6),  # paper: 34M parameters
-    "VQD-B": ModelSize(depth=19, width=1024, heads=16),  # paper: 370M parameters
+    "VQD-S": ModelSize(depth=18, width=288, heads=9),  # 35.0M (paper: 34M at "dimension 192", see above)
+    "VQD-B": ModelSize(depth=19, width=1024, heads=16),  # 388.8M (paper: 370M)
+    "VQ-AR-S": ModelSize(depth=18, width=288, heads=9, mlp_ratio=6.25),  # 34.7M, VQD-S's size
+    "VQ-AR-B": ModelSize(depth=19, width=1024, heads=16, mlp_ratio=6),  # 384.9M, VQD-B's size
     # CPU sizes (ours): an 8 x 8 grid trains in minutes; small text tower, same vocabulary and context.
-    "tiny": ModelSize(depth=4, width=128, heads=4, text=TextEncoderConfig(width=128, layers=2, heads=2)),
+    "tiny": ModelSize(depth=4, width=128, heads=4, text=TextEncoderConfig(width=128, layers=2, heads=2)),  # 1.69M
+    "VQ-AR-tiny": ModelSize(depth=4, width=128, heads=4, mlp_ratio=6.75,
+                            text=TextEncoderConfig(width=128, layers=2, heads=2)),  # 1.69M, tiny's size
     "micro": ModelSize(depth=2, width=32, heads=2, text=TextEncoderConfig(width=32, layers=1, heads=2)),
 }
+# The VQ-AR size of each VQ-Diffusion size's parameter count (the paper's Table 3 compares equal sizes).
+AR_SIZE_OF = {"VQD-S": "VQ-AR-S", "VQD-B": "VQ-AR-B", "tiny": "VQ-AR-tiny"}
 
 
 @dataclass
@@ -58,7 +81,7 @@ class NetworkConfig:
     depth: int | None = None
     width: int | None = None
     heads: int | None = None
-    mlp_ratio: int | None = None
+    mlp_ratio: float | None = None
     dropout: float = 0.0
     checkpoint: bool = False  # activation checkpointing while training
     text: TextEncoderConfig | None = None
@@ -89,11 +112,15 @@ class NetworkConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
-        """Inverse of to_dict; `kind`, if present, must be this model's kind."""
+        """Inverse of to_dict; `kind`, if present, must be this model's kind. With a `size`, a partial `text`
+        mapping overrides the size's text tower field by field (`{"size": "VQD-B", "text": {"pretrained":
+        "/data/clip-vit-base-patch32"}}` keeps OpenAI's ViT-B/32 and names where its weights are)."""
         data = dict(data)
         kind = data.pop("kind", cls.KIND)
         if kind != cls.KIND:
             raise ValueError(f"kind: expected {cls.KIND!r} for {cls.__name__}, got {kind!r}")
+        if data.get("size") in MODEL_SIZES and isinstance(data.get("text"), dict):
+            data["text"] = to_dict(MODEL_SIZES[data["size"]].text) | data["text"]
         return from_dict(cls, data)
 
 

@@ -34,7 +34,7 @@ class TransformerConfig:
     width: int
     heads: int
     text_dim: int = 512  # D_text, width of the per-token text features
-    mlp_ratio: int = 4
+    mlp_ratio: float = 4  # MLP hidden width = round(mlp_ratio * width)
     num_timesteps: int = 100  # T; 0 means no timestep conditioning (plain LayerNorm), as in VQ-AR
     causal: bool = False
     dropout: float = 0.0
@@ -161,9 +161,8 @@ class Block(nn.Module):
         self.self_attn = SelfAttention(w, cfg.heads, cfg.causal, cfg.dropout, cfg.grid[0] * cfg.grid[1])
         self.cross_attn = CrossAttention(w, cfg.text_dim, cfg.heads, cfg.dropout)
         self.norm3 = nn.LayerNorm(w)  # the released code's MLP norm is a plain LayerNorm, not AdaLN
-        self.mlp = nn.Sequential(
-            nn.Linear(w, cfg.mlp_ratio * w), QuickGELU(), nn.Linear(cfg.mlp_ratio * w, w), nn.Dropout(cfg.dropout)
-        )
+        hidden = round(cfg.mlp_ratio * w)
+        self.mlp = nn.Sequential(nn.Linear(w, hidden), QuickGELU(), nn.Linear(hidden, w), nn.Dropout(cfg.dropout))
 
     def _norm(self, norm: nn.Module, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         return norm(x, t) if self.timed else norm(x)
