@@ -141,6 +141,10 @@ def init_distributed(use_deepspeed: bool = True, cpu_threads: int | None = None,
         if use_deepspeed:
             import deepspeed
 
+            if backend == "gloo":
+                # DeepSpeed's CPU backend compiles a shared-memory all-reduce op (~75 CPU-seconds on a fresh
+                # machine) that only tensor-parallel inference uses; training all-reduces through gloo.
+                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
