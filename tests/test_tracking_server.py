@@ -80,3 +80,15 @@ def test_training_over_http_reads_back_through_the_rest_client(tmp_path, mlflow_
     assert run.data.tags["mlflow.parentRunId"] == base_id and run.data.tags["mlflow.runName"] == "tuned"
     assert run.data.params["train.init_from"] == f"runs:/{base_id}"
     assert [m.step for m in client.get_metric_history(tuned_id, "loss")] == [1, 2]
+
+    # compare.py on the same server: the two runs side by side, the fine-tune under its base, the server's address
+    from training.compare import compare
+
+    report = compare(mlflow_server.uri, "server", None, tmp_path / "compare", ["loss", "val/vlb"])
+    assert report["runs"] == [base_id, tuned_id]
+    assert report["lineage"].splitlines()[1].startswith(f"└── tuned ({tuned_id[:8]})  FINISHED  loss ")
+    assert report["params"]["train.steps"] == ["4", "2"] and report["params"]["train.init_from"] == ["", f"runs:/{base_id}"]
+    final = {rid: report["metrics"][rid]["loss"]["final"] for rid in (base_id, tuned_id)}
+    assert final == {rid: client.get_run(rid).data.metrics["loss"] for rid in (base_id, tuned_id)}
+    assert report["browser"].startswith(f"open {mlflow_server.uri}/#/compare-runs?runs=")
+    assert (tmp_path / "compare/curves.png").stat().st_size > 10_000
