@@ -8,8 +8,8 @@ white; images smaller than the crop are upscaled. Each image: shorter side resiz
 
 Held-out images: a sample whose .json carries a `split` (the data pipeline's train/test, kept by img2dataset)
 is held out unless it is "train"; other samples use a deterministic key hash (`holdout` fraction).
-The stream is sharded over ranks and DataLoader workers, reshuffled every epoch, and resumable: a worker can
-skip the batches it produced before a checkpoint without decoding them.
+The stream is sharded over ranks and DataLoader workers, reshuffled every epoch, and resumable exactly: a
+worker re-makes (decodes, shuffles) the batches it produced before a checkpoint and drops them.
 """
 
 from __future__ import annotations
@@ -205,18 +205,12 @@ class ImageStream(torch.utils.data.IterableDataset):
                     yield key, payload
                 index += 1
 
-    def _images(self, epoch: int, part: int, parts: int, counts: Counter, rng: random.Random,
-                to_skip: list[int]) -> Iterator[torch.Tensor]:
-        """Decoded images [3, H, W] of one epoch, through the shuffle buffer when training.
-
-        `to_skip` (a one-element list, shared across epochs) counts raw samples still to pass over on resume.
-        """
+    def _images(self, epoch: int, part: int, parts: int, counts: Counter,
+                rng: random.Random) -> Iterator[torch.Tensor]:
+        """Decoded images [3, H, W] of one epoch, through the shuffle buffer when training."""
         shuffle = self.train and self.cfg.shuffle_buffer > 1
         buf: list[torch.Tensor] = []
         for key, payload in self._raw(epoch, part, parts, counts):
-            if to_skip[0] > 0:
-                to_skip[0] -= 1
-                continue
             try:
                 data = payload if isinstance(payload, bytes) else Path(payload).read_bytes()
                 x = load_image(data, self.size, rng if self.cfg.random_crop else None, self.cfg.flip and self.train)
@@ -234,28 +228,43 @@ class ImageStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, int]]]:
         info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        physical, nw = (info.id, info.num_workers) if info else (0, 1)
+        # after B batches the DataLoader's round-robin resumes at logical worker B mod nw: worker 0 takes that role
+        wid = (physical + self.skip_batches) % nw
         part, parts = self.rank * nw + wid, self.world_size * nw
-        # batches this worker produced before the checkpoint (DataLoader takes workers round-robin)
-        to_skip = [(self.skip_batches // nw + (1 if wid < self.skip_batches % nw else 0)) * self.batch_size]
+        # Resume: this worker re-makes the batches it produced before the checkpoint (the same decodes, shuffle
+        # and random crops, so what follows is exactly what an uninterrupted run gets) and drops them.
+        to_skip = self.skip_batches // nw + (1 if wid < self.skip_batches % nw else 0)
         counts: Counter = Counter()
         rng = random.Random(hash((self.seed, part)))
         epoch, empty_epochs = 0, 0
+
+        def emit(batch: list[torch.Tensor]):
+            nonlocal to_skip
+            if to_skip > 0:
+                to_skip -= 1
+                counts.clear()  # its skips were reported before the checkpoint
+                return None
+            self.totals.update(counts)
+            out = torch.stack(batch), dict(counts)
+            counts.clear()
+            return out
+
         while self.epochs is None or epoch < self.epochs:
             batch, produced = [], 0
-            for x in self._images(epoch, part, parts, counts, rng, to_skip):
+            for x in self._images(epoch, part, parts, counts, rng):
                 batch.append(x)
                 if len(batch) == self.batch_size:
-                    self.totals.update(counts)
-                    yield torch.stack(batch), dict(counts)
+                    out = emit(batch)
+                    if out is not None:
+                        yield out
                     batch, produced = [], produced + 1
-                    counts.clear()
             if batch and not self.drop_last:
-                self.totals.update(counts)
-                yield torch.stack(batch), dict(counts)
+                out = emit(batch)
+                if out is not None:
+                    yield out
                 produced += 1
-                counts.clear()
-            empty_epochs = empty_epochs + 1 if produced == 0 and to_skip[0] == 0 else 0
+            empty_epochs = empty_epochs + 1 if produced == 0 else 0
             if empty_epochs >= 5 and self.epochs is None:  # (one empty epoch can be a shard of only bad tars)
                 raise ValueError(f"data.source {self.cfg.source!r} gave no usable {self.split} image batch of "
                                  f"{self.batch_size} for rank {self.rank} worker {wid} ({dict(counts)} skipped)")

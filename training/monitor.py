@@ -8,28 +8,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.config import config_to_dict, save_config
 from data_pipeline.shards import iter_samples
 from training.data import split_shards, token_loader
 from training.distributed import DistInfo
-from training.tracking import Tracker
+from training.tracking import Tracker, start_run
 
 
 def start_tracking(cfg, run_dir: Path, info: DistInfo, model_cfg, base_run: str, program: str) -> Tracker:
-    """Rank 0: save the resolved config, open (or reopen) the MLflow run with the base run as parent."""
+    """Rank 0: the resolved config and the MLflow run, with the base run (of a fine-tune) as parent."""
     if base_run and not cfg.tracking.parent_run_id:
         cfg.tracking.parent_run_id = base_run
-    tracker = Tracker(cfg.tracking, run_dir, info.is_main)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    params = config_to_dict(cfg)
-    params["model_resolved"] = {k: v for k, v in model_cfg.to_dict().items() if k not in ("classes", "text")}
-    params["model_resolved"]["classes"] = len(model_cfg.classes)
-    tracker.start(params, tags={"program": program, "world_size": str(info.world_size),
-                                "condition": model_cfg.condition})
-    tracker.log_artifact(run_dir / "config.yaml")
-    return tracker
+    resolved = {k: v for k, v in model_cfg.to_dict().items() if k not in ("classes", "text")}
+    resolved["classes"] = len(model_cfg.classes)
+    return start_run(cfg, run_dir, info.is_main, program, params={"model_resolved": resolved},
+                     tags={"world_size": str(info.world_size), "condition": model_cfg.condition})
 
 
 def fixed_prompts(cfg, manifest: dict, model_cfg) -> list[str]:

@@ -191,3 +191,19 @@ def local_artifact_location(uri: str) -> str | None:
         return None
     return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
 
+
+
+def start_run(cfg: Any, run_dir: str | Path, is_main: bool, program: str, tags: dict[str, str] | None = None,
+              params: dict[str, Any] | None = None) -> Tracker:
+    """Rank 0 saves the resolved config beside the run and opens (or, on resume, reopens) its MLflow run with
+    the flattened config (plus `params`) as params; other ranks get an inactive tracker."""
+    from training.config import config_to_dict, save_config
+
+    run_dir = Path(run_dir)
+    tracker = Tracker(cfg.tracking, run_dir, is_main)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    tracker.start({**config_to_dict(cfg), **(params or {})}, tags={"program": program, **(tags or {})})
+    tracker.log_artifact(run_dir / "config.yaml")
+    return tracker

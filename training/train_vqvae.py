@@ -51,12 +51,13 @@ import torch.nn as nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from training.checkpoint import export_dir, load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
-from training.config import (OptimConfig, TrackingConfig, TrainConfig, config_to_dict, load_config,  # noqa: E402
+from training.config import (OptimConfig, TrackingConfig, TrainConfig, load_config,  # noqa: E402
                              save_config, split_cli)
-from training.optim import build_optimizer  # noqa: E402
 from training.data_images import ImageDataConfig, image_loader  # noqa: E402
-from training.distributed import all_reduce_mean, barrier, cleanup, init_distributed  # noqa: E402
-from training.tracking import Tracker, image_grid, to_uint8  # noqa: E402
+from training.distributed import barrier, cleanup, init_distributed  # noqa: E402
+from training.metrics import MetricWindow  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+from training.tracking import image_grid, start_run, to_uint8  # noqa: E402
 from vqd.autoencoder import PatchDiscriminator, hinge_d_loss  # noqa: E402
 from vqd.vqvae import VQVAE, VQVAEConfig, count_code_usage, load_tokenizer  # noqa: E402
 
@@ -216,28 +217,24 @@ def main(argv: list[str] | None = None) -> None:
     dtype = next(p for p in engine.module.parameters() if p.requires_grad).dtype
 
     step, batches_done = 0, 0
+    skipped = {"bad_images": 0, "bad_tars": 0}  # this rank's, since the run began (kept in checkpoints)
     resume_from = resolve_resume(cfg.train.resume, run_dir)
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from, info.rank)
         step, batches_done = int(state["step"]), int(state.get("batches", 0))
-    tracker = Tracker(cfg.tracking, run_dir, info.is_main)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    tracker.start(config_to_dict(cfg), tags={"program": "train_vqvae", "world_size": str(info.world_size)})
-    tracker.log_artifact(run_dir / "config.yaml")
+        skipped = {k: int(state.get(f"skipped_{k}", 0)) for k in skipped}
+    tracker = start_run(cfg, run_dir, info.is_main, "train_vqvae", tags={"world_size": str(info.world_size)})
 
     loader = image_loader(cfg.data, cfg.model.image_size, cfg.train.micro_batch_size, split="train",
                           rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
                           skip_batches=batches_done, num_workers=cfg.train.num_workers)
     data = iter(loader)
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not info.is_main, desc="train_vqvae", dynamic_ncols=True)
-    window: dict[str, float] = {}
+    window = MetricWindow()
     window_counts = torch.zeros(cfg.model.num_embeddings)
-    skipped = {"bad_images": 0, "bad_tars": 0}
-    t0, images_seen, n_window = time.time(), 0, 0
     engine.train()
     while step < cfg.train.steps:
+        started = time.perf_counter()
         for _ in range(cfg.train.grad_accum):
             x, bad = next(data)
             batches_done += 1
@@ -247,31 +244,31 @@ def main(argv: list[str] | None = None) -> None:
             loss, metrics = engine(x, step)
             engine.backward(loss)
             engine.step()
-            images_seen += x.shape[0]
-            n_window += 1
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                window[k] = window.get(k, 0.0) + float(v)
+            window.add(x.shape[0], loss=loss.detach(), **metrics)
             window_counts += objective.counts.detach().float().cpu()
+        window.add(0, time.perf_counter() - started)
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            means = all_reduce_mean({k: v / n_window for k, v in window.items()}, info.device)
-            elapsed = time.time() - t0
-            means.update({"usage": float((window_counts > 0).float().mean()),
-                          "lr": sched.get_last_lr()[0],
-                          "images_per_s": images_seen * info.world_size / max(elapsed, 1e-9),
-                          **{f"skipped/{k}": float(v) for k, v in all_reduce_mean(skipped, info.device).items()}})
+            means = window.flush(info.device)
+            means["images_per_s"] = means.pop("samples_per_s")
+            totals = torch.tensor([float(skipped[k]) for k in sorted(skipped)], dtype=torch.float64)
+            if info.world_size > 1:  # counts add up over ranks
+                totals = totals.to(info.device)
+                torch.distributed.all_reduce(totals)
+            means.update({"usage": float((window_counts > 0).float().mean()), "lr": sched.get_last_lr()[0],
+                          **{f"skipped/{k}": float(v) for k, v in zip(sorted(skipped), totals.tolist())}})
             tracker.log_metrics(means, step)
             bar.set_postfix(loss=f"{means['loss']:.4f}", psnr=f"{means['psnr']:.2f}",
                             usage=f"{means['usage']:.2f}", ips=f"{means['images_per_s']:.0f}")
-            window, n_window, images_seen, t0 = {}, 0, 0, time.time()
             window_counts.zero_()
         if info.is_main and cfg.train.image_every and step % cfg.train.image_every == 0:
             tracker.log_image(recon_grid(engine.module.vqvae, x), f"reconstructions/step_{step:08d}.png")
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             tracker.log_metrics(evaluate(engine.module.vqvae, cfg, info.rank, info.world_size, info.device), step)
         if step % cfg.train.save_every == 0 or step == cfg.train.steps:
-            save_checkpoint(engine, run_dir, step, info.rank, cfg, {"batches": batches_done},
+            save_checkpoint(engine, run_dir, step, info.rank, cfg,
+                            {"batches": batches_done, **{f"skipped_{k}": v for k, v in skipped.items()}},
                             cfg.train.keep_checkpoints)
             if info.is_main:
                 engine.module.vqvae.save(export_dir(run_dir))
