@@ -40,7 +40,7 @@ def encode_per_core(out: Path, tokenizer: Path, batch_size: int) -> dict:
     """Encode every download tar once in this process with one torch thread: images/s on one core."""
     import torch
 
-    from data_pipeline.download import done_shards
+    from data_pipeline.common import done_shards
     from data_pipeline.encode import ShardEncoder
 
     torch.set_num_threads(1)
@@ -51,7 +51,7 @@ def encode_per_core(out: Path, tokenizer: Path, batch_size: int) -> dict:
     enc.encode_tar(tars[0])  # warm-up (first-call allocations, BPE cache)
     start, n = time.perf_counter(), 0
     for t in tars:
-        n += enc.encode_tar(t)["encoded"]
+        n += sum(enc.encode_tar(t)["samples"].values())
     seconds = time.perf_counter() - start
     return {"images": n, "seconds": seconds, "images_per_s_per_core": n / seconds}
 

@@ -7,9 +7,10 @@
     python data_pipeline/build.py emoji --stages encode,validate --tokenizer runs/vqvae_emoji/export
     ray start --head && python data_pipeline/build.py cc3m --address auto   # on a cluster (cluster/)
 
-Output folder (default data/<recipe>): manifest.json + {split}-000000.tar (what training reads), and the
-stage folders metadata/, filter/, download/, encode/ (each with _DONE.json when complete). A rerun of the
-same command skips finished stages and finishes the others; build_stats.json keeps the timings.
+Output folder (default data/<recipe>): manifest.json + {split}-{version}-000000.tar (what training reads),
+and the stage folders metadata/, filter/, download/, encode/ (each with _DONE.json when complete). A rerun
+of the same command skips finished stages and finishes the others; build_stats.json keeps the timings.
+One build at a time writes to a folder (<out>/.lock); a second one is refused.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ if __package__ in (None, ""):  # run as a script: make `data_pipeline` and `vqd`
 
 import yaml  # noqa: E402
 
-from data_pipeline.common import STAGES, atomic_write_json, clear_done, init_ray, is_done, mark_done, read_done  # noqa: E402
+from data_pipeline.common import (STAGES, atomic_write_json, build_lock, clear_done, init_ray, is_done,  # noqa: E402
+                                  mark_done, read_done, redact)
 from data_pipeline.recipe import TRAIN_VQVAE_HINT, load_recipe, recipe_hash  # noqa: E402
 
 NEEDS = {"filter": "metadata", "download": "filter", "encode": "download", "validate": "encode"}
@@ -59,17 +61,21 @@ def build(recipe_name: str, out: Optional[str] = None, tokenizer: Optional[str] 
           stages: Sequence[str] = STAGES, address: Optional[str] = None, num_cpus: Optional[int] = None,
           retry_failed: bool = False, overrides: Optional[dict] = None) -> dict:
     """Run the selected stages; returns {'out', 'manifest', 'stages': {stage: {'status', 'stats', 'seconds'}}}."""
+    recipe = load_recipe(recipe_name, overrides)
+    out_dir = Path(out or recipe.out)
+    with build_lock(out_dir):
+        return _build(recipe, out_dir, tokenizer, metadata, list(stages), address, num_cpus, retry_failed)
+
+
+def _build(recipe, out_dir: Path, tokenizer: Optional[str], metadata: Optional[str], stages: list[str],
+           address: Optional[str], num_cpus: Optional[int], retry_failed: bool) -> dict:
     from data_pipeline.download import run_download
     from data_pipeline.encode import run_encode, tokenizer_info
     from data_pipeline.filters import run_filter
     from data_pipeline.manifest import validate, write_dataset
     from data_pipeline.metadata import check_source, run_metadata
 
-    recipe = load_recipe(recipe_name, overrides)
-    out_dir = Path(out or recipe.out)
     tok = Path(tokenizer or recipe.tokenizer) if (tokenizer or recipe.tokenizer) else None
-    stages = list(stages)
-    out_dir.mkdir(parents=True, exist_ok=True)
     _stamp_recipe(out_dir, recipe)
     if retry_failed:
         if "download" not in stages:
@@ -77,6 +83,9 @@ def build(recipe_name: str, out: Optional[str] = None, tokenizer: Optional[str] 
         clear_done(out_dir, "download", "encode", "validate")
     if "metadata" in stages and not is_done(out_dir, "metadata"):
         check_source(recipe, metadata)  # offline with a remote source: say so before Ray starts
+    elif metadata and is_done(out_dir, "metadata") and read_done(out_dir, "metadata")["source"] != redact(metadata):
+        raise ValueError(f"{out_dir} was built from metadata {read_done(out_dir, 'metadata')['source']!r}, not "
+                         f"{redact(metadata)!r}: build into a new --out")
     init_ray(address, num_cpus)
     stats_path = out_dir / "build_stats.json"
     timings = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
@@ -108,6 +117,7 @@ def build(recipe_name: str, out: Optional[str] = None, tokenizer: Optional[str] 
             previous = {s: read_done(out_dir, s) for s in ("metadata", "filter", "download")}
             manifest_path = write_dataset(recipe, out_dir, info, previous)
             stats = {"tokenizer": info, **json.loads(manifest_path.read_text())["statistics"]["encode"]}
+            clear_done(out_dir, "validate")  # a new manifest: validate it again
         else:
             stats = validate(out_dir)
         mark_done(out_dir, stage, stats)
@@ -123,7 +133,7 @@ def build(recipe_name: str, out: Optional[str] = None, tokenizer: Optional[str] 
 def _headline(stage: str, stats: dict) -> str:
     """One line of numbers per stage for the summary table."""
     if stage == "metadata":
-        return f"{stats['rows']} rows from {stats['files']} file(s)"
+        return f"{stats['rows']} rows from {stats['files']} file(s) in {stats['parts']} part(s)"
     if stage == "filter":
         drops = ", ".join(f"{k} {v}" for k, v in sorted(stats["dropped"].items())) or "none"
         return f"{stats['kept']} of {stats['input']} kept; dropped: {drops}"
@@ -131,7 +141,8 @@ def _headline(stage: str, stats: dict) -> str:
         fails = ", ".join(f"{k} {v}" for k, v in sorted(stats["failed"].items())) or "none"
         return f"{stats['downloaded']} of {stats['attempted']} downloaded; failed: {fails}"
     if stage == "encode":
-        return f"{stats['encoded']} encoded, {stats['failed']} failed, {stats['codes_used']} codes used"
+        fails = ", ".join(f"{k} {v}" for k, v in sorted(stats["failed"].items())) or "none"
+        return f"{stats['encoded']} encoded, {stats['codes_used']} codes used; failed: {fails}"
     return f"{stats['samples']} samples in {stats['shards']} shards verified"
 
 
@@ -145,7 +156,9 @@ def print_summary(report: dict) -> None:
         print(f"{stage:<{widths[0]}}  {status:<{widths[1]}}  {secs:>{widths[2]}}  {line}")
     print(f"\noutput folder: {report['out']}")
     if report["manifest"]:
-        print(f"manifest: {report['manifest']}")
+        acc = json.loads(Path(report["manifest"]).read_text())["statistics"]["accounting"]
+        dropped = sum(n for reasons in acc["dropped"].values() for n in reasons.values())
+        print(f"manifest: {report['manifest']} ({acc['rows']} rows = {acc['samples']} samples + {dropped} dropped)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,32 +1,66 @@
-"""What every stage shares: atomic writes, done markers, Ray start-up.
+"""What every stage shares: durable atomic writes, done markers, the build lock, Ray start-up and task fan-out,
+and the redaction of anything published.
 
-A stage writes into `<out>/<stage>/`; `_DONE.json` (its statistics) is written last and atomically,
-so a stage with a marker is complete and a stage without one is resumed where its files stop.
+A stage writes into `<out>/<stage>/`; `_DONE.json` (its statistics) is written last, so a stage with a
+marker is complete and a stage without one is resumed where its files stop. Every file is written through
+`atomic_write`: a unique temporary name, fsync, rename, fsync of the folder, so a crash (or a power cut)
+leaves either the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import secrets
+import socket
+import time
 from pathlib import Path
-from typing import Any, Optional
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import Any, Callable, Iterator, Optional, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 STAGES = ("metadata", "filter", "download", "encode", "validate")
+SUCCESS = "success"  # img2dataset's status of a downloaded row
 DONE = "_DONE.json"
-# decompression bombs: OpenCV (img2dataset's decoder) refuses images above this many pixels too
+LOCK = ".lock"
+# OpenCV (img2dataset's decoder) refuses images above this many pixels: a backstop behind the PIL header check
 PIXEL_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file via a temporary name and rename, so readers never see half a file."""
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """Yields a unique temporary path beside `path`; if the block succeeds, the file is fsynced and renamed over
+    `path` (durably), otherwise removed. The one way this project writes a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -34,12 +68,11 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_write_parquet(path: Path, table: pa.Table) -> None:
-    """Parquet via tmp + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def atomic_write_parquet(path: Path, table) -> None:
+    import pyarrow.parquet as pq
+
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def done_marker(out: Path, stage: str) -> Path:
@@ -63,6 +96,43 @@ def clear_done(out: Path, *stages: str) -> None:
     """Forget that stages finished (when an earlier stage changed their inputs)."""
     for s in stages:
         done_marker(out, s).unlink(missing_ok=True)
+
+
+def done_shards(folder: Path) -> list[Path]:
+    """Parquet status files of the download shards img2dataset finished (they have a _stats.json), in id order."""
+    return sorted(p for p in Path(folder).glob("[0-9]*.parquet") if (Path(folder) / f"{p.stem}_stats.json").is_file())
+
+
+@contextlib.contextmanager
+def build_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on <out>/.lock for the length of a build: a second build into the folder is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RuntimeError(f"another build is writing to {str(out)!r} ({holder}): wait for it to finish, "
+                               f"or build into another --out") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def redact(path: str, keep_query: bool = False) -> str:
+    """A path fit to publish: URLs lose credentials (user:password@) and, unless keep_query, their query string
+    and fragment (pre-signed URLs carry their secret there); local paths are kept."""
+    parts = urlsplit(path)
+    if not parts.scheme or len(parts.scheme) == 1 or not parts.netloc:  # local path (or a Windows drive letter)
+        return path
+    query, fragment = (parts.query, parts.fragment) if keep_query else ("", "")
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, query, fragment))
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
@@ -93,3 +163,39 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
         logging_level=logging.WARNING,
         runtime_env={"env_vars": env, "py_modules": modules},
     )
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def ray_map(fn: Callable, calls: Sequence[tuple], desc: str, unit: str = "task", **options) -> list:
+    """fn(*args) for each args tuple as Ray tasks (here, in turn, when Ray is not running), results in call
+    order, with a progress bar.
+
+    At most two tasks per CPU are in flight, so the driver holds a bounded number of task references
+    whatever the number of calls; results should be small (counts, names), never rows.
+    """
+    import ray
+    from tqdm import tqdm
+
+    if not ray.is_initialized():
+        return [fn(*args) for args in tqdm(calls, desc=desc, unit=unit)]
+    task = ray.remote(fn).options(**options) if options else ray.remote(fn)
+    limit = 2 * cluster_cpus()
+    results: list = [None] * len(calls)
+    pending: dict = {}
+    todo = iter(enumerate(calls))
+    with tqdm(total=len(calls), desc=desc, unit=unit) as bar:
+        while True:
+            for i, args in todo:
+                pending[task.remote(*args)] = i
+                if len(pending) >= limit:
+                    break
+            if not pending:
+                return results
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(ready[0])] = ray.get(ready[0])
+            bar.update(1)

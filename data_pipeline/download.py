@@ -1,47 +1,60 @@
-"""Stage 3, download: img2dataset turns <out>/filter/urls.parquet into webdataset tars in <out>/download/.
+"""Stage 3, download: img2dataset turns the filtered rows into webdataset tars in <out>/download/.
 
-Layout (stable: the tokenizer is trained on these tars): <out>/download/{00000}.tar (+ .parquet with
-every row's status, + _stats.json once the shard is complete). img2dataset's incremental mode skips
-shards with a _stats.json, so a rerun finishes what a killed one left. `--retry-failed` downloads the
-failed rows again into new shards ("extend" mode); a uid counts as downloaded if any shard has it.
+Layout (stable: the tokenizer is trained on these tars): <out>/download/{00000}.tar (+ .parquet with every
+row's status, + _stats.json once the shard is complete). Pass 0 downloads every filtered row, one input
+file per filter part (download_input/pass-0000/), so img2dataset's driver holds one part at a time; its
+incremental mode skips shards that have a _stats.json, so a rerun finishes what a killed one left.
+`--retry-failed` first finishes pass 0, then downloads again the rows whose latest failure is transient
+(timeout, 5xx, 429, dropped connection), one input file per pass-0 shard, into new shards.
 
-Images are checked with PIL before img2dataset's OpenCV resize: truncated files and decompression
-bombs (more than download.max_image_pixels pixels, read from the header, before any pixel is decoded)
-become counted failures instead of grey-filled samples or gigabyte allocations.
+A pass-0 shard and the retry shards made from its rows form a chain; a row's status is the one in the
+last finished shard of its chain that holds it. Statistics and retry inputs are computed per chain on the
+workers (`settle`); the driver keeps the plan (download_input/passes.json: a number or two per shard).
+
+img2dataset is used as it is but for two seams: its urllib fetch becomes fetch.py's (safe hosts, bounded
+bodies and time, opt-outs), and a PIL check runs before its OpenCV resize: truncated files and images over
+download.max_image_pixels (read from the header, before any pixel is decoded) become counted failures
+instead of grey-filled samples or gigabyte allocations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) phones home otherwise
+from img2dataset import downloader as i2d_downloader  # noqa: E402
+from img2dataset.downloader import Downloader  # noqa: E402
 from img2dataset.resizer import Resizer  # noqa: E402
 
-from data_pipeline.common import atomic_write_parquet
-from data_pipeline.recipe import Recipe
+from data_pipeline.common import SUCCESS, atomic_write_json, atomic_write_parquet, ray_map  # noqa: E402
+from data_pipeline.fetch import FetchPolicy, fetch_with_retry, is_transient  # noqa: E402
+from data_pipeline.filters import filter_parts  # noqa: E402
+from data_pipeline.images import TooManyPixels, open_image  # noqa: E402
+from data_pipeline.recipe import FOLDER_KINDS, LOCAL_KINDS, Recipe  # noqa: E402
 
-SUCCESS = "success"
 KEEP_COLUMNS = ("uid", "split", "source_url", "width", "height", "similarity", "punsafe", "pwatermark", "nsfw", "language",
                 "captions", "category", "subcategory")  # the last three: other caption forms and class labels
-REASONS = (  # first pattern that matches an img2dataset error message names the failure
-    ("decompression_bomb", r"decompression bomb"),
-    ("truncated_image", r"truncated|premature end"),
-    ("not_an_image", r"undecodable|cannot identify|image decoding error|not an image"),
-    ("timeout", r"timed out|timeout"),
-    ("incomplete_body", r"incompleteread|incomplete read|remote end closed|connection reset|connection aborted"),
-    ("connection_error", r"connection refused|urlopen error|name or service|no route"),
+RENAMED = {"width": "source_width", "height": "source_height"}  # img2dataset reserves these names for its output
+INPUT = "download_input"
+PLAN = "passes.json"
+REASON = re.compile(r"^([a-z][a-z0-9_]*): ")  # fetch.py and SafeResizer messages start with their reason
+LEGACY = (  # img2dataset's own messages (its resizer, hash checks)
+    ("not_an_image", r"image decoding error|cannot identify|not an image"),
     ("image_too_small", r"image too small"),
     ("image_area_too_large", r"image area too large"),
     ("aspect_ratio_too_large", r"aspect ratio too large"),
@@ -49,154 +62,293 @@ REASONS = (  # first pattern that matches an img2dataset error message names the
 
 
 class SafeResizer(Resizer):
-    """img2dataset's Resizer behind a PIL check: refuse bombs from the header, truncated files on load."""
+    """img2dataset's Resizer behind a PIL check: too many pixels from the header, truncation on a reduced decode."""
 
-    def __init__(self, *args, max_pixels: int = 89_478_485, **kwargs):
+    def __init__(self, *args, max_pixels: int = 4096 * 4096, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_pixels = max_pixels
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         """Returns img2dataset's tuple (img_bytes, width, height, orig_width, orig_height, error)."""
-        from PIL import Image
-
         try:
             img_stream.seek(0)
-            with Image.open(img_stream) as im:  # reads the header only
-                w, h = im.size
-                if w * h > self.max_pixels:
-                    return None, None, None, None, None, f"decompression bomb: {w}x{h} pixels > {self.max_pixels}"
+            with open_image(img_stream.read(), self.max_pixels) as im:
+                im.draft("RGB", (self.image_size, self.image_size))  # JPEG: decode at 1/2..1/8 scale, still all of it
                 im.load()  # raises on truncated data (OpenCV would silently fill the rest with grey)
-        except Image.DecompressionBombError as err:  # PIL's own guard (2x its limit) fires inside open()
-            return None, None, None, None, None, f"decompression bomb: {err}"
+        except TooManyPixels as err:
+            return None, None, None, None, None, f"too_many_pixels: {err}"
         except Exception as err:  # noqa: BLE001 - any decoder error is a per-sample failure
-            return None, None, None, None, None, f"undecodable image: {err}"
+            reason = "truncated_image" if re.search(r"truncated|premature end", str(err), re.I) else "not_an_image"
+            return None, None, None, None, None, f"{reason}: {err}"
         img_stream.seek(0)
         return super().__call__(img_stream, blurring_bbox_list)
 
 
-def failure_reason(status: str, message: str | None) -> str:
+class SafeDownloader(Downloader):
+    """img2dataset's Downloader whose shards fetch with fetch.py under this recipe's policy."""
+
+    def __init__(self, *args, policy: FetchPolicy, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.policy = policy
+
+    def __call__(self, row):
+        original = i2d_downloader.download_image_with_retry  # a module global that download_shard looks up
+        i2d_downloader.download_image_with_retry = partial(fetch_with_retry, policy=self.policy)
+        try:
+            return super().__call__(row)
+        finally:
+            i2d_downloader.download_image_with_retry = original
+
+
+def failure_reason(status: str, message: Optional[str]) -> str:
     """img2dataset status + error message -> a short reason name (deterministic: no URLs or ports)."""
-    text = (message or "").lower()
-    m = re.search(r"http error (\d{3})", text)
+    text = message or ""
+    m = REASON.match(text)
     if m:
-        return f"http_{m.group(1)}"
-    for name, pattern in REASONS:
-        if re.search(pattern, text):
+        return m.group(1)
+    for name, pattern in LEGACY:
+        if re.search(pattern, text, re.I):
             return name
     return "other_download_error" if status == "failed_to_download" else "other_resize_error"
 
 
-def done_shards(folder: Path) -> list[Path]:
-    """Parquet status files of the shards img2dataset finished (they have a _stats.json)."""
-    return sorted(p for p in folder.glob("*.parquet") if (folder / f"{p.stem}_stats.json").is_file())
+def policy_of(recipe: Recipe, out: Path) -> FetchPolicy:
+    """The fetch rules of a recipe; local-folder kinds may read file:// URLs under their source folder."""
+    d = recipe.download
+    root = None
+    if recipe.source.kind in FOLDER_KINDS:
+        root = json.loads((out / "metadata" / "_sources.json").read_text())["source"]
+    return FetchPolicy(timeout=d.timeout, retries=d.retries, max_bytes=d.max_bytes,
+                       allow_private_hosts=d.allow_private_hosts, respect_opt_outs=d.respect_opt_outs,
+                       file_root=str(Path(root).expanduser().resolve()) if root else None)
 
 
-def status_table(folder: Path) -> pa.Table:
-    """uid, status, error_message of every row of every finished shard."""
-    tables = [pq.read_table(p, columns=["uid", "status", "error_message"]) for p in done_shards(folder)]
-    if not tables:
-        return pa.table({"uid": pa.array([], pa.int64()), "status": pa.array([], pa.string()), "error_message": pa.array([], pa.string())})
-    return pa.concat_tables(tables)
+@contextlib.contextmanager
+def _local_server(recipe: Recipe, out: Path) -> Iterator[Optional[tuple[str, str]]]:
+    """The emoji styles serve their images from 127.0.0.1 during the download: yields (their URL scheme, the
+    server's base URL) to rewrite URLs with, or None for other sources."""
+    if recipe.source.kind not in LOCAL_KINDS:
+        yield None
+        return
+    from data_pipeline.emoji_source import local_images, serve_folder
+
+    urls = [u for p in filter_parts(out) for u in pq.read_table(p, columns=["url"])["url"].to_pylist()]  # thousands
+    scheme, images = local_images(recipe.source.kind, urls, out)
+    with serve_folder(images) as base_url:
+        yield scheme, base_url
 
 
-def download_stats(folder: Path, attempted: int) -> dict:
-    """Per uid: downloaded if any shard succeeded; otherwise its latest failure reason is counted."""
-    t = status_table(folder)
-    final: dict[int, str] = {}
-    for uid, status, msg in zip(t["uid"].to_pylist(), t["status"].to_pylist(), t["error_message"].to_pylist()):
-        if final.get(uid) == SUCCESS:
-            continue
-        final[uid] = SUCCESS if status == SUCCESS else failure_reason(status, msg)
-    failed: dict[str, int] = {}
-    for reason in final.values():
-        if reason != SUCCESS:
-            failed[reason] = failed.get(reason, 0) + 1
-    ok = sum(1 for r in final.values() if r == SUCCESS)
-    return {"attempted": attempted, "downloaded": ok, "failed": dict(sorted(failed.items())), "missing": attempted - len(final)}
-
-
-def _input_table(urls: pa.Table, scheme: str | None, base_url: str | None) -> pa.Table:
-    """img2dataset input: url (`scheme` rewritten to the local emoji server), caption, kept columns."""
-    src = urls["url"]
-    url = pc.replace_substring(src, scheme, base_url) if base_url else src
-    cols = {"url": url, "caption": urls["caption"], "source_url": src}
-    cols.update({c: urls[c] for c in KEEP_COLUMNS if c in urls.column_names and c not in cols})
+def _input_table(rows: pa.Table, local: Optional[tuple[str, str]]) -> pa.Table:
+    """img2dataset input: url (the local server's, for the emoji styles), caption, kept columns (reserved names
+    renamed)."""
+    src = rows["source_url"] if "source_url" in rows.column_names else rows["url"]
+    url = pc.replace_substring(src, local[0], local[1]) if local else src
+    cols = {"url": url, "caption": rows["caption"], "source_url": src}
+    for c in KEEP_COLUMNS:
+        name = RENAMED.get(c, c)
+        if name not in cols and (c in rows.column_names or name in rows.column_names):
+            cols[name] = rows[name] if name in rows.column_names else rows[c]
     return pa.table(cols)
 
 
+def write_input(part: str, dest: str, local: Optional[tuple[str, str]]) -> int:
+    """One filter part -> one img2dataset input file; returns its row count."""
+    table = _input_table(pq.read_table(part), local)
+    atomic_write_parquet(Path(dest), table)
+    return table.num_rows
+
+
+def plan_pass0(out: Path, per_shard: int) -> dict:
+    """Pass 0: one input file per filter part; img2dataset cuts each file into ceil(rows / per_shard) shards."""
+    files, first = [], 0
+    for part in filter_parts(out):
+        rows = pq.ParquetFile(part).metadata.num_rows
+        files.append({"name": part.name, "rows": rows, "first": first})
+        first += -(-rows // per_shard)
+    return {"per_shard": per_shard, "files": files, "shards": first, "retries": []}
+
+
+def pass0_rows(plan: dict) -> list[int]:
+    """Rows of each pass-0 shard (the last shard of an input file holds the remainder)."""
+    per = plan["per_shard"]
+    return [min(per, f["rows"] - k * per) for f in plan["files"] for k in range(-(-f["rows"] // per))]
+
+
+def chains(plan: dict) -> dict[int, list[int]]:
+    """Pass-0 shard -> the shard ids of its chain, in pass order."""
+    out = {s: [s] for s in range(plan["shards"])}
+    for p in plan["retries"]:
+        for i, origin in enumerate(p["origins"]):
+            out[origin].append(p["first"] + i)
+    return out
+
+
+def settle(out: str, file: dict, per_shard: int, chain: dict[int, list[int]], retry_dir: Optional[str],
+           local: Optional[tuple[str, str]]) -> dict:
+    """Final status of every row of one pass-0 input file: {'counts': {reason: rows}, 'retry': {origin: rows}}.
+
+    With retry_dir, also writes retry_dir/{origin}.parquet with the rows of each chain whose latest failure is
+    transient (from the status parquets, which hold every input column)."""
+    folder = Path(out) / "download"
+    uids = pq.read_table(Path(out) / INPUT / "pass-0000" / file["name"], columns=["uid"])["uid"]
+    counts: dict[str, int] = {}
+    retry: dict[int, int] = {}
+    for k in range(-(-file["rows"] // per_shard)):
+        origin = file["first"] + k
+        done = [s for s in chain[origin] if (folder / f"{s:05d}_stats.json").is_file()]
+        if origin not in done:  # pass 0 never finished this shard: its rows have no status yet
+            counts["missing"] = counts.get("missing", 0) + min(per_shard, file["rows"] - k * per_shard)
+            continue
+        latest: dict[int, tuple[str, int, int]] = {}  # uid -> (reason, shard position, row)
+        for pos, s in enumerate(done):
+            t = pq.read_table(folder / f"{s:05d}.parquet", columns=["uid", "status", "error_message"])
+            for row, (uid, status, msg) in enumerate(zip(*(t[c].to_pylist() for c in t.column_names))):
+                latest[uid] = (SUCCESS if status == SUCCESS else failure_reason(status, msg), pos, row)
+        again: dict[int, list[int]] = {}
+        for uid in uids.slice(k * per_shard, per_shard).to_pylist():
+            reason, pos, row = latest.get(uid, ("lost_in_download", -1, -1))  # a shard finished without this row
+            counts[reason] = counts.get(reason, 0) + 1
+            if retry_dir and reason != SUCCESS and is_transient(reason):
+                again.setdefault(pos, []).append(row)
+        if again:
+            columns = pq.read_schema(Path(out) / INPUT / "pass-0000" / file["name"]).names
+            rows = pa.concat_tables([pq.read_table(folder / f"{done[pos]:05d}.parquet").take(idx).select(columns)
+                                     for pos, idx in sorted(again.items())])
+            atomic_write_parquet(Path(retry_dir) / f"{origin:05d}.parquet", _input_table(rows, local))
+            retry[origin] = rows.num_rows
+    return {"counts": counts, "retry": retry}
+
+
+def settle_all(out: Path, plan: dict, retry_dir: Optional[Path] = None, local: Optional[tuple[str, str]] = None) -> dict:
+    """settle() over every pass-0 input file on the workers; returns the summed counts and retry rows."""
+    chain, per = chains(plan), plan["per_shard"]
+    calls = [(str(out), f, per, {o: chain[o] for o in range(f["first"], f["first"] + -(-f["rows"] // per))},
+              str(retry_dir) if retry_dir else None, local) for f in plan["files"]]
+    results = ray_map(settle, calls, desc="download status", unit="file")
+    counts: dict[str, int] = {}
+    retry: dict[int, int] = {}
+    for r in results:
+        for reason, n in r["counts"].items():
+            counts[reason] = counts.get(reason, 0) + n
+        retry.update({int(o): n for o, n in r["retry"].items()})
+    return {"counts": counts, "retry": dict(sorted(retry.items()))}
+
+
 def _watch(folder: Path, total: int, stop: threading.Event) -> None:
-    """Progress bar over finished shards: rows, images/s, failures."""
+    """Progress bar over shards finished by this run: rows, images/s, failures."""
     from tqdm import tqdm
 
+    before = {p.name for p in folder.glob("*_stats.json")}
+    seen: dict[str, tuple[int, int]] = {}
     bar = tqdm(total=total, desc="download", unit="img")
-    start, seen = time.time(), 0
+    start = time.time()
     while True:
-        stats = [json.loads(p.read_text()) for p in folder.glob("*_stats.json")]
-        count = sum(s["count"] for s in stats)
-        ok = sum(s["successes"] for s in stats)
-        bar.update(count - seen)
-        seen = count
-        bar.set_postfix(ok=ok, failed=count - ok, img_s=f"{ok / max(time.time() - start, 1e-6):.0f}")
-        if stop.wait(1.0):
+        stopping = stop.wait(1.0)
+        for p in folder.glob("*_stats.json"):
+            if p.name not in before and p.name not in seen:
+                try:
+                    s = json.loads(p.read_text())
+                except ValueError:  # being written
+                    continue
+                seen[p.name] = (s["count"], s["successes"])
+                bar.update(s["count"])
+        ok = sum(v[1] for v in seen.values())
+        bar.set_postfix(ok=ok, failed=sum(v[0] for v in seen.values()) - ok, img_s=f"{ok / max(time.time() - start, 1e-6):.0f}")
+        if stopping:
             break
     bar.close()
 
 
-def run_img2dataset(recipe: Recipe, input_path: Path, folder: Path, mode: str, total: int) -> None:
-    """One img2dataset call; its Ray distributor when Ray runs, multiprocessing otherwise."""
+def run_img2dataset(recipe: Recipe, policy: FetchPolicy, input_dir: Path, folder: Path, mode: str, total: int) -> None:
+    """One img2dataset call over a folder of input files; its Ray distributor when Ray runs, else multiprocessing."""
     import img2dataset
     import ray
 
     i2d_main = sys.modules["img2dataset.main"]  # the package re-exports `main`, shadowing the module name
-
     d = recipe.download
     distributor = d.distributor
     if distributor == "auto":
         distributor = "ray" if ray.is_initialized() else "multiprocessing"
     processes = d.processes or (int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count())
+    columns = [c for c in pq.read_schema(next(input_dir.glob("*.parquet"))).names if c not in ("url", "caption")]
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(folder, total, stop), daemon=True)
     watcher.start()
-    original = i2d_main.Resizer
-    i2d_main.Resizer = partial(SafeResizer, max_pixels=d.max_image_pixels)  # the one seam we need in img2dataset
+    seams = {"Resizer": partial(SafeResizer, max_pixels=d.max_image_pixels),
+             "Downloader": partial(SafeDownloader, policy=policy)}
+    originals = {name: getattr(i2d_main, name) for name in seams}
+    sigint = signal.getsignal(signal.SIGINT)  # img2dataset installs a handler that exits with status 0
+    for name, seam in seams.items():
+        setattr(i2d_main, name, seam)
     try:
         img2dataset.download(
-            url_list=str(input_path), input_format="parquet", url_col="url", caption_col="caption",
+            url_list=str(input_dir), input_format="parquet", url_col="url", caption_col="caption",
             output_folder=str(folder), output_format="webdataset", image_size=d.image_size,
             resize_mode=d.resize_mode, encode_format=d.encode_format, encode_quality=d.encode_quality,
             processes_count=processes, thread_count=d.thread_count, number_sample_per_shard=d.samples_per_shard,
             timeout=d.timeout, retries=d.retries, distributor=distributor, incremental_mode=mode,
-            save_additional_columns=[c for c in pq.read_schema(input_path).names if c not in ("url", "caption")],
-            enable_wandb=False, extract_exif=False, compute_hash="sha256", max_shard_retry=1,
-            disallowed_header_directives=[],
+            save_additional_columns=columns, enable_wandb=False, extract_exif=False, compute_hash="sha256",
+            max_shard_retry=1, user_agent_token="img2dataset",
         )
     finally:
-        i2d_main.Resizer = original
+        for name, original in originals.items():
+            setattr(i2d_main, name, original)
+        signal.signal(signal.SIGINT, sigint)
         stop.set()
         watcher.join()
 
 
-def run_download(recipe: Recipe, out: Path, retry_failed: bool = False) -> dict:
-    """Stage 3. With retry_failed: only the rows whose latest attempt failed, into new shards."""
-    from data_pipeline.emoji_source import local_images, serve_folder
+def _finish_pass0(recipe: Recipe, policy: FetchPolicy, out: Path, plan: dict, local: Optional[tuple[str, str]]) -> None:
+    """Write the pass-0 inputs (again with a local server: its port changes) and finish every pass-0 shard."""
+    folder, inputs = out / "download", out / INPUT / "pass-0000"
+    todo = [f for f in plan["files"] if local or not (inputs / f["name"]).is_file()]
+    ray_map(write_input, [(str(out / "filter" / f["name"]), str(inputs / f["name"]), local) for f in todo],
+            desc="download input", unit="file")
+    rows = pass0_rows(plan)
+    unfinished = [s for s in range(plan["shards"]) if not (folder / f"{s:05d}_stats.json").is_file()]
+    if unfinished:
+        run_img2dataset(recipe, policy, inputs, folder, "incremental", sum(rows[s] for s in unfinished))
 
+
+def _retry_pass(recipe: Recipe, policy: FetchPolicy, out: Path, plan: dict, local: Optional[tuple[str, str]]) -> None:
+    """Download again, into new shards, the rows whose latest failure is transient."""
+    folder = out / "download"
+    for stale in folder.glob("[0-9]*.*"):  # shards of a killed retry pass: their rows are planned again below
+        shard = stale.name.split("_")[0].split(".")[0]
+        if not (folder / f"{shard}_stats.json").is_file():
+            stale.unlink()
+    number = len(plan["retries"]) + 1
+    retry_dir = out / INPUT / f"pass-{number:04d}"
+    shutil.rmtree(retry_dir, ignore_errors=True)
+    retry = settle_all(out, plan, retry_dir, local)["retry"]
+    if not retry:
+        return
+    first = max(int(p.name.split("_")[0]) for p in folder.glob("*_stats.json")) + 1  # where img2dataset's extend starts
+    plan["retries"].append({"first": first, "origins": list(retry), "rows": list(retry.values())})
+    atomic_write_json(out / INPUT / PLAN, plan)  # before the run: a killed pass keeps its finished shards' chains
+    run_img2dataset(recipe, policy, retry_dir, folder, "extend", sum(retry.values()))
+
+
+def run_download(recipe: Recipe, out: Path, retry_failed: bool = False) -> dict:
+    """Stage 3. With retry_failed: finish pass 0, then one retry pass over the transient failures."""
     folder = out / "download"
     folder.mkdir(parents=True, exist_ok=True)
-    urls = pq.read_table(out / "filter" / "urls.parquet")
-    attempted = urls.num_rows
-    mode = "incremental"
-    if retry_failed:
-        st = status_table(folder)
-        ok = set(st.filter(pc.equal(st["status"], SUCCESS))["uid"].to_pylist())
-        failed = set(st["uid"].to_pylist()) - ok
-        urls = urls.filter(pc.is_in(urls["uid"], pa.array(sorted(failed), pa.int64())))
-        mode = "extend"
-    if urls.num_rows:
-        scheme, images = local_images(recipe.source.kind, urls["url"].to_pylist(), out) or (None, None)
-        serving = serve_folder(images) if images else nullcontext(None)
-        with serving as base_url:
-            input_path = out / "download_input" / ("retry.parquet" if retry_failed else "urls.parquet")
-            # rewritten each run: the local server's port changes, the shard layout does not
-            atomic_write_parquet(input_path, _input_table(urls, scheme, base_url))
-            run_img2dataset(recipe, input_path, folder, mode, urls.num_rows)
-    return download_stats(folder, attempted)
+    plan_path = out / INPUT / PLAN
+    plan = plan_pass0(out, recipe.download.samples_per_shard)
+    if plan_path.is_file():
+        plan["retries"] = json.loads(plan_path.read_text())["retries"]
+    atomic_write_json(plan_path, plan)
+    policy = policy_of(recipe, out)
+    with _local_server(recipe, out) as local:
+        _finish_pass0(recipe, policy, out, plan, local)
+        if retry_failed and not [s for s in range(plan["shards"]) if not (folder / f"{s:05d}_stats.json").is_file()]:
+            _retry_pass(recipe, policy, out, plan, local)
+    counts = settle_all(out, plan)["counts"]
+    attempted = sum(f["rows"] for f in plan["files"])
+    missing = counts.pop("missing", 0)
+    stats = {"attempted": attempted, "downloaded": counts.pop(SUCCESS, 0), "failed": dict(sorted(counts.items())),
+             "missing": missing}
+    if missing:
+        raise RuntimeError(f"{missing} of {attempted} rows are in download shards that did not finish (see img2dataset's "
+                           f"messages above); run the same command again to finish them")
+    return stats

@@ -1,29 +1,31 @@
-"""Stage 4, encode: downloaded images -> VQ token ids, captions -> 77 CLIP ids, on a Ray Data actor pool.
+"""Stage 4a, encode: downloaded images -> VQ token ids, captions -> 77 CLIP ids, on a Ray Data actor pool.
 
-One actor holds one tokenizer; each task encodes one finished download tar into <out>/encode/<shard>.npz
-(uid, vq, clip, caption, meta, split; rows sorted by uid), written atomically, so a rerun encodes only
-the tars that have no part yet. A part made by a different tokenizer is discarded (encode/_tokenizer.json).
+One actor holds one tokenizer and encodes one finished download tar at a time, streaming: it reads the
+tar with webdataset, decodes `encode.batch_size` images (images.load_image, the tokenizer trainer's own
+preprocessing), encodes them and writes their samples to encode/{shard}.{split}.tar before reading on,
+so an actor's memory does not depend on the shard size. encode/{shard}.json (counts per split and
+failures by reason) is written last: a rerun encodes only the tars that have none. Parts made by another
+tokenizer are discarded (encode/_tokenizer.json).
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
-import os
 import shutil
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.common import atomic_write_json
-from data_pipeline.download import done_shards
+from data_pipeline.common import SUCCESS, atomic_write, atomic_write_json, done_shards, redact
+from data_pipeline.images import load_image
 from data_pipeline.recipe import TRAIN_VQVAE_HINT, Recipe
+from data_pipeline.shards import read_tar, sample_record, tar_writer
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 META_KEEP = ("uid", "split", "source_url", "original_width", "original_height", "sha256",
-             "width", "height", "similarity", "punsafe", "pwatermark", "nsfw", "language",
+             "source_width", "source_height", "similarity", "punsafe", "pwatermark", "nsfw", "language",
              "captions", "category", "subcategory")
 
 
@@ -42,42 +44,6 @@ def tokenizer_info(folder: Path) -> dict:
             "grid": [int(g) for g in model.grid], "image_size": int(model.image_size)}
 
 
-def read_tar_samples(path: Path) -> list[dict]:
-    """Samples of an img2dataset tar: {'key', 'image' bytes, 'txt', 'json'}; incomplete samples dropped."""
-    samples: dict[str, dict] = {}
-    with tarfile.open(path) as tf:
-        for m in tf:
-            if not m.isfile() or "." not in m.name:
-                continue
-            key, ext = m.name.split(".", 1)
-            data = tf.extractfile(m).read()
-            s = samples.setdefault(key, {"key": key})
-            if ext in IMAGE_EXTS:
-                s["image"] = data
-            elif ext == "txt":
-                s["txt"] = data.decode("utf-8")
-            elif ext == "json":
-                s["json"] = json.loads(data)
-    return [s for s in samples.values() if {"image", "txt", "json"} <= s.keys()]
-
-
-def to_tensor(data: bytes, size: int):
-    """Image bytes -> float [3, size, size] in [-1, 1] (centre crop to a square, then resize if needed)."""
-    import torch
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        if w != h:
-            side = min(w, h)
-            im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        arr = np.asarray(im, dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
-
-
 def text_ids(captions: list[str]):
     """CLIP BPE ids [B, 77] (vqd.text.tokenize: open_clip's vocabulary, offline)."""
     from vqd.text import tokenize
@@ -85,8 +51,16 @@ def text_ids(captions: list[str]):
     return tokenize(captions)
 
 
+def sample_meta(meta: dict) -> dict:
+    """The kept fields of img2dataset's .json; URLs lose any credentials (user:password@)."""
+    kept = {k: meta[k] for k in META_KEEP if meta.get(k) is not None}
+    if "source_url" in kept:
+        kept["source_url"] = redact(kept["source_url"], keep_query=True)
+    return kept
+
+
 class ShardEncoder:
-    """A Ray Data actor: loads the tokenizer once, encodes whole download tars."""
+    """A Ray Data actor: loads the tokenizer once, encodes download tars a batch at a time."""
 
     def __init__(self, tokenizer: str, out_folder: str, batch_size: int, threads: int = 1):
         import torch
@@ -99,41 +73,81 @@ class ShardEncoder:
         self.out = Path(out_folder)
         self.batch_size = batch_size
 
-    def encode_tar(self, path: Path) -> dict:
-        """One tar -> one .npz part; returns {'shard', 'encoded', 'failed'}."""
+    def _encode(self, batch: list[tuple[str, str, object, str, dict]], write) -> None:
+        """Encode (key, split, image [3, S, S], caption, meta) samples and hand each record to write(split, record)."""
         import torch
 
-        samples = sorted(read_tar_samples(path), key=lambda s: s["json"]["uid"])
-        rows, failed = [], 0
-        for s in samples:
+        images = torch.stack([x for _, _, x, _, _ in batch]).to(self.device)
+        with torch.no_grad(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
+            vq = self.model.encode(images).cpu().numpy().astype(np.uint16)
+        clip = text_ids([c for _, _, _, c, _ in batch]).numpy().astype(np.int32)
+        for i, (key, split, _, caption, meta) in enumerate(batch):
+            write(split, sample_record(key, vq[i], clip[i], caption, meta))
+
+    def encode_tar(self, path: Path) -> dict:
+        """One download tar -> encode/{shard}.{split}.tar parts + encode/{shard}.json; returns the json."""
+        import pyarrow.parquet as pq
+        import ray
+
+        path = Path(path)
+        samples: dict[str, int] = {}
+        failed: dict[str, int] = {}
+        with contextlib.ExitStack() as stack:
+            writers = {}
+
+            def write(split: str, record: dict) -> None:
+                if split not in writers:
+                    tmp = stack.enter_context(atomic_write(self.out / f"{path.stem}.{split}.tar"))
+                    writers[split] = tar_writer(stack.enter_context(open(tmp, "wb")))
+                    stack.callback(writers[split].close)  # runs before the file closes and the part is renamed
+                writers[split].write(record)
+                samples[split] = samples.get(split, 0) + 1
+
+            batch = []
             try:
-                rows.append((s, to_tensor(s["image"], self.model.image_size)))
-            except Exception:  # noqa: BLE001 - an image that decoded at download but not here is counted
-                failed += 1
-        n_tokens = self.model.grid[0] * self.model.grid[1]
-        vq = np.zeros((len(rows), n_tokens), np.uint16)
-        clip = np.zeros((len(rows), 77), np.int32)
-        for i in range(0, len(rows), self.batch_size):
-            chunk = rows[i:i + self.batch_size]
-            images = torch.stack([t for _, t in chunk]).to(self.device)
-            with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
-                vq[i:i + len(chunk)] = self.model.encode(images).cpu().numpy().astype(np.uint16)
-            clip[i:i + len(chunk)] = text_ids([s["txt"] for s, _ in chunk]).numpy().astype(np.int32)
-        meta = [json.dumps({k: s["json"][k] for k in META_KEEP if s["json"].get(k) is not None}, sort_keys=True)
-                for s, _ in rows]
-        part = self.out / f"{path.stem}.npz"
-        tmp = part.with_name(part.stem + ".tmp.npz")
-        with open(tmp, "wb") as f:
-            np.savez(f, uid=np.array([s["json"]["uid"] for s, _ in rows], np.int64), vq=vq, clip=clip,
-                     caption=np.array([s["txt"] for s, _ in rows], dtype=str), meta=np.array(meta, dtype=str),
-                     split=np.array([s["json"].get("split", "train") for s, _ in rows], dtype=str),
-                     failed=np.array(failed, np.int64))
-        os.replace(tmp, part)
-        return {"shard": path.name, "encoded": len(rows), "failed": failed}
+                for record in read_tar(path):
+                    item = self._decode(record, failed)
+                    if item is not None:
+                        batch.append(item)
+                    if len(batch) == self.batch_size:
+                        self._encode(batch, write)
+                        batch = []
+            except Exception as err:  # noqa: BLE001 - a damaged tar keeps what was read before the damage
+                print(f"warning: {path}: stopped reading at {type(err).__name__}: {err}")
+            if batch:
+                self._encode(batch, write)
+        status = pq.read_table(path.with_suffix(".parquet"), columns=["status"])["status"].to_pylist()
+        unread = status.count(SUCCESS) - sum(samples.values()) - sum(failed.values())
+        if unread > 0:  # downloaded, but not in the tar (or after its damage): counted, never silently lost
+            failed["unreadable_in_tar"] = unread
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        info = {"shard": path.name, "samples": samples, "failed": failed, "node": node}
+        atomic_write_json(self.out / f"{path.stem}.json", info)
+        return info
+
+    def _decode(self, record: dict, failed: dict[str, int]):
+        """(key, split, image, caption, meta) of one downloaded sample, or None (counted in `failed`)."""
+        image = next((record[e] for e in IMAGE_EXTS if e in record), None)
+        try:
+            meta = json.loads(record["json"])
+            caption = record["txt"].decode("utf-8")
+        except (KeyError, ValueError):
+            failed["incomplete_sample"] = failed.get("incomplete_sample", 0) + 1
+            return None
+        if image is None:
+            failed["incomplete_sample"] = failed.get("incomplete_sample", 0) + 1
+            return None
+        try:
+            x = load_image(image, self.model.image_size)
+        except Exception:  # noqa: BLE001 - an image that decoded at download but not here is counted
+            failed["undecodable_image"] = failed.get("undecodable_image", 0) + 1
+            return None
+        return f"{int(meta['uid']):016x}", meta.get("split", "train"), x, caption, sample_meta(meta)
 
     def __call__(self, batch: dict) -> dict:
         results = [self.encode_tar(Path(p)) for p in batch["shard"]]
-        return {k: [r[k] for r in results] for k in ("shard", "encoded", "failed")}
+        return {"shard": [r["shard"] for r in results], "encoded": [sum(r["samples"].values()) for r in results],
+                "failed": [sum(r["failed"].values()) for r in results]}
 
 
 def run_encode(recipe: Recipe, out: Path, tokenizer: Path) -> dict:
@@ -149,7 +163,7 @@ def run_encode(recipe: Recipe, out: Path, tokenizer: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stamp, info)
     tars = [out / "download" / f"{p.stem}.tar" for p in done_shards(out / "download")]
-    todo = [str(t) for t in tars if not (folder / f"{t.stem}.npz").is_file()]
+    todo = [str(t) for t in tars if not (folder / f"{t.stem}.json").is_file()]
     cpus = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = max(1, min(recipe.encode.actors or (gpus or cpus), len(todo) or 1))

@@ -1,26 +1,35 @@
-"""Stage 2, filter: drop rows before any download, on Ray Data, counting each drop under its rule.
+"""Stage 2, filter: drop rows before any download, counting each drop under its rule.
 
-A row is charged to the first rule (in RULES order) that drops it, so the counts add up to the
-rows removed. URL de-duplication runs last, on the driver over the kept rows (first uid wins).
+A row is charged to the first rule (in RULES order) that drops it, so the counts add up to the rows
+removed. URL de-duplication runs last (the lowest uid of a URL wins) as a hash partition on the workers:
+each metadata part's kept rows are cut into B buckets by crc32(url) mod B (one Arrow IPC record batch per
+bucket), then one task per bucket drops the repeated URLs of its bucket and writes filter/part-{b}.parquet,
+rows in uid order. The driver only adds up counts, so its memory does not grow with the row count; a
+bucket holds about BUCKET_ROWS rows at most. The buckets also spread each host's URLs over the download.
 """
 
 from __future__ import annotations
 
+import shutil
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_pipeline.common import atomic_write_parquet
+from data_pipeline.common import atomic_write, atomic_write_parquet, ray_map
 from data_pipeline.recipe import FilterSpec, Recipe
+
+BUCKET_ROWS = 1 << 20  # input rows per de-duplication bucket (kept rows per bucket are at most this, on average)
+SHUFFLE = "_shuffle"
 
 RULES = (
     "url_invalid", "caption_utf8", "caption_length", "caption_include", "caption_exclude", "language",
     "image_size", "aspect_ratio", "unsafe", "clip_similarity", "watermark", "duplicate_url",
 )
-URL_SCHEMES = ("http://", "https://", "file://", "twemoji://", "openmoji://")
-DROP = "_drop"
+URL_SCHEMES = ("http://", "https://", "file://", "twemoji://", "openmoji://")  # which hosts and files may be fetched: fetch.py
 
 
 def required_columns(spec: FilterSpec) -> dict[str, str]:
@@ -47,7 +56,8 @@ def rule_masks(t: pa.Table, spec: FilterSpec) -> list[tuple[str, pa.Array]]:
     """(rule, True where the rule drops the row) for every active rule; null scores never drop."""
     caption = t["caption"]
     masks = []
-    starts = [pc.starts_with(t["url"], s) for s in URL_SCHEMES]
+    url = pc.utf8_lower(t["url"])
+    starts = [pc.starts_with(url, s) for s in URL_SCHEMES]
     ok_url = starts[0]
     for s in starts[1:]:
         ok_url = pc.or_(ok_url, s)
@@ -86,40 +96,68 @@ def rule_masks(t: pa.Table, spec: FilterSpec) -> list[tuple[str, pa.Array]]:
     return [(name, pc.fill_null(m, False)) for name, m in masks]
 
 
-def tag_batch(t: pa.Table, spec: FilterSpec) -> pa.Table:
-    """Kept rows (with `_drop` = "") followed by one summary row per rule (`_drop` = rule, uid = count)."""
-    t = t.drop_columns([c for c in (DROP,) if c in t.column_names])
+def apply_rules(t: pa.Table, spec: FilterSpec) -> tuple[pa.Array, dict[str, int]]:
+    """(True where a row is kept, {rule: rows it dropped}) with each row charged to its first rule."""
     dropped = pa.array([False] * t.num_rows)
     counts = {}
     for name, mask in rule_masks(t, spec):
-        new = pc.and_(mask, pc.invert(dropped))
-        counts[name] = pc.sum(pc.cast(new, pa.int64())).as_py() or 0
+        counts[name] = pc.sum(pc.cast(pc.and_(mask, pc.invert(dropped)), pa.int64())).as_py() or 0
         dropped = pc.or_(dropped, mask)
-    kept = t.filter(pc.invert(dropped))
-    kept = kept.append_column(DROP, pa.array([""] * kept.num_rows, pa.string()))
-    rules = [r for r, c in counts.items() if c]
-    summary = {c: pa.nulls(len(rules), kept.schema.field(c).type) for c in kept.column_names}
-    summary["uid"] = pa.array([counts[r] for r in rules], pa.int64())
-    summary[DROP] = pa.array(rules, pa.string())
-    return pa.concat_tables([kept, pa.table(summary, schema=kept.schema)])
+    return pc.invert(dropped), {r: n for r, n in counts.items() if n}
 
 
-def dedup_urls(table: pa.Table) -> tuple[pa.Table, int]:
-    """Keep the first row (lowest uid) of every URL; returns (table sorted by uid, rows dropped)."""
-    table = table.sort_by("uid")
-    seen: set[str] = set()
-    keep = []
-    for url in table["url"].to_pylist():
-        keep.append(url not in seen)
-        seen.add(url)
-    return table.filter(pa.array(keep)), len(keep) - sum(keep)
+def url_buckets(urls: pa.ChunkedArray, buckets: int) -> np.ndarray:
+    """crc32(url) mod buckets for every row (the same on every machine)."""
+    return np.array([zlib.crc32(u) % buckets for u in urls.cast(pa.binary()).to_pylist()], np.int64)
+
+
+def filter_part(path: str, index: int, spec: FilterSpec, buckets: int, shuffle: str) -> dict[str, int]:
+    """Apply the rules to one metadata part; its kept rows go to _shuffle/{index}.arrow, record batch b holding
+    bucket b (rows in uid order, so a reader fetches only its own). Returns the drop counts."""
+    t = pq.read_table(path)
+    keep, counts = apply_rules(t, spec)
+    kept = t.filter(keep)
+    bucket = url_buckets(kept["url"], buckets)
+    order = np.argsort(bucket, kind="stable")
+    kept = kept.take(order).combine_chunks()
+    bounds = np.searchsorted(bucket[order], np.arange(buckets + 1))
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with atomic_write(Path(shuffle) / f"{index:05d}.arrow") as tmp:
+        with pa.ipc.new_file(str(tmp), kept.schema, options=options) as writer:
+            for b in range(buckets):
+                rows = kept.slice(bounds[b], bounds[b + 1] - bounds[b])
+                writer.write_batch(pa.RecordBatch.from_arrays(
+                    [c.combine_chunks() for c in rows.columns], schema=kept.schema))
+    return counts
+
+
+def dedup_bucket(bucket: int, parts: int, shuffle: str, out: str, dedup: bool) -> tuple[int, int]:
+    """Bucket `bucket` of every part, repeated URLs dropped (lowest uid wins) -> filter/part-{bucket}.parquet.
+    Returns (rows kept, duplicates dropped)."""
+    tables = []
+    for i in range(parts):
+        with pa.ipc.open_file(pa.memory_map(str(Path(shuffle) / f"{i:05d}.arrow"))) as reader:
+            batch = reader.get_batch(bucket)
+            if batch.num_rows:
+                tables.append(pa.Table.from_batches([batch]))
+    if not tables:
+        return 0, 0
+    t = pa.concat_tables(tables, promote_options="permissive")
+    n = t.num_rows
+    if dedup:
+        first = t.group_by("url", use_threads=False).aggregate([("uid", "min")])["uid_min"]
+        t = t.filter(pc.is_in(t["uid"], value_set=first))
+    atomic_write_parquet(Path(out) / f"part-{bucket:05d}.parquet", t)
+    return t.num_rows, n - t.num_rows
+
+
+def filter_parts(out: Path) -> list[Path]:
+    """The filter stage's output, in download order."""
+    return sorted((out / "filter").glob("part-*.parquet"))
 
 
 def run_filter(recipe: Recipe, out: Path) -> dict:
-    """Stage 2: <out>/metadata/part-*.parquet -> <out>/filter/urls.parquet (kept rows by uid)."""
-    import ray
-    from tqdm import tqdm
-
+    """Stage 2: <out>/metadata/part-*.parquet -> <out>/filter/part-*.parquet (kept rows, uid order per part)."""
     parts = sorted(str(p) for p in (out / "metadata").glob("part-*.parquet"))
     schema = pq.read_schema(parts[0])
     for col, key in required_columns(recipe.filters).items():
@@ -127,26 +165,19 @@ def run_filter(recipe: Recipe, out: Path) -> dict:
             raise ValueError(f"recipe key {key!r} needs a {col!r} column, but the metadata has none: "
                              f"map it with source.columns.{col}: <source column>")
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
-    ds = ray.data.read_parquet(parts).map_batches(tag_batch, batch_format="pyarrow", fn_kwargs={"spec": recipe.filters})
-    dropped = {r: 0 for r in RULES}
-    kept = []
-    bar = tqdm(total=total, desc="filter", unit="row")
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        is_summary = pc.not_equal(batch[DROP], "")
-        for rule, n in zip(batch.filter(is_summary)[DROP].to_pylist(), batch.filter(is_summary)["uid"].to_pylist()):
-            dropped[rule] += n
-        rows = batch.filter(pc.invert(is_summary)).drop_columns([DROP])
-        kept.append(rows)
-        bar.update(rows.num_rows + sum(batch.filter(is_summary)["uid"].to_pylist()))
-        bar.set_postfix(kept=sum(k.num_rows for k in kept), dropped=sum(dropped.values()))
-    bar.close()
-    table = pa.concat_tables(kept) if kept else pa.Table.from_batches([], schema=schema)
-    if recipe.filters.dedup_urls:
-        table, dropped["duplicate_url"] = dedup_urls(table)
-    else:
-        table = table.sort_by("uid")
-    atomic_write_parquet(out / "filter" / "urls.parquet", table)
-    stats = {"input": total, "kept": table.num_rows, "dropped": {r: n for r, n in dropped.items() if n}}
-    if table.num_rows == 0:
+    buckets = max(1, -(-total // BUCKET_ROWS))
+    folder = out / "filter"
+    shutil.rmtree(folder, ignore_errors=True)  # an unfinished filter stage starts over
+    shuffle = folder / SHUFFLE
+    shuffle.mkdir(parents=True)
+    counts = ray_map(filter_part, [(p, i, recipe.filters, buckets, str(shuffle)) for i, p in enumerate(parts)],
+                     desc="filter", unit="part")
+    kept = ray_map(dedup_bucket, [(b, len(parts), str(shuffle), str(folder), recipe.filters.dedup_urls)
+                                  for b in range(buckets)], desc="de-duplicate", unit="bucket")
+    shutil.rmtree(shuffle)
+    dropped = {r: sum(c.get(r, 0) for c in counts) for r in RULES}
+    dropped["duplicate_url"] = sum(d for _, d in kept)
+    stats = {"input": total, "kept": sum(k for k, _ in kept), "dropped": {r: n for r, n in dropped.items() if n}}
+    if stats["kept"] == 0:
         raise ValueError(f"the filters of recipe {recipe.name!r} dropped every row: {stats['dropped']}")
     return stats

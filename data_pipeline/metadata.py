@@ -1,20 +1,24 @@
 """Stage 1, metadata: read a recipe's URL/caption rows into normalised parquet parts.
 
 Every part has the columns: uid int64 (file index << 32 | row: stable across reruns), url, caption
-(UTF-8; invalid bytes replaced), caption_utf8_ok, split, key (what the hash split reads) and the canonical
-score columns the recipe maps (width, height, similarity, punsafe, pwatermark, nsfw, language).
+(UTF-8; invalid bytes replaced), caption_utf8_ok, split, and the canonical score columns the recipe maps
+(width, height, similarity, punsafe, pwatermark, nsfw, language); sources with more columns keep them.
 Sources: parquet/csv/tsv tables (local or fsspec URL), the two emoji styles, and local CUB-200 / Oxford-102 /
 MSCOCO folders (their images become file:// URLs, so they travel the same img2dataset path).
+
+Files are read in batches and written as parts of at most PART_ROWS rows (part-{file}-{chunk}.parquet),
+one Ray task per source file, so no process holds a whole source file. The listing (files and sizes) is
+recorded first in metadata/_sources.json: a resumed build that finds another listing stops instead of
+skipping or duplicating files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import socket
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 from urllib.parse import urlparse
 
 import fsspec
@@ -23,8 +27,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from data_pipeline.recipe import Recipe
+from data_pipeline.common import atomic_write_json, atomic_write_parquet, ray_map, redact
+from data_pipeline.images import is_heldout
+from data_pipeline.recipe import FOLDER_KINDS, Recipe
 
+PART_ROWS = 1 << 20  # rows per metadata part: what one filter task holds in memory
+BATCH_ROWS = 1 << 16  # rows per read from a source file
+PLAN = "_sources.json"
 CANONICAL = ("width", "height", "similarity", "punsafe", "pwatermark", "nsfw", "language")
 REMOTE_HOSTS = {"hf": "huggingface.co", "s3": "s3.amazonaws.com", "gs": "storage.googleapis.com", "gcs": "storage.googleapis.com"}
 
@@ -87,24 +96,9 @@ def _decode_captions(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
         return pa.array(text, pa.string()), pa.array(ok)
 
 
-def read_table_file(path: str, fmt: str, recipe: Recipe) -> pa.Table:
-    """Read one parquet/csv/tsv file into the normalised columns (without uid/split)."""
+def _columns(table: pa.Table, path: str, recipe: Recipe) -> pa.Table:
+    """One batch of a table file -> url, caption, caption_utf8_ok and the canonical columns the recipe maps."""
     s = recipe.source
-    fmt = fmt or path.rsplit(".", 1)[-1].lower()
-    with fsspec.open(path, "rb") as f:
-        if fmt == "parquet":
-            table = pq.read_table(f)
-        elif fmt in ("csv", "tsv"):
-            # captions are read as bytes so that one row with invalid UTF-8 cannot fail the whole file
-            table = pacsv.read_csv(
-                f,
-                read_options=pacsv.ReadOptions(column_names=s.column_names or None, block_size=1 << 24),
-                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=fmt == "csv",
-                                                 quote_char='"' if fmt == "csv" else False),
-                convert_options=pacsv.ConvertOptions(column_types={s.caption_col: pa.binary(), s.url_col: pa.binary()}),
-            )
-        else:
-            raise ValueError(f"metadata file {path!r}: unknown format {fmt!r} (expected parquet, csv or tsv)")
     for col in (s.url_col, s.caption_col):
         if col not in table.column_names:
             raise ValueError(f"metadata file {path!r} has no column {col!r} (columns: {table.column_names})")
@@ -120,21 +114,43 @@ def read_table_file(path: str, fmt: str, recipe: Recipe) -> pa.Table:
     return pa.table(cols)
 
 
+def table_batches(path: str, fmt: str, recipe: Recipe) -> Iterator[pa.Table]:
+    """Normalised batches of one parquet/csv/tsv file (local or fsspec), BATCH_ROWS rows at a time."""
+    s = recipe.source
+    fmt = fmt or path.rsplit(".", 1)[-1].lower()
+    wanted = [s.url_col, s.caption_col, *s.columns.values()]
+    with fsspec.open(path, "rb") as f:
+        if fmt == "parquet":
+            pf = pq.ParquetFile(f)
+            present = [c for c in dict.fromkeys(wanted) if c in pf.schema_arrow.names]
+            batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=present)
+        elif fmt in ("csv", "tsv"):
+            # captions are read as bytes so that one row with invalid UTF-8 cannot fail the whole file
+            batches = pacsv.open_csv(
+                f,
+                read_options=pacsv.ReadOptions(column_names=s.column_names or None, block_size=1 << 24),
+                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=fmt == "csv",
+                                                 quote_char='"' if fmt == "csv" else False),
+                convert_options=pacsv.ConvertOptions(column_types={s.caption_col: pa.binary(), s.url_col: pa.binary()}),
+            )
+        else:
+            raise ValueError(f"metadata file {path!r}: unknown format {fmt!r} (expected parquet, csv or tsv)")
+        for batch in batches:
+            yield _columns(pa.Table.from_batches([batch]), path, recipe)
+
+
 def hash_split(keys: list[str], test_fraction: float) -> list[str]:
-    """'test' when sha256(key) mod 10000 < test_fraction * 10000, else 'train' (stable everywhere)."""
-    cut = round(test_fraction * 10000)
-    return ["test" if int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "big") % 10000 < cut else "train" for k in keys]
+    """'test' for held-out keys (images.is_heldout: the rule the tokenizer trainer uses too), else 'train'."""
+    return ["test" if is_heldout(k, test_fraction) else "train" for k in keys]
 
 
-def _finish(table: pa.Table, file_index: int, recipe: Recipe) -> pa.Table:
-    """Add uid, key and split columns."""
-    n = table.num_rows
-    table = table.append_column("uid", pa.array([(file_index << 32) | i for i in range(n)], pa.int64()))
-    if "key" not in table.column_names:
-        source = recipe.split.key if recipe.split.key in table.column_names else "url"
-        table = table.append_column("key", table[source].cast(pa.string()))
+def _finish(table: pa.Table, first_uid: int, recipe: Recipe) -> pa.Table:
+    """Add the uid and split columns to one batch whose first row has uid `first_uid`."""
+    table = table.append_column("uid", pa.array(range(first_uid, first_uid + table.num_rows), pa.int64()))
     if recipe.split.mode == "hash" or "split" not in table.column_names:
-        split = hash_split(table["key"].to_pylist(), recipe.split.test_fraction)
+        key = "key" if "key" in table.column_names else recipe.split.key
+        key = key if key in table.column_names else "url"
+        split = hash_split(table[key].cast(pa.string()).to_pylist(), recipe.split.test_fraction)
         if "split" in table.column_names:
             table = table.drop_columns(["split"])
         table = table.append_column("split", pa.array(split, pa.string()))
@@ -199,7 +215,7 @@ def check_source(recipe: Recipe, metadata: Optional[str]) -> None:
 
 
 def source_tables(recipe: Recipe, metadata: Optional[str]) -> list[tuple[str, callable]]:
-    """(name, loader) per source file; loaders run later (on Ray workers for tables)."""
+    """(name, loader) per source file; a loader returns a table or an iterator of batches (run on Ray workers)."""
     s = recipe.source
     if s.kind == "emoji":
         from data_pipeline.emoji_source import emoji_table
@@ -209,62 +225,98 @@ def source_tables(recipe: Recipe, metadata: Optional[str]) -> list[tuple[str, ca
         from data_pipeline.openmoji_source import openmoji_table
 
         return [("openmoji", openmoji_table)]
-    if s.kind in ("cub200", "oxford102", "mscoco"):
+    if s.kind in FOLDER_KINDS:
         root = Path(metadata or s.path).expanduser()
         return [(str(root), lambda: folder_table(s.kind, root))]
     path = metadata or s.path
-    return [(f, (lambda f=f: read_table_file(f, s.format, recipe))) for f in list_files(path)]
+    return [(f, (lambda f=f: table_batches(f, s.format, recipe))) for f in list_files(path)]
 
 
-def normalise(loader, file_index: int, recipe: Recipe) -> pa.Table:
-    """Run one loader and add uid/key/split (a Ray task per source file)."""
-    return _finish(loader(), file_index, recipe)
+def listing(recipe: Recipe, metadata: Optional[str], names: list[str]) -> dict:
+    """What the metadata stage reads, as recorded before it starts: the source and each file's size."""
+    def size(name: str) -> Optional[int]:
+        if recipe.source.kind != "table":
+            return None
+        fs, _, (p,) = fsspec.get_fs_token_paths(name)
+        return int(fs.size(p))
+
+    return {"source": redact(metadata or recipe.source.path or recipe.source.kind),
+            "files": [[redact(n), size(n)] for n in names]}
 
 
-def _write_part(loader, index: int, recipe: Recipe, part: str, limit: int) -> int:
-    """Normalise one source file and write its part atomically; returns its row count."""
-    from data_pipeline.common import atomic_write_parquet
+def check_listing(folder: Path, plan: dict) -> None:
+    """Record the listing on the first run; on a resumed run refuse a listing that changed."""
+    path = folder / PLAN
+    if not path.is_file():
+        atomic_write_json(path, plan)
+        return
+    old = json.loads(path.read_text())
+    if old == plan:
+        return
+    was, now = {tuple(f) for f in old["files"]}, {tuple(f) for f in plan["files"]}
+    changes = [f"{'source':>8} {old['source']} -> {plan['source']}"] if old["source"] != plan["source"] else []
+    changes += [f"{'removed':>8} {n} ({b} bytes)" for n, b in sorted(was - now)]
+    changes += [f"{'added':>8} {n} ({b} bytes)" for n, b in sorted(now - was)]
+    raise ValueError(f"the metadata source changed since this build started in {folder.parent}, so a resumed "
+                     f"build would skip or duplicate rows:\n" + "\n".join(changes[:20]) +
+                     "\nresume with the same source, or build into a new --out")
 
-    table = normalise(loader, index, recipe)
-    if limit:
-        table = table.slice(0, limit)
-    atomic_write_parquet(Path(part), table)
-    return table.num_rows
+
+def read_source(loader, index: int, recipe: Recipe, folder: str, limit: int = 0) -> dict:
+    """One source file -> parts of at most PART_ROWS rows, then its marker; returns {'rows', 'parts'}."""
+    batches = loader()
+    batches = [batches] if isinstance(batches, pa.Table) else batches
+    rows, pending, pending_rows, parts = 0, [], 0, []
+
+    def flush() -> None:
+        nonlocal pending, pending_rows
+        part = Path(folder) / f"part-{index:05d}-{len(parts):04d}.parquet"
+        atomic_write_parquet(part, pa.concat_tables(pending))
+        parts.append(part.name)
+        pending, pending_rows = [], 0
+
+    for batch in batches:
+        if limit and rows + batch.num_rows > limit:
+            batch = batch.slice(0, limit - rows)
+        while batch.num_rows:
+            take = batch.slice(0, PART_ROWS - pending_rows)
+            pending.append(_finish(take, (index << 32) | rows, recipe))
+            rows, pending_rows, batch = rows + take.num_rows, pending_rows + take.num_rows, batch.slice(take.num_rows)
+            if pending_rows == PART_ROWS:
+                flush()
+        if limit and rows >= limit:
+            break
+    if pending:
+        flush()
+    atomic_write_json(Path(folder) / f"file-{index:05d}.json", {"rows": rows, "parts": parts})
+    return {"rows": rows, "parts": parts}
 
 
 def run_metadata(recipe: Recipe, out: Path, metadata: Optional[str] = None) -> dict:
-    """Stage 1: one parquet part per source file in <out>/metadata/ (files already written are kept)."""
-    import ray
+    """Stage 1: parts of every source file in <out>/metadata/ (files whose marker exists are kept)."""
     from tqdm import tqdm
 
     folder = out / "metadata"
     folder.mkdir(parents=True, exist_ok=True)
     sources = source_tables(recipe, metadata)
-    parts = [str(folder / f"part-{i:05d}.parquet") for i in range(len(sources))]
-    rows = 0
-    bar = tqdm(total=len(sources), desc="metadata", unit="file")
-    if recipe.source.limit:  # a demo-sized prefix: read files in order until the limit is met
-        for i, (_, loader) in enumerate(sources):
-            rows += _write_part(loader, i, recipe, parts[i], recipe.source.limit - rows)
-            bar.update(1)
+    plan = listing(recipe, metadata, [name for name, _ in sources])
+    check_listing(folder, plan)
+    done = {i: json.loads((folder / f"file-{i:05d}.json").read_text())
+            for i in range(len(sources)) if (folder / f"file-{i:05d}.json").is_file()}
+    if recipe.source.limit:  # a demo-sized prefix: read files in order, here, until the limit is met
+        rows = sum(d["rows"] for d in done.values())
+        for i, (_, loader) in enumerate(tqdm(sources, desc="metadata", unit="file")):
             if rows >= recipe.source.limit:
                 break
+            if i not in done:
+                done[i] = read_source(loader, i, recipe, str(folder), recipe.source.limit - rows)
+                rows += done[i]["rows"]
     else:
-        task = ray.remote(_write_part)
-        pending = {}
-        for i, (_, loader) in enumerate(sources):
-            if Path(parts[i]).is_file():
-                rows += pq.ParquetFile(parts[i]).metadata.num_rows
-                bar.update(1)
-            else:
-                pending[task.remote(loader, i, recipe, parts[i], 0)] = i
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            rows += ray.get(ready[0])
-            del pending[ready[0]]
-            bar.update(1)
-            bar.set_postfix(rows=rows)
-    bar.close()
+        todo = [i for i in range(len(sources)) if i not in done]
+        results = ray_map(read_source, [(sources[i][1], i, recipe, str(folder)) for i in todo], desc="metadata", unit="file")
+        done.update(zip(todo, results))
+    rows = sum(d["rows"] for d in done.values())
     if rows == 0:
         raise ValueError(f"metadata source of recipe {recipe.name!r} has no rows: nothing to build")
-    return {"files": len(sources), "rows": rows, "source": metadata or recipe.source.path or recipe.source.kind}
+    return {"files": len(sources), "parts": sum(len(d["parts"]) for d in done.values()), "rows": rows,
+            "source": plan["source"]}

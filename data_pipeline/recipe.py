@@ -24,7 +24,7 @@ TRAIN_VQVAE_HINT = "python training/train_vqvae.py --config configs/vqvae_emoji.
 class SourceSpec:
     """Where the URL/caption rows come from."""
 
-    kind: str = "table"  # table | emoji | openmoji | cub200 | oxford102 | mscoco
+    kind: str = "table"  # table | emoji | openmoji | cub200 | oxford102 | mscoco (FOLDER_KINDS: file:// URLs)
     path: str = ""  # table: file, glob or fsspec URL (hf://, s3://...); folder kinds: the dataset root
     format: str = ""  # parquet | csv | tsv; empty: from the file extension
     column_names: list[str] = field(default_factory=list)  # csv/tsv without a header row: the names, in order
@@ -63,12 +63,15 @@ class DownloadSpec:
     resize_mode: str = "center_crop"  # img2dataset: no | keep_ratio | center_crop | border | keep_ratio_largest
     encode_format: str = "jpg"
     encode_quality: int = 95
-    timeout: float = 10.0
-    retries: int = 2
+    timeout: float = 10.0  # seconds one attempt (connect, headers, body) may take
+    retries: int = 2  # further attempts after a transient failure (timeout, 5xx, 429, connection error)
     thread_count: int = 64
     processes: int = 0  # 0: one per CPU Ray (or the machine) has
     samples_per_shard: int = 10000
-    max_image_pixels: int = 89_478_485  # PIL's default; larger images are decompression bombs
+    max_image_pixels: int = 4096 * 4096  # read from the header, before decoding: bombs and oversized images fail
+    max_bytes: int = 16 * 1024 * 1024  # response bodies above this fail (body_too_large)
+    allow_private_hosts: bool = False  # fetch from loopback / private addresses (only for a local server you run)
+    respect_opt_outs: bool = True  # X-Robots-Tag noai/noimageai/noindex/noimageindex refuses an image
     distributor: str = "auto"  # auto (ray when Ray runs) | ray | multiprocessing
 
 
@@ -131,12 +134,16 @@ def load_recipe(name_or_path: str, overrides: Optional[dict[str, Any]] = None) -
     return recipe
 
 
+FOLDER_KINDS = ("cub200", "oxford102", "mscoco")  # local dataset folders: the only sources allowed file:// URLs
+LOCAL_KINDS = ("emoji", "openmoji")  # images on this machine, served from 127.0.0.1 during the download
+SOURCE_KINDS = ("table", *LOCAL_KINDS, *FOLDER_KINDS)
+
+
 def validate(r: Recipe) -> None:
     """Value checks the types cannot express."""
-    kinds = ("table", "emoji", "openmoji", "cub200", "oxford102", "mscoco")
-    if r.source.kind not in kinds:
-        raise ValueError(f"recipe key 'source.kind': expected one of {kinds}, got {r.source.kind!r}")
-    if r.source.kind not in ("emoji", "openmoji") and not r.source.path:
+    if r.source.kind not in SOURCE_KINDS:
+        raise ValueError(f"recipe key 'source.kind': expected one of {SOURCE_KINDS}, got {r.source.kind!r}")
+    if r.source.kind not in LOCAL_KINDS and not r.source.path:
         raise ValueError(f"recipe key 'source.path' is required for source.kind={r.source.kind!r}")
     if r.source.format not in ("", "parquet", "csv", "tsv"):
         raise ValueError(f"recipe key 'source.format': expected parquet, csv or tsv, got {r.source.format!r}")
@@ -149,7 +156,8 @@ def validate(r: Recipe) -> None:
         raise ValueError(f"recipe key 'split.mode': expected hash or source, got {r.split.mode!r}")
     if not 0.0 <= r.split.test_fraction <= 1.0:
         raise ValueError("recipe key 'split.test_fraction': expected a fraction in [0, 1]")
-    for key in ("download.image_size", "download.samples_per_shard", "encode.samples_per_shard", "encode.batch_size"):
+    for key in ("download.image_size", "download.samples_per_shard", "download.max_image_pixels", "download.max_bytes",
+                "encode.samples_per_shard", "encode.batch_size"):
         section, name = key.split(".")
         if getattr(getattr(r, section), name) <= 0:
             raise ValueError(f"recipe key {key!r}: expected a positive integer")

@@ -1,13 +1,16 @@
-"""Reading a built dataset: what training imports.
+"""A built dataset, read and written with webdataset: what training imports.
 
-    manifest = open_manifest("data/emoji")                  # validated manifest.json
+    manifest = open_manifest("data/emoji")                  # validated manifest.json (shard sizes checked)
     check_compatible(manifest, num_codes=512, grid=(8, 8))  # ValueError when the tokenizer differs
+    for sample in iter_samples(path): ...                   # {'key', 'vq', 'clip', 'txt', 'json'}
     ds = ShardDataset("data/emoji", split="train", shuffle_buffer=1000, seed=0)
     for vq, clip, caption in DataLoader(ds, batch_size=64, num_workers=2): ...
     # vq Long [B, h*w], clip Long [B, 77], caption list[str]
 
-Shards are split between ranks (torch.distributed) and DataLoader workers by shard; when there are
-fewer shards than readers, every reader walks all shards and keeps every k-th sample instead.
+A shard is a webdataset tar: per sample {key}.vq.npy (uint16 [h*w]), {key}.clip.npy (int32 [77]),
+{key}.txt (UTF-8 caption) and {key}.json. The manifest names every shard with its sample count, size
+and sha256; shard names carry a content version ({split}-{version}-{000000}.tar) so a rebuild writes new
+shards beside the old ones and switches by rewriting the manifest.
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ from __future__ import annotations
 import io
 import json
 import random
-import tarfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -27,8 +29,66 @@ REQUIRED = ("format", "recipe", "tokenizer", "text_tokenizer", "splits", "statis
 BUILD_HINT = "build it with `python data_pipeline/build.py <recipe>`"
 
 
+def read_tar(path) -> Iterator[dict]:
+    """Samples of one webdataset tar in order: {'__key__': key, ext: bytes, ...}. A corrupt or truncated tar
+    raises (tarfile.ReadError...) where the damage starts, after yielding every whole sample before it."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with open(path, "rb") as f:
+        yield from group_by_keys({**member, "__url__": str(path)} for member in tar_file_iterator(f))
+
+
+def tar_writer(fileobj):
+    """webdataset's TarWriter with fixed headers (time 0, one owner), so equal samples give equal bytes."""
+    from webdataset.writer import TarWriter
+
+    return TarWriter(fileobj, encoder=False, mtime=0, user="vqd", group="vqd", mode=0o644)
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def sample_record(key: str, vq: np.ndarray, clip: np.ndarray, caption: str, meta: dict) -> dict:
+    """One token sample as a webdataset record: vq uint16 [h*w], clip int32 [77], caption, meta."""
+    return {"__key__": key, "vq.npy": npy_bytes(np.asarray(vq, np.uint16)), "clip.npy": npy_bytes(np.asarray(clip, np.int32)),
+            "txt": caption.encode("utf-8"), "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
+
+
+class _Hashing:
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, f):
+        import hashlib
+
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+
+def write_shard(path: Path, records: Iterable[dict]) -> dict:
+    """Write records to `path` (atomically); returns {'samples', 'bytes', 'sha256'}."""
+    from data_pipeline.common import atomic_write
+
+    count = 0
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        sink = _Hashing(f)
+        writer = tar_writer(sink)
+        for record in records:
+            writer.write(record)
+            count += 1
+        writer.close()
+    return {"samples": count, "bytes": sink.bytes, "sha256": sink.sha256.hexdigest()}
+
+
 def open_manifest(folder, verify_sha256: bool = False) -> dict:
-    """Read and check <folder>/manifest.json (keys, format, every shard present); adds 'folder'."""
+    """Read and check <folder>/manifest.json: keys, format, every shard present with its recorded size
+    (and sha256 on request); adds 'folder'."""
     from vqd.io import file_sha256
 
     folder = Path(folder)
@@ -46,6 +106,9 @@ def open_manifest(folder, verify_sha256: bool = False) -> dict:
             shard_path = folder / shard["name"]
             if not shard_path.is_file():
                 raise ValueError(f"{path}: shard {shard['name']} of split {split!r} is missing; {BUILD_HINT}")
+            if "bytes" in shard and shard_path.stat().st_size != shard["bytes"]:
+                raise ValueError(f"{shard_path}: {shard_path.stat().st_size} bytes, the manifest says {shard['bytes']} "
+                                 f"(file changed or truncated); {BUILD_HINT}")
             if verify_sha256 and file_sha256(shard_path) != shard["sha256"]:
                 raise ValueError(f"{shard_path}: sha256 differs from the manifest (file changed or corrupt)")
     manifest["folder"] = str(folder)
@@ -71,17 +134,8 @@ def check_compatible(manifest: dict, num_codes: int, grid) -> None:
 
 def iter_samples(path: Path) -> Iterator[dict]:
     """Each sample of one shard, in tar order: {'key', 'vq' uint16 [h*w], 'clip' int32 [77], 'txt', 'json' dict}."""
-    with tarfile.open(path) as tf:
-        current, parts = None, {}
-        for m in tf:
-            key, ext = m.name.split(".", 1)
-            if key != current:
-                if current is not None:
-                    yield _sample(current, parts)
-                current, parts = key, {}
-            parts[ext] = tf.extractfile(m).read()
-        if current is not None:
-            yield _sample(current, parts)
+    for record in read_tar(path):
+        yield _sample(record)
 
 
 def iter_shard(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray, str]]:
@@ -90,13 +144,14 @@ def iter_shard(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray, str]]:
         yield s["key"], s["vq"], s["clip"], s["txt"]
 
 
-def _sample(key: str, parts: dict) -> dict:
+def _sample(record: dict) -> dict:
+    key = record["__key__"]
     for ext in ("vq.npy", "clip.npy", "txt"):
-        if ext not in parts:
-            raise ValueError(f"sample {key!r} has no .{ext} member")
-    return {"key": key, "vq": np.load(io.BytesIO(parts["vq.npy"]), allow_pickle=False),
-            "clip": np.load(io.BytesIO(parts["clip.npy"]), allow_pickle=False),
-            "txt": parts["txt"].decode("utf-8"), "json": json.loads(parts["json"]) if "json" in parts else {}}
+        if ext not in record:
+            raise ValueError(f"sample {key!r} of {record['__url__']} has no .{ext} member")
+    return {"key": key, "vq": np.load(io.BytesIO(record["vq.npy"]), allow_pickle=False),
+            "clip": np.load(io.BytesIO(record["clip.npy"]), allow_pickle=False),
+            "txt": record["txt"].decode("utf-8"), "json": json.loads(record["json"]) if "json" in record else {}}
 
 
 def _shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
@@ -117,7 +172,11 @@ except ImportError:  # pragma: no cover - torch is a project dependency; keeps t
 
 
 class ShardDataset(_Base):
-    """Iterable over one split's shards: yields (vq Long [h*w], clip Long [77], caption str)."""
+    """Iterable over one split's shards: yields (vq Long [h*w], clip Long [77], caption str).
+
+    Shards are split between ranks (torch.distributed) and DataLoader workers by shard; when there are
+    fewer shards than readers, every reader walks all shards and keeps every k-th sample instead.
+    """
 
     def __init__(self, folder, split: str = "train", shuffle: bool = True, shuffle_buffer: int = 1000,
                  seed: int = 0, num_codes: Optional[int] = None, grid=None, repeat: bool = False,

@@ -9,17 +9,22 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from data_pipeline.build import build
 from data_pipeline.common import init_ray
+from data_pipeline.filters import filter_parts
 from data_pipeline.metadata import hash_split
 from data_pipeline.shards import ShardDataset, iter_samples, iter_shard, open_manifest
-from pipeline_fixtures import bad_server, bomb_png, tiny_png, tiny_tokenizer, truncated_jpeg, write_recipe
+from pipeline_fixtures import (bad_server, bomb_png, folder_dataset, remote_metadata, tiny_jpeg, tiny_png,
+                               tiny_tokenizer, truncated_jpeg, write_recipe)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,47 +60,78 @@ def _samples(folder: Path) -> dict[int, tuple[np.ndarray, np.ndarray, str]]:
     return out
 
 
-def test_bad_input_is_counted_and_good_images_survive(ray_session, tokenizer, tmp_path):
+def _hostile_rows(base: str) -> tuple[list[tuple[str, bytes]], dict, dict]:
+    """Metadata rows over the misbehaving server: (rows, filter drops, download failures) expected."""
+    to = lambda target: f"{base}/to/" + quote(target, safe="")  # noqa: E731 - a redirect to `target`
+    rows = [(f"{base}/ok/g{i}.png", f"good image {i}".encode()) for i in range(10)]
+    rows += [(f"{base}/redirect/g10.png", b"a redirected image"), (f"{base}/flaky/g11.png", b"flaky server"),
+             (f"{base}/missing", b"a 404"), (f"{base}/error", b"a 500"), (f"{base}/slow", b"a slow server"),
+             (f"{base}/stall", b"a stalled body"), (f"{base}/drip", b"a body one byte at a time"),
+             (f"{base}/loop", b"a redirect loop"), (to("file:///etc/passwd"), b"a redirect to a local file"),
+             (to("http://169.254.169.254/latest/meta-data/"), b"a redirect to the cloud metadata service"),
+             ("http://169.254.169.254/latest/meta-data/", b"the cloud metadata service"),
+             ("file:///etc/passwd", b"a local file"), (f"{base}/huge", b"a huge Content-Length"),
+             (f"{base}/endless", b"an endless body"), (f"{base}/noai/g12.png", b"an opted-out image"),
+             (f"{base}/ok/junk.bin", b"not an image"), (f"{base}/ok/trunc.jpg", b"a truncated jpeg"),
+             (f"{base}/ok/bomb.png", b"a decompression bomb"), (f"{base}/ok/g0.png", b"duplicate url"),
+             (f"{base}/ok/g13.png", b"bad \xff\xfe utf8"), (f"{base}/ok/g14.png", b"long " * 2000),
+             (f"{base}/ok/g15.png", b""), ("javascript:alert(1)", b"not a url")]
+    dropped = {"duplicate_url": 1, "caption_utf8": 1, "caption_length": 2, "url_invalid": 1}
+    failed = {"body_too_large": 2, "http_404": 1, "http_500": 1, "http_503": 1, "not_an_image": 1, "opt_out": 1,
+              "refused_link_local": 2, "refused_scheme": 2, "timeout": 3, "too_many_pixels": 1, "too_many_redirects": 1,
+              "truncated_image": 1}
+    return rows, dropped, failed
+
+
+def _dropped(acc: dict) -> int:
+    return sum(n for reasons in acc["dropped"].values() for n in reasons.values())
+
+
+@pytest.mark.slow
+def test_every_row_is_accounted_for_on_a_hostile_server(ray_session, tokenizer, tmp_path):
+    """Every input row ends as a sample or a drop counted under its reason, and the manifest says so."""
     from vqd.text import tokenize
     from vqd.vqvae import load_tokenizer
 
-    files = {f"g{i}.png": tiny_png(i) for i in range(13)}
+    files = {f"g{i}.png": tiny_png(i) for i in range(16)}
     files.update({"junk.bin": b"<html>surprise</html>", "trunc.jpg": truncated_jpeg(), "bomb.png": bomb_png()})
     with bad_server(files, pause=4.0, flaky_failures=1) as base:
-        rows = [(f"{base}/ok/g{i}.png", f"good image {i}".encode()) for i in range(10)]
-        rows += [(f"{base}/missing", b"a 404"), (f"{base}/slow", b"a slow server"), (f"{base}/stall", b"a stalled body"),
-                 (f"{base}/ok/junk.bin", b"not an image"), (f"{base}/ok/trunc.jpg", b"a truncated jpeg"),
-                 (f"{base}/ok/bomb.png", b"a decompression bomb"), (f"{base}/flaky/g10.png", b"flaky server"),
-                 (f"{base}/ok/g0.png", b"duplicate url"), (f"{base}/ok/g11.png", b"bad \xff\xfe utf8"),
-                 (f"{base}/ok/g12.png", b"long " * 2000)]
+        rows, dropped, failed = _hostile_rows(base)
         recipe = write_recipe(tmp_path / "bad.yaml", _csv(tmp_path / "meta.csv", rows), split={"test_fraction": 0.3})
         out = tmp_path / "out"
         report = build(str(recipe), out=str(out), tokenizer=str(tokenizer))
         st = report["stages"]
-        assert st["filter"]["stats"]["dropped"] == {"duplicate_url": 1, "caption_utf8": 1, "caption_length": 1}
-        assert st["download"]["stats"]["failed"] == {"decompression_bomb": 1, "http_404": 1, "http_503": 1,
-                                                     "not_an_image": 1, "timeout": 2, "truncated_image": 1}
-        assert st["download"]["stats"]["downloaded"] == 10
-        assert st["validate"]["stats"]["samples"] == 10
-        # the img2dataset tars stay where the tokenizer trainer reads them
-        assert sorted(p.name for p in (out / "download").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+        assert st["filter"]["stats"]["dropped"] == dropped
+        assert st["download"]["stats"]["failed"] == failed
+        assert st["download"]["stats"]["downloaded"] == 11 == st["validate"]["stats"]["samples"]
+        first = json.loads((out / "manifest.json").read_text())
+        acc = first["statistics"]["accounting"]
+        assert acc["rows"] == len(rows) == acc["samples"] + _dropped(acc)
+        assert acc["dropped"] == {"filter": dropped, "download": failed, "encode": {}}
+        # the img2dataset tars stay where the tokenizer trainer reads them: 29 kept rows, 8 a shard
+        assert sorted(p.name for p in (out / "download").glob("*.tar")) == [f"{i:05d}.tar" for i in range(4)]
 
-        # the flaky row succeeds when failed rows are retried; nothing downloaded before is lost
+        # transient failures are fetched again: the flaky row succeeds, nothing downloaded before is lost
         report = build(str(recipe), out=str(out), tokenizer=str(tokenizer), retry_failed=True)
     manifest = json.loads((out / "manifest.json").read_text())
-    stats = manifest["statistics"]
-    assert stats["download"]["downloaded"] == 11 and "http_503" not in stats["download"]["failed"]
+    stats, acc = manifest["statistics"], manifest["statistics"]["accounting"]
+    assert stats["download"]["downloaded"] == 12 and "http_503" not in stats["download"]["failed"]
+    assert acc["rows"] == len(rows) == acc["samples"] + _dropped(acc) == 12 + _dropped(acc)
     samples = _samples(out)
-    assert sorted(c for _, _, c in samples.values()) == sorted([f"good image {i}" for i in range(10)] + ["flaky server"])
-    assert sum(s["samples"] for s in manifest["splits"].values()) == 11 == stats["encode"]["encoded"]
+    assert sorted(c for _, _, c in samples.values()) == sorted(
+        [f"good image {i}" for i in range(10)] + ["a redirected image", "flaky server"])
+    assert sum(s["samples"] for s in manifest["splits"].values()) == 12 == stats["encode"]["encoded"]
     assert set(manifest["splits"]) == {"train", "test"}
+    # the new shards replaced the old ones: a new version, and no file the manifest does not name
+    names = sorted(s["name"] for info in manifest["splits"].values() for s in info["shards"])
+    old = sorted(s["name"] for info in first["splits"].values() for s in info["shards"])
+    assert sorted(p.name for p in out.glob("*.tar")) == names and not set(names) & set(old)
 
     # independent check of the ids: decode the downloaded PNGs ourselves and run the tokenizer
     model = load_tokenizer(tokenizer)
     for tar in (out / "download").glob("*.tar"):
         with tarfile.open(tar) as tf:
-            names = tf.getnames()
-            for n in [n for n in names if n.endswith(".png")]:
+            for n in [n for n in tf.getnames() if n.endswith(".png")]:
                 meta = json.loads(tf.extractfile(n[:-4] + ".json").read())
                 arr = np.asarray(Image.open(tf.extractfile(n)).convert("RGB"), dtype=np.float32)
                 want = model.encode(torch.from_numpy(arr).permute(2, 0, 1)[None] / 127.5 - 1.0)[0]
@@ -126,9 +162,6 @@ def test_empty_metadata_and_missing_tokenizer_are_clear_errors(ray_session, toke
 
 def test_laion_recipe_with_a_local_metadata_copy(ray_session, tmp_path):
     """--metadata replaces the hf:// source; LAION's column names map onto the filters."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     folder = tmp_path / "relaion"
     folder.mkdir()
     for part in range(2):
@@ -142,9 +175,18 @@ def test_laion_recipe_with_a_local_metadata_copy(ray_session, tmp_path):
     stats = report["stages"]["filter"]["stats"]
     assert stats == {"input": 10, "kept": 2, "dropped": {"caption_include": 2, "caption_exclude": 2, "image_size": 2,
                                                           "duplicate_url": 2}}
-    kept = pq.read_table(out / "filter" / "urls.parquet")
+    kept = pa.concat_tables(pq.read_table(p) for p in filter_parts(out))
     assert kept["url"].to_pylist() == ["http://x/0/0.jpg", "http://x/1/0.jpg"]
     assert kept["uid"].to_pylist() == [0, 1 << 32]
+    assert json.loads((out / "metadata" / "_sources.json").read_text())["files"] == [
+        [str(folder / f"part{i}.parquet"), (folder / f"part{i}.parquet").stat().st_size] for i in range(2)]
+
+    # a resumed metadata stage that finds another listing stops instead of skipping or duplicating rows
+    (out / "metadata" / "_DONE.json").unlink()
+    (out / "metadata" / "file-00001.json").unlink()  # as if killed after the first file
+    pq.write_table(pq.read_table(folder / "part1.parquet").slice(0, 3), folder / "part1.parquet")
+    with pytest.raises(ValueError, match=r"(?s)metadata source changed.*removed .*part1.parquet"):
+        build("laion-cartoon", out=str(out), metadata=str(folder), stages=["metadata"])
 
 
 @pytest.mark.slow
@@ -167,7 +209,8 @@ def test_killed_build_resumes_to_the_same_manifest(ray_session, tokenizer, tmp_p
         assert not (killed / "manifest.json").exists(), "the build finished before it could be killed"
         assert 2 <= len(list((killed / "download").glob("*_stats.json"))) < 7
 
-        build(str(recipe), out=str(killed), tokenizer=str(tokenizer))  # the same command again
+        # the same command again, retrying failures: the unfinished shards' rows are fetched first
+        build(str(recipe), out=str(killed), tokenizer=str(tokenizer), retry_failed=True)
         whole = tmp_path / "whole"
         build(str(recipe), out=str(whole), tokenizer=str(tokenizer))
     a = json.loads((killed / "manifest.json").read_text())
@@ -199,11 +242,35 @@ def test_emoji_images_first_then_encode(ray_session, tokenizer, tmp_path):
         assert (s["json"]["captions"], s["json"]["category"], s["json"]["subcategory"]) == forms[s["txt"]]
     assert manifest["tokenizer"]["grid"] == [8, 8] and manifest["statistics"]["encode"]["encoded"] == 60
 
+    # re-encoding with another tokenizer: a crash before the new manifest leaves the old dataset whole ...
+    import data_pipeline.manifest as manifest_module
+
+    other = tiny_tokenizer(tmp_path / "other", codes=16, seed=1)
+    real = manifest_module.atomic_write_json
+
+    def crash(path, data):
+        raise RuntimeError("killed before the manifest was written")
+
+    manifest_module.atomic_write_json = crash
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            build("emoji", out=str(out), tokenizer=str(other), stages=["encode"], overrides={"source.limit": 60})
+    finally:
+        manifest_module.atomic_write_json = real
+    old = {s["name"] for info in manifest["splits"].values() for s in info["shards"]}
+    assert open_manifest(out, verify_sha256=True)["tokenizer"]["num_codes"] == 32  # still true, every shard intact
+    assert len(list(out.glob("*.tar"))) > len(old)  # the new shards wait beside the old ones
+    # ... and the same command finishes the switch: new manifest, new shards, the old ones gone
+    build("emoji", out=str(out), tokenizer=str(other), stages=["encode", "validate"], overrides={"source.limit": 60})
+    new = open_manifest(out, verify_sha256=True)
+    names = {s["name"] for info in new["splits"].values() for s in info["shards"]}
+    assert new["tokenizer"]["num_codes"] == 16 and not names & old
+    assert {p.name for p in out.glob("*.tar")} == names
+    assert all(int(vq.max()) < 16 for vq, _, _ in _samples(out).values())
+
 
 def test_download_without_ray_uses_multiprocessing(tmp_path):
     """img2dataset's multiprocessing distributor (Ray not required) writes the same kind of shards."""
-    import pyarrow as pa
-
     from data_pipeline.download import run_download
     from data_pipeline.recipe import load_recipe
 
@@ -211,17 +278,58 @@ def test_download_without_ray_uses_multiprocessing(tmp_path):
     with bad_server(files) as base:
         recipe = load_recipe(str(write_recipe(tmp_path / "mp.yaml", tmp_path / "unused.csv",
                                               download={"distributor": "multiprocessing", "processes": 1})))
-        local = tmp_path / "local.png"  # local-folder recipes (CUB, Oxford, COCO) use file:// URLs
+        local = tmp_path / "local.png"  # only local-folder recipes (CUB, Oxford, COCO) may read file:// URLs
         local.write_bytes(tiny_png(300))
         urls = [f"{base}/ok/g{i}.png" for i in range(3)] + [f"{base}/missing", local.as_uri()]
         table = pa.table({"url": urls, "caption": [f"c{i}" for i in range(5)], "uid": list(range(5)),
-                          "split": ["train"] * 5})
+                          "split": ["train"] * 5, "width": [640] * 5})
         (tmp_path / "out" / "filter").mkdir(parents=True)
-        import pyarrow.parquet as pq
-
-        pq.write_table(table, tmp_path / "out" / "filter" / "urls.parquet")
+        pq.write_table(table, tmp_path / "out" / "filter" / "part-00000.parquet")
         stats = run_download(recipe, tmp_path / "out")
-    assert stats == {"attempted": 5, "downloaded": 4, "failed": {"http_404": 1}, "missing": 0}
+    assert stats == {"attempted": 5, "downloaded": 3, "failed": {"http_404": 1, "refused_scheme": 1}, "missing": 0}
     with tarfile.open(tmp_path / "out" / "download" / "00000.tar") as tf:
         metas = [json.loads(tf.extractfile(n).read()) for n in tf.getnames() if n.endswith(".json")]
-    assert sorted(m["uid"] for m in metas) == [0, 1, 2, 4] and all(m["width"] == 16 for m in metas)
+    # the metadata's width travels as source_width (img2dataset's width is the stored image's)
+    assert sorted(m["uid"] for m in metas) == [0, 1, 2] and all(m["width"] == 16 for m in metas)
+    assert all(m["source_width"] == 640 for m in metas)
+
+
+SHIPPED = sorted(p.stem for p in (REPO / "configs" / "data").glob("*.yaml") if p.stem != "emoji")  # emoji: above
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_runs_every_stage(ray_session, tokenizer, tmp_path, name):
+    """Each shipped recipe, on a few rows in its own source format (its column names and order, or its folder
+    layout), through metadata, filter, download (local server or file://), encode and validate."""
+    from data_pipeline.recipe import load_recipe
+
+    recipe = load_recipe(name)
+    files = {f"i{i}.jpg": tiny_jpeg(i) for i in range(4)}
+    overrides = {"download.timeout": 5, "download.thread_count": 4}
+    with bad_server(files) as base:
+        if recipe.source.kind == "table":
+            source, kept = remote_metadata(recipe, base, tmp_path / "metadata")
+            overrides["download.allow_private_hosts"] = True  # the test's image host is 127.0.0.1
+        else:
+            source, kept = folder_dataset(recipe.source.kind, tmp_path / name, files)
+        out = tmp_path / "out"
+        report = build(name, out=str(out), metadata=str(source), tokenizer=str(tokenizer), overrides=overrides)
+    manifest = open_manifest(out, verify_sha256=True)
+    acc = manifest["statistics"]["accounting"]
+    assert acc["rows"] == report["stages"]["metadata"]["stats"]["rows"] == acc["samples"] + _dropped(acc)
+    assert sorted(c for _, _, c in _samples(out).values()) == sorted(kept)
+    assert manifest["recipe"]["name"] == name and report["stages"]["validate"]["stats"]["samples"] == len(kept)
+
+
+@pytest.mark.slow
+def test_a_table_source_may_not_reach_private_hosts(ray_session, tmp_path):
+    """Without download.allow_private_hosts, URLs on 127.0.0.1 (and file://) are refused and counted."""
+    from data_pipeline.recipe import load_recipe
+
+    with bad_server({f"i{i}.jpg": tiny_jpeg(i) for i in range(4)}) as base:
+        source, kept = remote_metadata(load_recipe("laion-icon"), base, tmp_path / "metadata")
+        report = build("laion-icon", out=str(tmp_path / "out"), metadata=str(source),
+                       stages=["metadata", "filter", "download"])
+    stats = report["stages"]["download"]["stats"]
+    assert stats["downloaded"] == 0 and stats["failed"] == {"refused_loopback": len(kept) + 1}  # + the 404 row

@@ -2,12 +2,13 @@
 {key}.jpg/.png + {key}.txt + {key}.json) or from a folder of image files.
 
 Robust by construction: an unreadable or truncated image, non-image bytes, or a corrupt / truncated tar is
-skipped and counted (never a crash); images with alpha (RGBA, LA, palette transparency) are composited on
-white; images smaller than the crop are upscaled. Each image: shorter side resized to `size`, then a centre
-(or random) crop, as float [3, size, size] in [-1, 1].
+skipped and counted (never a crash). Each image goes through data_pipeline.images.load_image, the function
+the data pipeline's encode stage uses too (alpha on white, shorter side resized to `size`, centre or random
+crop, float [3, size, size] in [-1, 1]), so a tokenizer encodes images exactly as it was trained on them.
 
 Held-out images: a sample whose .json carries a `split` (the data pipeline's train/test, kept by img2dataset)
-is held out unless it is "train"; other samples use a deterministic key hash (`holdout` fraction).
+is held out unless it is "train"; other samples use the pipeline's key hash rule (images.is_heldout) with
+the `holdout` fraction.
 The stream is sharded over ranks and DataLoader workers, reshuffled every epoch, and resumable exactly: a
 worker re-makes (decodes, shuffles) the batches it produced before a checkpoint and drops them.
 """
@@ -15,24 +16,20 @@ worker re-makes (decodes, shuffles) the batches it produced before a checkpoint 
 from __future__ import annotations
 
 import glob
-import io
 import json
-import os
 import random
-import tarfile
 import warnings
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
-from PIL import Image, ImageFile
+
+from data_pipeline.images import is_heldout, load_image
+from data_pipeline.shards import read_tar
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail (and be counted), not decode half-grey
 
 
 @dataclass
@@ -81,71 +78,14 @@ def resolve_pkg(source: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / rest)
 
 
-def is_heldout(key: str, fraction: float) -> bool:
-    """Stable split by key hash (same answer on every machine and run)."""
-    return fraction > 0 and (zlib.crc32(key.encode()) % 100_000) < fraction * 100_000
-
-
-def load_image(data: bytes, size: int, rng: random.Random | None = None, flip: bool = False) -> torch.Tensor:
-    """Encoded bytes -> float [3, size, size] in [-1, 1]. Raises (OSError/ValueError...) on unreadable data."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        im = to_rgb_on_white(im)
-    w, h = im.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None if scale >= 1 else 3.0)
-    if rng is not None:
-        left, top = rng.randint(0, nw - size), rng.randint(0, nh - size)
-    else:
-        left, top = (nw - size) // 2, (nh - size) // 2
-    im = im.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
-    if flip and rng is not None and rng.random() < 0.5:
-        x = x.flip(2)
-    return x
-
-
-def to_rgb_on_white(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparent pixels become white (emoji PNGs are mostly transparent)."""
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        im = im.convert("RGBA")
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, im).convert("RGB")
-    return im.convert("RGB")
-
-
 def iter_tar_images(path: str, counts: Counter) -> Iterator[tuple[str, bytes, str | None]]:
     """(key, image bytes, split from its .json or None) from one tar; a corrupt tar stops here and is counted."""
-    key, image, split = None, None, None
     try:
-        with tarfile.open(path, "r:*") as tf:
-            for member in tf:  # a sample's files are contiguous: {key}.jpg, {key}.json, {key}.txt
-                if not member.isfile():
-                    continue
-                name = os.path.basename(member.name)
-                stem, _, ext = name.partition(".")
-                this = os.path.join(os.path.dirname(member.name), stem)
-                if this != key:
-                    if image is not None:
-                        yield key, image, split
-                    key, image, split = this, None, None
-                ext = ext.lower()
-                if "." + ext not in IMAGE_EXTS and ext != "json":
-                    continue
-                f = tf.extractfile(member)
-                data = f.read() if f is not None else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} truncated")
-                if ext == "json":
-                    split = _split_of(data)
-                else:
-                    image = data
+        for sample in read_tar(path):
+            image = next((sample[e[1:]] for e in IMAGE_EXTS if e[1:] in sample), None)
             if image is not None:
-                yield key, image, split
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+                yield sample["__key__"], image, _split_of(sample["json"]) if "json" in sample else None
+    except Exception as e:  # noqa: BLE001 - tarfile, OSError, zlib...: whatever broke the tar, the rest of it is skipped
         counts["bad_tars"] += 1
         warnings.warn(f"skipping the rest of tar {path}: {type(e).__name__}: {e}", stacklevel=2)
 
