@@ -2,13 +2,15 @@
 # Start the head of a Ray cluster for the data pipeline, then build on it:
 #   cluster/ray_head.sh                       # on the head node
 #   cluster/ray_worker.sh HEAD_IP:6379        # on every other node
-#   python data_pipeline/build.py laion-cartoon --address auto --out /shared/data/laion-cartoon
-# The output folder must be on a filesystem every node sees (NFS, Lustre...) or an fsspec URL:
-# img2dataset's Ray workers write download shards there, encode actors read them.
+#   python data_pipeline/build.py laion-cartoon --address HEAD_IP:6379 --out /shared/data/laion-cartoon
+# The output folder must be on a filesystem every node sees (NFS, Lustre...): img2dataset's Ray workers
+# write download shards there, encode actors and shard writers read them.
+# Environment: RAY_PORT (6379), NUM_CPUS (all), NUM_GPUS. Further arguments go to `ray start`
+# (e.g. --block to stay in the foreground, as under SLURM or a process supervisor).
 set -euo pipefail
 PORT="${RAY_PORT:-6379}"
 NUM_CPUS="${NUM_CPUS:-$(nproc)}"
 ray start --head --port="$PORT" --num-cpus="$NUM_CPUS" ${NUM_GPUS:+--num-gpus="$NUM_GPUS"} \
-  --include-dashboard=false --disable-usage-stats
+  --include-dashboard=false --disable-usage-stats "$@"
 echo "Ray head up. Join workers with:  cluster/ray_worker.sh $(hostname -I | awk '{print $1}'):$PORT"
 echo "Build with:                      python data_pipeline/build.py <recipe> --address auto"
