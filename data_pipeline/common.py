@@ -149,6 +149,8 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
     ray.data.DataContext.get_current().print_on_execution_start = False
     if ray.is_initialized():
         return
+    if address:  # `ray start` clusters authenticate drivers with the token in ~/.ray/auth_token (cluster/ray_head.sh)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import data_pipeline
     import vqd
 
