@@ -43,13 +43,27 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             time.sleep(0.2)
 
 
-def _wait_for_nodes(address: str, env: dict, n: int, timeout: float = 120) -> None:
-    probe = ("import sys, time, ray\nray.init(address=sys.argv[1], log_to_driver=False)\n"
-             "deadline = time.time() + float(sys.argv[3])\n"
-             "while sum(x['Alive'] for x in ray.nodes()) < int(sys.argv[2]) and time.time() < deadline:\n"
-             "    time.sleep(0.5)\n"
-             "sys.exit(0 if sum(x['Alive'] for x in ray.nodes()) >= int(sys.argv[2]) else 1)\n")
-    subprocess.run([sys.executable, "-c", probe, address, str(n), str(timeout)], env=env, check=True, timeout=timeout + 60)
+PROBE = """
+import sys, time, ray
+address, nodes, deadline = sys.argv[1], int(sys.argv[2]), time.time() + float(sys.argv[3])
+while time.time() < deadline:
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        alive = sum(x["Alive"] for x in ray.nodes())
+        ray.shutdown()
+        if alive >= nodes:
+            sys.exit(0)
+    except Exception:  # the head is not up yet
+        pass
+    time.sleep(1)
+sys.exit(f"no {nodes} live nodes at {address}")
+"""
+
+
+def _wait_for_nodes(address: str, env: dict, n: int, timeout: float = 180) -> None:
+    """Until the cluster at `address` has n live nodes (a separate driver process, as a user would check)."""
+    subprocess.run([sys.executable, "-c", PROBE, address, str(n), str(timeout)], env=env, check=True,
+                   timeout=timeout + 60, capture_output=True)
 
 
 @pytest.mark.slow
@@ -57,7 +71,8 @@ def test_build_on_a_two_node_ray_cluster(tmp_path):
     tokenizer = tiny_tokenizer(tmp_path / "tokenizer")
     port, dashboard = _free_port(), _free_port()
     temp = Path(tempfile.mkdtemp(prefix="vqdray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    env = dict(os.environ, PYTHONPATH=str(REPO), NUM_CPUS="1", RAY_PORT=str(port), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), NUM_CPUS="1", RAY_PORT=str(port), OMP_NUM_THREADS="1",
+               RAY_AUTH_MODE="token")  # what cluster/ray_head.sh uses; ~/.ray/auth_token is this machine's token
     head = _start(["cluster/ray_head.sh", "--block", f"--temp-dir={temp}", f"--dashboard-port={dashboard}"],
                   env, tmp_path / "head.log")
     procs = [head]
