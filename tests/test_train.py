@@ -49,10 +49,10 @@ def test_bad_config_is_refused_naming_the_key():
 
 def test_fine_tune_must_keep_the_base_architecture(toy):
     from training.config import load_config
-    from training.data import open_dataset
+    from training.data import TokenDataConfig, open_dataset
     from training.diffusion_config import DiffusionRunConfig, build_model_config
 
-    manifest = open_dataset(str(toy))
+    manifest = open_dataset(TokenDataConfig(path=str(toy)))
     cfg = load_config(DiffusionRunConfig, REPO / "configs/emoji_base.yaml", ["--model.size=micro"])
     base = build_model_config(cfg, manifest).to_dict()
     cfg.model.dropout, cfg.model.checkpoint = 0.1, True  # training-only fields may change

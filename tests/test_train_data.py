@@ -13,7 +13,7 @@ from vqd.text import tokenize
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     folder = write_token_dataset(tmp_path_factory.mktemp("toy"), train=200, test=40, per_shard=25)
-    return open_dataset(str(folder))
+    return open_dataset(TokenDataConfig(path=str(folder)))
 
 
 def keys_of(batches) -> list[str]:
@@ -86,6 +86,31 @@ def test_caption_forms_are_drawn_and_labels_follow_classes(dataset):
         assert classes[label] in forms[tuple(ids[:8].tolist())]
     plain = next(iter(TokenStream(dataset, TokenDataConfig(caption_forms=False), 50, seed=0)))
     assert all(forms[tuple(ids[:8].tolist())] in FORMS for ids in plain["clip"]) and (plain["label"] == -1).all()
+
+
+def test_more_data_sets_join_the_stream_only_with_the_same_tokenizer(tmp_path):
+    a = write_token_dataset(tmp_path / "a", train=50, test=10, per_shard=25, seed=1)
+    b = write_token_dataset(tmp_path / "b", train=75, test=10, per_shard=25, seed=2, first_uid=1000)
+    (b / "tokenizer").rename(tmp_path / "b_tok")
+    import json
+    import shutil
+
+    shutil.copytree(a / "tokenizer", b / "tokenizer")  # b encoded with a's tokenizer
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["tokenizer"] = json.loads((a / "manifest.json").read_text())["tokenizer"]
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    mixed = open_dataset(TokenDataConfig(path=str(a), more_paths=[str(b)]))
+    assert mixed["splits"]["train"]["samples"] == 125 and len(mixed["splits"]["train"]["shards"]) == 5
+    stream = TokenStream(mixed, TokenDataConfig(caption_forms=False), 25, seed=0)
+    keys = [k for _, batch in zip(range(5), stream) for k in batch["keys"]]
+    assert len(set(keys)) == 125  # one epoch of both
+
+    c = write_token_dataset(tmp_path / "c", train=25, test=5, per_shard=25, seed=3)
+    manifest = json.loads((c / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = "f" * 64
+    (c / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="data.more_paths: .* was encoded by tokenizer ffffffffffff"):
+        open_dataset(TokenDataConfig(path=str(a), more_paths=[str(c)]))
 
 
 def test_bad_split_and_labels_are_named(dataset):

@@ -51,7 +51,7 @@ def write_tokenizer(folder: Path, seed: int = 0) -> Path:
 
 
 def write_token_dataset(folder: Path, train: int = 200, test: int = 40, per_shard: int = 25, noise: float = 0.05,
-                        seed: int = 0) -> Path:
+                        seed: int = 0, first_uid: int = 0) -> Path:
     """Write the data set (and its tokenizer in folder/tokenizer); returns the folder."""
     from vqd.io import file_sha256
     from vqd.text import tokenize
@@ -62,7 +62,7 @@ def write_token_dataset(folder: Path, train: int = 200, test: int = 40, per_shar
     captions = list(PATTERNS)
     clip = {c: tokenize([c])[0].numpy().astype(np.int32) for c in captions}
     splits = {}
-    uid = 0
+    uid = first_uid
     for split, count in (("train", train), ("test", test)):
         shards = []
         for start in range(0, count, per_shard):

@@ -20,14 +20,14 @@ model is class-conditional.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from data_pipeline.shards import check_compatible, iter_samples, open_manifest
+from data_pipeline.shards import iter_samples, open_manifest
 
 
 @dataclass
@@ -35,6 +35,7 @@ class TokenDataConfig:
     """Which built data set to train on, and how to read it."""
 
     path: str = "data/emoji"  # a data set folder: manifest.json + token shards (data_pipeline/build.py)
+    more_paths: list[str] = field(default_factory=list)  # more data sets mixed in (same tokenizer), e.g. CC12M
     split: str = "train"
     eval_split: str = "test"  # held-out split for the validation loss ("" = none)
     drop_text: float = 0.1  # probability that a sample's condition becomes the learned null (guidance)
@@ -169,11 +170,22 @@ def token_loader(manifest: dict, cfg: TokenDataConfig, batch_size: int, seed: in
                                        persistent_workers=False)
 
 
-def open_dataset(path: str, num_codes: int | None = None, grid=None) -> dict:
-    """The manifest of a built data set, checked against the model's codebook and grid when given."""
-    manifest = open_manifest(path)
-    if num_codes is not None:
-        check_compatible(manifest, num_codes, grid)
+def open_dataset(cfg: TokenDataConfig) -> dict:
+    """The manifest of `cfg.path`, with the shards of `cfg.more_paths` joined to its splits (every data set
+    must have been encoded by the same tokenizer: the same codebook means the same token ids)."""
+    manifest = open_manifest(cfg.path)
+    manifest["sources"] = [manifest["folder"]]
+    for path in cfg.more_paths:
+        other = open_manifest(path)
+        if other["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+            raise ValueError(f"data.more_paths: {path} was encoded by tokenizer {other['tokenizer']['sha256'][:12]}, "
+                             f"{cfg.path} by {manifest['tokenizer']['sha256'][:12]}: their token ids mean different "
+                             "things; re-encode one with the other's tokenizer")
+        for split, info in other["splits"].items():
+            mine = manifest["splits"].setdefault(split, {"samples": 0, "shards": []})
+            mine["samples"] += int(info["samples"])
+            mine["shards"] += [{**s, "name": str(Path(other["folder"]).resolve() / s["name"])} for s in info["shards"]]
+        manifest["sources"].append(other["folder"])
     return manifest
 
 

@@ -62,7 +62,7 @@ from vqd.models import VQDiffusionModel  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     config_path, overrides = split_cli(argv)
     cfg: DiffusionRunConfig = load_config(DiffusionRunConfig, config_path, overrides)
-    manifest = open_dataset(cfg.data.path)  # a missing or broken data set fails here, before any rank works
+    manifest = open_dataset(cfg.data)  # a missing or broken data set fails here, before any rank works
     run_dir = Path(cfg.train.run_dir)
     info = init_distributed()
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (DeepSpeed broadcasts them too)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         if info.is_main:
             provenance = {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri if tracker.run_id else None,
                           "experiment": cfg.tracking.experiment, "step": step, "run_dir": str(run_dir.resolve()),
-                          "data": {"folder": manifest["folder"], "recipe": manifest["recipe"].get("name"),
+                          "data": {"folders": manifest["sources"], "recipe": manifest["recipe"].get("name"),
                                    "tokenizer_sha256": manifest["tokenizer"]["sha256"]},
                           "base_run_id": base_run or None, "weights": "ema" if ema is not None else "live"}
             export_model(model, weights, export_dir(run_dir), tokenizer, provenance)
