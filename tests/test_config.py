@@ -156,3 +156,15 @@ def test_cli_split_drops_launcher_local_rank():
         parse_overrides(["steps=3"])
     with pytest.raises(ValueError, match="missing --config"):
         split_cli(["--train.steps=3"])
+
+
+def test_auto_precision_never_picks_emulated_bf16():
+    """With PyTorch's kernels held to AVX2 (as on CPUs without AVX-512), bf16 matmuls are emulated, ~60x slower
+    than fp32: `auto` must pick fp32 there, whatever the hardware flags say."""
+    import subprocess
+    import sys
+
+    code = "from training.config import resolve_precision; print(resolve_precision('auto'), resolve_precision('bf16'))"
+    env = {**__import__("os").environ, "ATEN_CPU_CAPABILITY": "avx2", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["fp32", "bf16"]  # an explicit choice is kept

@@ -241,6 +241,10 @@ def native_bf16() -> bool:
 
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
+    # The hardware flag alone is not enough: kernels follow the capability PyTorch dispatches to, which
+    # ATEN_CPU_CAPABILITY can lower (to AVX2, whose bf16 path is the slow emulation).
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 

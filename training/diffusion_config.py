@@ -14,7 +14,6 @@ from training.config import OptimConfig, TrackingConfig, TrainConfig
 from training.data import TokenDataConfig
 from training.metrics import denoiser_flops_per_sample, text_tower_flops_per_sample
 from vqd.models import VQDiffusionConfig
-from vqd.text import TextEncoderConfig
 
 
 @dataclass
@@ -58,7 +57,9 @@ class SampleSection:
 class DiffusionRunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
-    text: TextEncoderConfig | None = None  # None: the tower that goes with model.size
+    # The text tower: model.size's, with the fields given here replacing its own (e.g. `pretrained: <a local
+    # open_clip .safetensors or Hugging Face CLIP folder>`); without a size, the whole TextEncoderConfig.
+    text: dict[str, Any] = field(default_factory=dict)
     data: TokenDataConfig = field(default_factory=TokenDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -93,7 +94,7 @@ def build_model_config(cfg: DiffusionRunConfig, manifest: dict, classes: tuple[s
     wanted = VQDiffusionConfig.from_dict(dict(
         num_codes=int(tok["num_codes"]), grid=[int(g) for g in tok["grid"]],
         **{f.name: getattr(cfg.model, f.name) for f in fields(ModelSection)},
-        text=cfg.text, classes=list(classes), num_timesteps=cfg.diffusion.num_timesteps,
+        text=dict(cfg.text) or None, classes=list(classes), num_timesteps=cfg.diffusion.num_timesteps,
         schedule=cfg.diffusion.schedule, mask_rate=cfg.diffusion.mask_rate))
     if base is None:
         return wanted
