@@ -131,9 +131,9 @@ class ShardEncoder:
         try:
             meta = json.loads(record["json"])
             caption = record["txt"].decode("utf-8")
-        except (KeyError, ValueError):
-            failed["incomplete_sample"] = failed.get("incomplete_sample", 0) + 1
-            return None
+            key = f"{int(meta['uid']):016x}"
+        except (KeyError, ValueError, TypeError):
+            image = None
         if image is None:
             failed["incomplete_sample"] = failed.get("incomplete_sample", 0) + 1
             return None
@@ -142,7 +142,7 @@ class ShardEncoder:
         except Exception:  # noqa: BLE001 - an image that decoded at download but not here is counted
             failed["undecodable_image"] = failed.get("undecodable_image", 0) + 1
             return None
-        return f"{int(meta['uid']):016x}", meta.get("split", "train"), x, caption, sample_meta(meta)
+        return key, meta.get("split", "train"), x, caption, sample_meta(meta)
 
     def __call__(self, batch: dict) -> dict:
         results = [self.encode_tar(Path(p)) for p in batch["shard"]]

@@ -173,7 +173,10 @@ def _read_file(url: str, policy: FetchPolicy) -> bytes:
     """A file:// URL of a local-folder source: only under its root, only up to max_bytes."""
     if policy.file_root is None:
         raise FetchError("refused_scheme", "file:// URLs are only read for local-folder sources")
-    path = Path(unquote(urlsplit(url).path)).resolve()
+    try:
+        path = Path(unquote(urlsplit(url).path)).resolve()
+    except (ValueError, OSError) as err:
+        raise FetchError("bad_url", str(err)) from None
     root = Path(policy.file_root).resolve()
     if root != path and root not in path.parents:
         raise FetchError("refused_path", f"{path} is outside the source folder {root}")
@@ -203,15 +206,18 @@ def _read_body(response, policy: FetchPolicy, deadline: float) -> bytes:
 
 
 def fetch(url: str, policy: FetchPolicy) -> bytes:
-    """The bytes at `url`, or FetchError naming why not."""
-    scheme = urlsplit(url).scheme.lower()
+    """The bytes at `url`, or FetchError naming why not (never another exception: a malformed URL is a failure)."""
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as err:  # e.g. an unclosed IPv6 bracket
+        raise FetchError("bad_url", str(err)) from None
     if scheme == "file":
         return _read_file(url, policy)
     if scheme not in ("http", "https"):
         raise FetchError("refused_scheme", f"{scheme or 'no scheme'}")
     deadline = time.monotonic() + policy.timeout
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         with _opener(policy).open(request, timeout=policy.timeout) as response:
             if policy.respect_opt_outs:
                 directive = _opted_out(response.headers)
@@ -241,6 +247,8 @@ def _name(err: BaseException) -> tuple[str, str]:
         return "incomplete_body", f"{type(err).__name__}: {err}"
     if isinstance(err, ssl.SSLError):
         return "tls_error", str(err)
+    if isinstance(err, http.client.InvalidURL) or isinstance(err, ValueError):
+        return "bad_url", f"{type(err).__name__}: {err}"
     if isinstance(err, http.client.HTTPException):
         return "bad_http_response", f"{type(err).__name__}: {err}"
     if isinstance(err, OSError):
@@ -264,4 +272,6 @@ def fetch_with_retry(row, timeout=None, retries=None, user_agent_token=None, dis
         except FetchError as err:
             if attempt == policy.retries or not is_transient(err.reason):
                 return key, None, str(err)
+        except Exception as err:  # noqa: BLE001 - an error here must fail one row, never the shard
+            return key, None, f"other_download_error: {type(err).__name__}: {err}"
     raise AssertionError("unreachable")

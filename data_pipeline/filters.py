@@ -29,6 +29,7 @@ RULES = (
     "url_invalid", "caption_utf8", "caption_length", "caption_include", "caption_exclude", "language",
     "image_size", "aspect_ratio", "unsafe", "clip_similarity", "watermark", "duplicate_url",
 )
+MAX_URL_BYTES = 4096  # longer "URLs" are refused by most servers anyway
 URL_SCHEMES = ("http://", "https://", "file://", "twemoji://", "openmoji://")  # which hosts and files may be fetched: fetch.py
 
 
@@ -61,6 +62,7 @@ def rule_masks(t: pa.Table, spec: FilterSpec) -> list[tuple[str, pa.Array]]:
     ok_url = starts[0]
     for s in starts[1:]:
         ok_url = pc.or_(ok_url, s)
+    ok_url = pc.and_(ok_url, pc.less_equal(pc.binary_length(t["url"]), MAX_URL_BYTES))
     masks.append(("url_invalid", pc.invert(pc.fill_null(ok_url, False))))
     masks.append(("caption_utf8", pc.invert(t["caption_utf8_ok"])))
     n = pc.utf8_length(pc.utf8_trim_whitespace(caption))

@@ -48,7 +48,10 @@ def check_reachable(path: str, timeout: float = 5.0) -> None:
     """Fail at once, naming the source and --metadata, when a remote source's host cannot be reached."""
     parsed = urlparse(path)
     host = REMOTE_HOSTS.get(parsed.scheme, parsed.hostname or "")
-    port = 80 if parsed.scheme == "http" else 443
+    try:
+        port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    except ValueError:
+        port = 443
     result: list[Optional[BaseException]] = [TimeoutError(f"no answer within {timeout:.0f} s")]
 
     def probe() -> None:
@@ -102,6 +105,10 @@ def _columns(table: pa.Table, path: str, recipe: Recipe) -> pa.Table:
     for col in (s.url_col, s.caption_col):
         if col not in table.column_names:
             raise ValueError(f"metadata file {path!r} has no column {col!r} (columns: {table.column_names})")
+        kind = table[col].type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+                or pa.types.is_large_binary(kind) or pa.types.is_null(kind)):
+            raise ValueError(f"metadata file {path!r}: column {col!r} holds {kind}, expected text")
     url, _ = _decode_captions(table[s.url_col])
     caption, ok = _decode_captions(table[s.caption_col])
     cols = {"url": url, "caption": caption, "caption_utf8_ok": ok}

