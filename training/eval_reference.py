@@ -13,9 +13,7 @@ the image size and N:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +37,14 @@ class RealSample:
 
 
 def read_real_images(data: Path, size: int) -> tuple[list[RealSample], str]:
-    """Every downloaded image of `data` at size x size, by uid, and a content key (sha256 of the tars)."""
+    """Every downloaded image of `data` at size x size (the encode stage's preprocessing), by uid, and a
+    content key (sha256 over the tars)."""
     from tqdm import tqdm
 
-    from data_pipeline.encode import IMAGE_EXTS, to_tensor
+    from data_pipeline.encode import IMAGE_EXTS
+    from data_pipeline.images import load_image
+    from data_pipeline.shards import read_tar
+    from vqd.io import file_sha256
 
     tars = sorted((data / "download").glob("*.tar"))
     if not tars:
@@ -51,20 +53,13 @@ def read_real_images(data: Path, size: int) -> tuple[list[RealSample], str]:
     digest = hashlib.sha256(f"v{CACHE_VERSION} {size}px {INCEPTION_SHA256}".encode())
     samples = []
     for path in tqdm(tars, desc="real images", unit="tar"):
-        raw = path.read_bytes()
-        digest.update(hashlib.sha256(raw).digest())
-        parts: dict[str, dict] = {}
-        with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
-            for m in tf:
-                if m.isfile() and "." in m.name:
-                    key, ext = m.name.split(".", 1)
-                    parts.setdefault(key, {})[ext] = tf.extractfile(m).read()
-        for p in parts.values():
-            image = next((p[e] for e in IMAGE_EXTS if e in p), None)
-            if image is None or "json" not in p or "txt" not in p:
+        digest.update(bytes.fromhex(file_sha256(path)))
+        for record in read_tar(path):
+            image = next((record[e] for e in IMAGE_EXTS if e in record), None)
+            if image is None or "json" not in record or "txt" not in record:
                 continue
-            pixels = ((to_tensor(image, size) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            samples.append(RealSample(pixels, p["txt"].decode("utf-8"), json.loads(p["json"])))
+            pixels = ((load_image(image, size) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            samples.append(RealSample(pixels, record["txt"].decode("utf-8"), json.loads(record["json"])))
     samples.sort(key=lambda s: s.meta.get("uid", 0))
     return samples, digest.hexdigest()
 
