@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip", nargs="*", default=[], choices=["ar-nocache", "ar-cache", "diffusers"])
+    parser.add_argument("--rounds", type=int, default=1, help="time every row this many times, round-robin; keep medians")
     parser.add_argument("--breakdown-repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/sampling.json")
     args = parser.parse_args()
@@ -128,38 +130,47 @@ def main() -> None:
     N = args.grid * args.grid
     text = torch.nn.functional.normalize(torch.randn(args.batch, 77, model.text_dim, device=args.device), dim=-1)
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    rows: list[dict] = []
-
-    def run(name: str, steps: int, fn) -> None:
-        with autocast:
-            seconds = timed(fn, args.device)
-        rows.append({"sampler": name, "network_evals": steps, "seconds": seconds, "images_per_s": args.batch / seconds})
-        print(f"  {name:<28} {steps:>6} evals  {seconds:8.2f} s  {args.batch / seconds:8.2f} img/s", flush=True)
+    plan: list[tuple[str, int, object]] = []  # (row name, network evaluations, the timed call)
 
     g = lambda: torch.Generator(device=args.device).manual_seed(0)  # noqa: E731
     with autocast:  # warm-up: allocator, kernels, lazy init
         sample_tokens(model, text, SamplingConfig(steps=2), generator=g())
     n_diffusion, n_ar = count_parameters(model.denoiser), count_parameters(ar.transformer)
     print(f"batch {args.batch}, grid {args.grid}x{args.grid}, K={args.num_codes}, {args.device} {args.dtype}, "
-          f"truncation r={args.truncation}\nparameters: VQ-Diffusion {args.size} {n_diffusion / 1e6:.2f}M, "
-          f"VQ-AR {ar.config.size} {n_ar / 1e6:.2f}M ({n_ar / n_diffusion - 1:+.1%})")
+          f"truncation r={args.truncation}, {args.rounds} round(s)\nparameters: VQ-Diffusion {args.size} "
+          f"{n_diffusion / 1e6:.2f}M, VQ-AR {ar.config.size} {n_ar / 1e6:.2f}M ({n_ar / n_diffusion - 1:+.1%})")
     for steps in args.steps:
-        run(f"VQ-Diffusion ({steps} steps)", steps, lambda: sample_tokens(model, text, SamplingConfig(steps=steps, truncation=args.truncation), generator=g()))
+        cfg = SamplingConfig(steps=steps, truncation=args.truncation)
+        plan.append((f"VQ-Diffusion ({steps} steps)", steps, lambda cfg=cfg: sample_tokens(model, text, cfg, generator=g())))
     if "ar-nocache" not in args.skip:
-        run("VQ-AR, no cache", N, lambda: ar.generate(text, g(), use_cache=False))
+        plan.append(("VQ-AR, no cache (prefix recomputed)", N, lambda: ar.generate(text, g(), use_cache=False)))
     if "ar-cache" not in args.skip:
-        run("VQ-AR, KV cache", N, lambda: ar.generate(text, g(), use_cache=True))
+        plan.append(("VQ-AR, KV cache", N, lambda: ar.generate(text, g(), use_cache=True)))
     peer_params = None
     if "diffusers" not in args.skip:
         net, scheduler = build_diffusers_peer(model, args)
         peer_params = count_parameters(net)
+        print(f"parameters: diffusers peer {peer_params / 1e6:.2f}M")
+        with autocast:  # its warm-up
+            diffusers_sample(net, scheduler, text, 2, model.num_codes, N, g())
         for steps in args.steps:
-            run(f"diffusers VQ-Diffusion ({steps})", steps,
-                lambda: diffusers_sample(net, scheduler, text, steps, model.num_codes, N, g()))
+            plan.append((f"diffusers VQ-Diffusion ({steps})", steps,
+                         lambda steps=steps: diffusers_sample(net, scheduler, text, steps, model.num_codes, N, g())))
+    # Rows are timed round-robin, `rounds` times, and each keeps its median: on a shared machine the load
+    # drifts, and interleaving spreads the drift over every row instead of favouring the ones timed early.
+    times: dict[str, list[float]] = {name: [] for name, _, _ in plan}
+    for r in range(args.rounds):
+        for name, evals, fn in plan:
+            with autocast:
+                times[name].append(timed(fn, args.device))
+            print(f"  round {r + 1}: {name:<36} {evals:>6} evals  {times[name][-1]:8.2f} s", flush=True)
+    rows = []
+    for name, evals, _ in plan:
+        seconds = statistics.median(times[name])
+        rows.append({"sampler": name, "network_evals": evals, "seconds": seconds, "images_per_s": args.batch / seconds,
+                     "all_seconds": times[name]})
     with autocast:
         breakdown = step_breakdown(model, text, args)
-    if peer_params is not None:
-        print(f"parameters: diffusers peer {peer_params / 1e6:.2f}M")
 
     base = {r["network_evals"]: r["images_per_s"] for r in rows if r["sampler"].startswith("VQ-Diffusion")}
     print("\n| sampler | network evals | s / batch | images/s | vs VQ-Diffusion 25 steps |\n|---|---|---|---|---|")
@@ -176,6 +187,8 @@ def main() -> None:
         "parameters": {"vq_diffusion_denoiser": n_diffusion, "vq_ar_transformer": n_ar,
                        "vq_ar_size": ar.config.size, "diffusers_transformer": peer_params},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
+                    "load_average_1_5_15_min_at_end": os.getloadavg(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
