@@ -18,6 +18,8 @@
 #   MLFLOW_WORKERS        server processes (default 4)
 #   MLFLOW_ALLOWED_HOSTS  Host headers the server answers (MLflow refuses others, to stop DNS rebinding). Default:
 #                         this host's names, localhost and private addresses (10.*, 172.*, 192.168.*)
+# Training goes on while this server is down or restarting: rank 0 keeps what it logs and sends it when the
+# server answers again (what it finally cannot send is kept in the run dir's mlflow_unsent.jsonl).
 set -euo pipefail
 ROOT="${1:?usage: cluster/mlflow_server.sh ROOT_FOLDER  (database and artifacts go there)}"
 mkdir -p "$ROOT"

@@ -152,8 +152,9 @@ def test_a_dead_node_takes_the_job_down_with_a_clear_error(tmp_path, toy, nodes)
     assert "vqd: rank 0 of 2" in log and "--train.resume=auto" in log, log[-3000:]
     # the job left a resumable checkpoint behind
     assert (run / "checkpoints/step_00000002/rank_1.pt").is_file()
+    # rank 0 marked its MLflow run FAILED on the way out
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    assert client.get_run((run / "mlflow_run_id.txt").read_text().strip()).info.status != "FINISHED"
+    assert client.get_run((run / "mlflow_run_id.txt").read_text().strip()).info.status == "FAILED"
 
 
 HANG = """

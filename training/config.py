@@ -82,6 +82,8 @@ class TrackingConfig:
     run_name: str = ""
     parent_run_id: str = ""
     tags: dict[str, str] = field(default_factory=dict)
+    max_buffered: int = 100_000  # metric values held in memory while the store is away; older ones go to a file
+    flush_timeout: float = 60.0  # seconds finish() waits for an absent store before writing what is left to a file
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
