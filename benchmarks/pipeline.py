@@ -7,7 +7,7 @@
 --rows: synthetic metadata in LAION's format (URL, TEXT, WIDTH, HEIGHT, similarity, punsafe, pwatermark; URLs
 to a server on 127.0.0.1, 5% repeated URLs, half the captions about cartoons, about a quarter of the rows kept),
 built by the shipped laion-cartoon recipe through the metadata and filter stages, each size in a fresh driver
-process: its peak RSS (getrusage) and rows/s per stage. --encode: download tars of 256 x 256 JPEGs in
+process: its peak RSS (VmHWM) and rows/s per stage. --encode: download tars of 256 x 256 JPEGs in
 img2dataset's layout, each encoded by a fresh Ray actor (the encode stage's ShardEncoder; a light random
 tokenizer at 256 px, f8), whose peak RSS is read inside the actor. Prints tables and writes JSON to --out
 (default benchmarks/results/pipeline.json; sections not run keep their last figures).
@@ -36,7 +36,13 @@ WORDS = ("a", "the", "cat", "dog", "house", "red", "blue", "vintage", "photo", "
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size (Linux reports kB)."""
+    """This process's peak resident set size in MB: VmHWM, which (unlike getrusage's ru_maxrss) does not start
+    from the RSS of the process that forked this one."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -150,8 +156,8 @@ def encode_rss(sizes: list[int], batch_size: int) -> list[dict]:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
         torch.manual_seed(0)
-        cfg = VQVAEConfig(image_size=256, ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=8, embed_dim=8,
-                          num_embeddings=1024, norm_groups=4)  # f8 (32 x 32 ids), light: the data path is measured
+        cfg = VQVAEConfig(image_size=256, ch=4, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=4, embed_dim=4,
+                          num_embeddings=1024, norm_groups=2)  # f8 (32 x 32 ids), light: the data path is measured
         VQVAE(cfg).save(tmp / "tokenizer")
         for shard, samples in enumerate(sizes):
             tar = download_tar(tmp / "download", shard, samples)

@@ -62,15 +62,16 @@ def sample_meta(meta: dict) -> dict:
 class ShardEncoder:
     """A Ray Data actor: loads the tokenizer once, encodes download tars a batch at a time."""
 
-    def __init__(self, tokenizer: str, out_folder: str, batch_size: int, threads: int = 1):
+    def __init__(self, tokenizer: str, out_folder: str, batch_size: int, threads: int = 1, gpu_precision: str = "fp32"):
         import torch
 
         from vqd.vqvae import load_tokenizer
 
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        # fp32 everywhere, TF32 off: a data set's ids must not depend on the machine that encoded it (on an H200,
-        # bf16 autocast changed 4.2% of the ids of a CPU encoding, fp32 0.002%; the stage is decode-bound anyway)
+        # fp32 with TF32 off by default, so a data set's ids do not depend on the machine that encoded it: on an
+        # H200, bf16 autocast changed 4.2% of the ids of a CPU encoding, fp32 0.002% (encode.gpu_precision)
+        self.bf16 = self.device == "cuda" and gpu_precision == "bf16"
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
         self.model = load_tokenizer(tokenizer, device=self.device)
@@ -82,7 +83,7 @@ class ShardEncoder:
         import torch
 
         images = torch.stack([x for _, _, x, _, _ in batch]).to(self.device)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
             vq = self.model.encode(images).cpu().numpy().astype(np.uint16)
         clip = text_ids([c for _, _, _, c, _ in batch]).numpy().astype(np.int32)
         for i, (key, split, _, caption, meta) in enumerate(batch):
@@ -176,7 +177,8 @@ def run_encode(recipe: Recipe, out: Path, tokenizer: Path) -> dict:
         ds = ray.data.from_items([{"shard": t} for t in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(
             ShardEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=1 if gpus else 0,
-            fn_constructor_kwargs={"tokenizer": str(tokenizer), "out_folder": str(folder), "batch_size": recipe.encode.batch_size},
+            fn_constructor_kwargs={"tokenizer": str(tokenizer), "out_folder": str(folder), "batch_size": recipe.encode.batch_size,
+                                   "gpu_precision": recipe.encode.gpu_precision},
         )
         encoded, failed, start = 0, 0, time.time()
         for row in ds.iter_rows():

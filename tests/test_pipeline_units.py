@@ -47,6 +47,8 @@ def test_recipe_unknown_key_and_wrong_type_are_named(tmp_path):
         load_recipe(str(path))
     with pytest.raises(ValueError, match="known recipes"):
         load_recipe("no-such-recipe")
+    with pytest.raises(ValueError, match="encode.gpu_precision"):
+        load_recipe(str(path), {"download.timeout": 1, "encode.gpu_precision": "fp16"})
 
 
 def test_recipe_hash_follows_content_not_location(tmp_path):
