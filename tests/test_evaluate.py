@@ -153,7 +153,7 @@ def micro_model(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_evaluate_cli_end_to_end(tmp_path, monkeypatch):
+def test_evaluate_cli_end_to_end(tmp_path, monkeypatch, tiny_clip):
     from mlflow.tracking import MlflowClient
 
     from training import eval_reference, probe
@@ -178,7 +178,7 @@ def test_evaluate_cli_end_to_end(tmp_path, monkeypatch):
     real = out["reference_top1"]["real"]["subcategory"]
     assert real["n"] == 6 and real["chance"] == 0.25 and real["top1"] >= 0.5  # shapes are easy for the probe
     assert out["fid_floor"]["fid"] > 0 and Path(out["grid"]).is_file()
-    assert out["clip_score"] is None and "not computed" in out["clip_score_note"]
+    assert all(f["clip_score"] is None for f in out["forms"].values()) and "not computed" in out["clip_score_note"]
     metrics = client.get_run(run_id).data.metrics
     assert metrics["eval/test_n6_steps3_r0.86_g1_seed0/typed/fid"] == pytest.approx(out["forms"]["typed"]["fid"])
 
@@ -194,6 +194,11 @@ def test_evaluate_cli_end_to_end(tmp_path, monkeypatch):
         assert main(args + ["--prompts-from", "typed", "--seed", "1"]) == 0
     again = json.loads((model / "eval" / "test_n6_steps3_r0.86_g1_seed1.json").read_text())
     assert set(again["forms"]) == {"typed"} and again["fid_floor"] == out["fid_floor"]
+    with pytest.warns(UserWarning, match="MLflow logging"):  # CLIP score once weights are named
+        assert main(args + ["--prompts-from", "template", "--seed", "2", "--clip-model", "vqd-test-tiny-clip",
+                            "--clip-weights", str(tiny_clip[1])]) == 0
+    scored = json.loads((model / "eval" / "test_n6_steps3_r0.86_g1_seed2.json").read_text())
+    assert 0 <= scored["forms"]["template"]["clip_score"] <= 100 and "clip.safetensors" in scored["clip_score_note"]
 
     key = eval_reference.read_real_images(data, 16)[1]
     write_download(data, {"train": 40, "test": 8}, seed=5)  # a rebuilt data set is a new cache key
@@ -222,3 +227,45 @@ def test_prompt_forms_for_each_condition():
     samples[0].meta.pop("captions")
     with pytest.raises(ValueError, match="have no `captions`"):
         prompts_for(samples, "typed", text)
+
+
+@pytest.fixture
+def tiny_clip(tmp_path):
+    """A randomly initialised open_clip CLIP of a tiny architecture, saved as a safetensors weights file."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1}}
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "vqd-test-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "configs")
+    torch.manual_seed(0)
+    model = open_clip.create_model("vqd-test-tiny-clip").eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    return model, tmp_path / "clip.safetensors"
+
+
+def test_clip_score_against_open_clips_own_preprocessing(tiny_clip, tmp_path):
+    import open_clip
+    from safetensors.torch import save_file
+
+    from training.clip_score import clip_score, load_clip
+
+    reference, weights = tiny_clip
+    model = load_clip("vqd-test-tiny-clip", str(weights))
+    rng = np.random.default_rng(4)
+    pictures = [shape_image(SHAPES[i % 4], rng, size=64) for i in range(6)]
+    captions = [f"a {SHAPES[i % 4]}" for i in range(6)]
+    images = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    got = clip_score(model, "vqd-test-tiny-clip", images, captions, batch_size=4)
+    transform = open_clip.image_transform(reference.visual.image_size, is_train=False)  # PIL resize + crop + norm
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(reference.encode_image(torch.stack([transform(Image.fromarray(p)) for p in pictures])), dim=-1)
+        txt = torch.nn.functional.normalize(reference.encode_text(open_clip.tokenize(captions)), dim=-1)
+    want = float((100 * (img * txt).sum(-1).clamp_min(0)).mean())
+    assert 0 <= got <= 100 and got == pytest.approx(want, abs=0.1)
+    text_only = {k: v for k, v in reference.state_dict().items() if not k.startswith("visual.")}
+    save_file({k: v.contiguous() for k, v in text_only.items()}, str(tmp_path / "text_only.safetensors"))
+    with pytest.raises(ValueError, match="not a full vqd-test-tiny-clip CLIP.*missing \\['visual"):
+        load_clip("vqd-test-tiny-clip", str(tmp_path / "text_only.safetensors"))

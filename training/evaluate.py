@@ -15,7 +15,9 @@ prompted with the image's class, an unconditional one with nothing. Per prompt f
     images, on the tokenizer's reconstructions of them (the most a model decoding through it can show),
     chance and the majority-class rate;
   - throughput: images/s of sampling + decoding.
-CLIP score needs CLIP image-text weights, which this offline system has none of: it is not computed.
+CLIP score needs CLIP image-text weights: with --clip-model ARCH --clip-weights FILE (a full open_clip CLIP,
+both towers) it is computed per prompt form; without them it is reported as not computed (nothing is
+downloaded, and no CLIP weights ship with this system).
 The probe, the real statistics and the Inception network are computed once and cached (<data>/eval_cache).
 Output: a table; JSON and a PNG grid (real picture, then the template and typed pictures, prompt below)
 in --out (default <model>/eval/); metrics, JSON and grid logged to the model's MLflow run when the model
@@ -43,7 +45,7 @@ import torch  # noqa: E402
 from training.eval_reference import Reference, RealSample, select, stack  # noqa: E402
 from training.fid import fid_from_features, inception_features  # noqa: E402
 
-CLIP_NOTE = "not computed: no CLIP image-text weights are configured (none can be had offline)"
+CLIP_NOTE = "not computed: no CLIP image-text weights configured (--clip-model ARCH --clip-weights FILE)"
 
 
 def prompts_for(samples: list[RealSample], form: str, model_cfg) -> list[str]:
@@ -106,8 +108,14 @@ def evaluate(args) -> dict:
         "n_generated": n_gen, "n_real": real_stats["n_real"],
         "fid_floor": {"fid": real_stats["floor"], "n": real_stats["n_floor"], "images": real_stats["floor_split"]},
         "reference_top1": {"real": real_stats["real_top1"], "reconstructed": ref.fidelity(held_out, recon)},
-        "clip_score": None, "clip_score_note": CLIP_NOTE, "forms": {},
+        "clip_score_note": f"{args.clip_model} weights {args.clip_weights}" if args.clip_weights else CLIP_NOTE,
+        "forms": {},
     }
+    clip = None
+    if args.clip_weights:
+        from training.clip_score import load_clip
+
+        clip = load_clip(args.clip_model, args.clip_weights, device)
     pictures = {}
     for form in forms_to_run(args.prompts_from, cfg.condition):
         prompts = prompts_for(prompted_by, form, cfg)
@@ -120,7 +128,12 @@ def evaluate(args) -> dict:
         fid = fid_from_features(real_stats["features"], feats)
         fidelity = ref.fidelity(prompted_by, images) if cfg.condition != "none" else None
         results["forms"][form] = {"fid": fid, "n_generated": n_gen, "n_real": real_stats["n_real"], "top1": fidelity,
-                                  "images_per_s": n_gen / seconds, "seconds": seconds, "example_prompts": prompts[:4]}
+                                  "images_per_s": n_gen / seconds, "seconds": seconds, "example_prompts": prompts[:4],
+                                  "clip_score": None}
+        if clip is not None and cfg.condition == "text":
+            from training.clip_score import clip_score
+
+            results["forms"][form]["clip_score"] = clip_score(clip, args.clip_model, images, prompts)
         pictures[form] = (images[:args.grid], prompts[:args.grid])
     out = Path(args.out or Path(args.model) / "eval")
     tag = settings_tag(args, steps)
@@ -159,6 +172,7 @@ def metrics_of(results: dict, tag: str) -> dict[str, float]:
     for form, r in results["forms"].items():
         m[f"eval/{tag}/{form}/fid"] = r["fid"]
         m[f"eval/{tag}/{form}/images_per_s"] = r["images_per_s"]
+        m[f"eval/{tag}/{form}/clip_score"] = r["clip_score"]
         for label, t in (r["top1"] or {}).items():
             m[f"eval/{tag}/{form}/top1_{label}"] = t["top1"]
     if results["fid_floor"]["fid"] is not None:
@@ -224,7 +238,9 @@ def print_table(r: dict) -> None:
         rates = " / ".join(f"{k} {100 * v['chance']:.1f}% / {100 * v['majority']:.1f}% ({v['classes']} classes)"
                            for k, v in t.items())
         print(f"chance / majority class: {rates}")
-    print(f"CLIP score: {r['clip_score_note']}")
+    clip = {f: v["clip_score"] for f, v in r["forms"].items() if v["clip_score"] is not None}
+    print("CLIP score: " + (", ".join(f"{f} {v:.2f} (N={r['n_generated']})" for f, v in clip.items()) + f" "
+                            f"({r['clip_score_note']})" if clip else r["clip_score_note"]))
     print(f"\nwrote {r['json']}" + (f" and {r['grid']}" if r["grid"] else "")
           + (f"; logged to MLflow run {r['mlflow']['run_id']}" if r.get("mlflow") else ""))
 
@@ -245,6 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts-from", choices=("template", "typed", "both"), default="both")
     p.add_argument("--grid", type=int, default=16, help="prompts shown in the PNG grid (0: no grid)")
     p.add_argument("--out", help="folder for the JSON and grid (default <model>/eval)")
+    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights")
+    p.add_argument("--clip-weights", help="a full CLIP's weights file (.safetensors or torch): enables CLIP score")
     p.add_argument("--device", help="cpu | cuda (default: cuda when there is one)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
