@@ -129,7 +129,8 @@ def init_distributed(use_deepspeed: bool = True, cpu_threads: int | None = None,
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-        threads = cpu_threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
+        # an explicit OMP_NUM_THREADS wins; else each rank gets its share of the node's cores
+        threads = cpu_threads or _env_int("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // max(1, local_world))
         torch.set_num_threads(threads)
     if not dist.is_initialized():
         # groups made later without a timeout (DeepSpeed's data-parallel group) take torch's default: make it ours

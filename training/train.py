@@ -59,6 +59,16 @@ from vqd.io import load_folder, load_state_dict_strict  # noqa: E402
 from vqd.models import VQDiffusionModel  # noqa: E402
 
 
+def gradient_norm(engine, trainable: dict) -> float | None:
+    """The global gradient norm before clipping, read before the optimizer step: ZeRO 1-3 keep their own
+    (after the step); at ZeRO-0 every rank holds whole gradients, averaged over ranks once accumulated."""
+    if engine.zero_optimization_stage() > 0:
+        return None  # engine.get_global_grad_norm() after the step
+    grads = [p.grad for p in trainable.values() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+        if grads else None
+
+
 def main(argv: list[str] | None = None) -> None:
     config_path, overrides = split_cli(argv)
     cfg: DiffusionRunConfig = load_config(DiffusionRunConfig, config_path, overrides)
@@ -145,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     window = MetricWindow()
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not info.is_main, desc="train", dynamic_ncols=True)
     engine.train()
+    grad_norm = None
     while step < cfg.train.steps:
         started = time.perf_counter()
         vlbs, ts = [], []
@@ -155,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
             loss, vlb, t, metrics = micro_step(engine, model, sampler, batch, cfg.data.drop_text,
                                                cfg.diffusion.aux_weight, cfg.diffusion.adaptive_aux, g, info.device)
             engine.backward(loss)
+            if micro == cfg.train.grad_accum - 1 and (step + 1) % cfg.train.log_every == 0:
+                grad_norm = gradient_norm(engine, trainable)
             engine.step()
             vlbs.append(vlb)
             ts.append(t)
@@ -176,9 +189,10 @@ def main(argv: list[str] | None = None) -> None:
             means["lr"] = sched.get_last_lr()[0]
             means["tokens_per_s"] = means["samples_per_s"] * model_cfg.grid[0] * model_cfg.grid[1]
             means["mfu"] = means["samples_per_s"] * flops / (peak * info.world_size)
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
             if grad_norm is not None:
                 means["grad_norm"] = float(grad_norm)
+            grad_norm = None
             tracker.log_metrics(means, step)
             bar.set_postfix(loss=f"{means['loss']:.3f}", sps=f"{means['samples_per_s']:.0f}", mfu=f"{means['mfu']:.2f}")
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and cfg.data.eval_split:
@@ -194,12 +208,12 @@ def main(argv: list[str] | None = None) -> None:
             barrier()
     bar.close()
 
+    barrier()  # no collective follows: the other ranks may leave while rank 0 uploads the export
     if info.is_main:
         tracker.log_artifacts(export_dir(run_dir), "export")
         tracker.set_tags({"export": str(export_dir(run_dir).resolve())})
         print(f"done: {step} steps, export: {export_dir(run_dir)}", flush=True)
     tracker.finish()
-    barrier()
     cleanup()
 
 

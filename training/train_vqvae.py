@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
 
     vqvae = engine.module.vqvae
     final = evaluate(vqvae, cfg, info.rank, info.world_size, info.device, max_batches=10 ** 9)
+    barrier()  # no collective follows: the other ranks may leave while rank 0 prunes and uploads
     if info.is_main:
         if cfg.prune.enabled:
             counts = prune_codes(vqvae, cfg, info.device)
@@ -288,7 +289,6 @@ def main(argv: list[str] | None = None) -> None:
         tracker.set_tags({"export": str(export_dir(run_dir).resolve())})
         print(f"final: {final}  export: {export_dir(run_dir)}", flush=True)
     tracker.finish()
-    barrier()
     cleanup()
 
 
