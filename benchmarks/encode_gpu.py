@@ -1,0 +1,127 @@
+"""The encode stage on a GPU: images/s, peak host and GPU memory by download shard size, and how far its ids
+are from a CPU encoding, for each encode.gpu_precision.
+
+    python benchmarks/encode_gpu.py                      # 1,000- and 10,000-sample shards of 256 px JPEGs
+    python benchmarks/encode_gpu.py --sizes 1000 --agree 32
+
+The paper-size tokenizer architecture (configs/vqvae_f8_8192.yaml: f8, 32 x 32 ids, 8,192 codes) with random
+weights; the encode stage's actor class (ShardEncoder) runs in a fresh process per shard and precision, so
+Ray need not be installed. Prints a table and writes JSON to --out (default benchmarks/results/encode_gpu.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def make_tokenizer(folder: Path) -> None:
+    import torch
+    import yaml
+
+    from vqd.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    VQVAE(VQVAEConfig.from_dict(yaml.safe_load((REPO / "configs" / "vqvae_f8_8192.yaml").read_text())["model"])).save(folder)
+
+
+def encode_child(tokenizer: str, tar: str, out: str, precision: str, batch_size: int) -> None:
+    """In a fresh process: one shard through ShardEncoder on CUDA; prints one JSON line."""
+    import importlib.util
+    import types
+
+    import torch
+
+    if importlib.util.find_spec("ray") is None:  # a GPU box without Ray: the actor class needs only this of it
+        sys.modules["ray"] = types.SimpleNamespace(is_initialized=lambda: False)
+
+    from data_pipeline.encode import ShardEncoder
+    from pipeline import peak_rss_mb
+
+    enc = ShardEncoder(tokenizer, out, batch_size, gpu_precision=precision)
+    if enc.device != "cuda":
+        raise SystemExit("no CUDA device: this benchmark measures the encode stage on a GPU")
+    start = time.time()
+    info = enc.encode_tar(Path(tar))
+    torch.cuda.synchronize()
+    n = sum(info["samples"].values())
+    print(json.dumps({"samples": n, "images_per_s": n / (time.time() - start), "peak_host_rss_mb": peak_rss_mb(),
+                      "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20, "failed": info["failed"]}))
+
+
+def agreement(tokenizer: Path, tar: Path, part: Path, n: int) -> float:
+    """Fraction of the ids in `part` (the stage's GPU encoding) equal to a CPU fp32 encoding of the same n images."""
+    import numpy as np
+    import torch
+
+    from data_pipeline.images import load_image
+    from data_pipeline.shards import iter_samples, read_tar
+    from vqd.vqvae import load_tokenizer
+
+    images = {}
+    for r in read_tar(tar):
+        images[json.loads(r["json"])["uid"]] = load_image(r["jpg"], 256)
+        if len(images) == n:
+            break
+    stage = {int(s["key"], 16): s["vq"] for s in iter_samples(part) if int(s["key"], 16) in images}
+    uids = sorted(stage)
+    with torch.no_grad():
+        ref = load_tokenizer(tokenizer).encode(torch.stack([images[u] for u in uids])).numpy()
+    return float((np.stack([stage[u].astype(np.int64) for u in uids]) == ref).mean())
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        return encode_child(*sys.argv[2:6], int(sys.argv[6]))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000], help="download shard sizes")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--agree", type=int, default=64, help="images compared with a CPU fp32 encoding")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "encode_gpu.json"))
+    args = p.parse_args()
+    import torch
+
+    from pipeline import download_tar
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_tokenizer(tmp / "tokenizer")
+        tars = [download_tar(tmp / "download", shard, n) for shard, n in enumerate(args.sizes)]
+        for precision in args.precisions:
+            for tar, n in zip(tars, args.sizes):
+                out = tmp / f"encode-{precision}-{n}"
+                cmd = [sys.executable, __file__, "--child", str(tmp / "tokenizer"), str(tar), str(out), precision,
+                       str(args.batch_size)]
+                child = subprocess.run(cmd, capture_output=True, text=True)
+                if child.returncode:
+                    raise RuntimeError(child.stderr[-3000:])
+                r = {"precision": precision, **json.loads(child.stdout.strip().splitlines()[-1])}
+                if tar == tars[0]:
+                    r["ids_equal_to_cpu_fp32"] = agreement(tmp / "tokenizer", tar, out / f"{tar.stem}.train.tar", args.agree)
+                runs.append(r)
+                print(r, flush=True)
+    device = torch.cuda.get_device_name()
+    print(f"\nencode stage on {device}, 256 px, paper-size tokenizer (random weights), batch {args.batch_size}")
+    print(f"{'precision':>9}  {'samples':>7}  {'images/s':>8}  {'host peak RSS':>13}  {'GPU peak':>8}  {'ids = CPU fp32':>14}")
+    for r in runs:
+        agree = f"{100 * r['ids_equal_to_cpu_fp32']:.3f}%" if "ids_equal_to_cpu_fp32" in r else ""
+        print(f"{r['precision']:>9}  {r['samples']:>7,}  {r['images_per_s']:>8.0f}  {r['peak_host_rss_mb']:>10.0f} MB  "
+              f"{r['peak_gpu_mb'] / 1024:>5.1f} GB  {agree:>14}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"device": device, "batch_size": args.batch_size, "runs": runs}, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
