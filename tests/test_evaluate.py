@@ -200,9 +200,9 @@ def test_evaluate_cli_end_to_end(tmp_path, monkeypatch, tiny_clip):
     scored = json.loads((model / "eval" / "test_n6_steps3_r0.86_g1_seed2.json").read_text())
     assert 0 <= scored["forms"]["template"]["clip_score"] <= 100 and "clip.safetensors" in scored["clip_score_note"]
 
-    key = eval_reference.read_real_images(data, 16)[1]
+    key = eval_reference.Reference(data, 16).key
     write_download(data, {"train": 40, "test": 8}, seed=5)  # a rebuilt data set is a new cache key
-    assert eval_reference.read_real_images(data, 16)[1] != key and key[:16] in cached[0]
+    assert eval_reference.Reference(data, 16).key != key and key[:16] in cached[0]
     with pytest.raises(SystemExit):
         main(["--model", str(model), "--data", str(data), "--n", "1"])
     assert main(["--model", str(model), "--data", str(tmp_path / "nothing")]) == 2
@@ -214,7 +214,7 @@ def test_prompt_forms_for_each_condition():
     from training.eval_reference import RealSample
     from training.evaluate import forms_to_run, prompts_for
 
-    samples = [RealSample(torch.zeros(3, 2, 2, dtype=torch.uint8), f"an emoji of {s}",
+    samples = [RealSample(Path("unused.tar"), s, f"an emoji of {s}",
                           {"captions": [s, f"{s} emoji"], "subcategory": s, "category": "shape"}) for s in SHAPES]
     text = SimpleNamespace(condition="text", classes=())
     assert prompts_for(samples, "typed", text) == list(SHAPES)

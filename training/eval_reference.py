@@ -1,12 +1,14 @@
 """What an evaluation compares against, computed once per data set and cached beside it.
 
 Real images are a built data set's downloaded images (`<data>/download/*.tar` from img2dataset: each
-sample's .json names its split, caption forms and labels), at the model tokenizer's resolution. Cached in
+sample's .json names its split, caption forms and labels), at the model tokenizer's resolution; only the
+images an evaluation uses are decoded (the tars are indexed first, so a large download costs one read of
+its captions and .json per call, plus the pixels of N + N + probe images). Cached in
 `<data>/eval_cache/`, keyed by the tars' sha256 (so a rebuilt data set is never confused with the old one),
 the image size and N:
   - the FID reference: Inception statistics of N real images of the split, and the real-vs-real floor
     (N other real images, from the other split(s), against the same statistics);
-  - the fidelity probe, trained on the train split's images (training/probe.py);
+  - the fidelity probe, trained on the train split's images (at most PROBE_TRAIN_MAX; training/probe.py);
   - the probe's top-1 on the N real reference images (what a generator that drew the real image scores).
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.encode import IMAGE_EXTS
 from training.fid import INCEPTION_SHA256, fid_from_features, inception_features
 from training.probe import LinearProbe, chance_rates, probe_features, top1
 
@@ -27,22 +30,23 @@ CACHE_DIR = "eval_cache"
 CACHE_VERSION = 2  # bump when what a cache file holds changes meaning
 LABELS = ("category", "subcategory")  # the .json fields the probe learns, when the data set has them
 SELECTION_SEED = 0  # which N real images: fixed, so every model and sampling seed is scored on the same ones
+PROBE_TRAIN_MAX = 50_000  # train-split images the probe learns from (a random subset of a larger split)
 
 
 @dataclass
 class RealSample:
-    image: torch.Tensor  # uint8 [3, S, S]
+    tar: Path  # the download tar that holds it
+    key: str  # its webdataset key in that tar
     caption: str  # the .txt: the caption in the data set's template
     meta: dict  # the .json: split, captions (other forms), category, subcategory...
+    image: torch.Tensor | None = None  # uint8 [3, S, S], decoded only for the samples an evaluation uses
 
 
-def read_real_images(data: Path, size: int) -> tuple[list[RealSample], str]:
-    """Every downloaded image of `data` at size x size (the encode stage's preprocessing), by uid, and a
-    content key (sha256 over the tars)."""
+def index_real_images(data: Path) -> tuple[list[RealSample], str]:
+    """Every downloaded sample of `data` (captions and .json, no pixels decoded), by uid, and a content key
+    (sha256 over the tars)."""
     from tqdm import tqdm
 
-    from data_pipeline.encode import IMAGE_EXTS
-    from data_pipeline.images import load_image
     from data_pipeline.shards import read_tar
     from vqd.io import file_sha256
 
@@ -50,24 +54,40 @@ def read_real_images(data: Path, size: int) -> tuple[list[RealSample], str]:
     if not tars:
         raise ValueError(f"data folder {str(data)!r} has no download/*.tar (the real images): build it with "
                          "`python data_pipeline/build.py <recipe> --stages metadata,filter,download`")
-    digest = hashlib.sha256(f"v{CACHE_VERSION} {size}px {INCEPTION_SHA256}".encode())
+    digest = hashlib.sha256(f"v{CACHE_VERSION} {INCEPTION_SHA256}".encode())
     samples = []
-    for path in tqdm(tars, desc="real images", unit="tar"):
+    for path in tqdm(tars, desc="real images: index", unit="tar"):
         digest.update(bytes.fromhex(file_sha256(path)))
         for record in read_tar(path):
-            image = next((record[e] for e in IMAGE_EXTS if e in record), None)
-            if image is None or "json" not in record or "txt" not in record:
-                continue
-            pixels = ((load_image(image, size) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            samples.append(RealSample(pixels, record["txt"].decode("utf-8"), json.loads(record["json"])))
+            if "json" in record and "txt" in record and any(e in record for e in IMAGE_EXTS):
+                samples.append(RealSample(path, record["__key__"], record["txt"].decode("utf-8"),
+                                          json.loads(record["json"])))
     samples.sort(key=lambda s: s.meta.get("uid", 0))
     return samples, digest.hexdigest()
 
 
-def select(samples: list[RealSample], split: str, n: int | None) -> list[RealSample]:
-    """The split's samples in a fixed shuffled order; the first min(n, all) of them (all when n is None)."""
-    pool = [s for s in samples if s.meta.get("split", "train") == split]
-    if not pool:
+def decode_images(samples: list[RealSample], size: int) -> None:
+    """Decode the images of `samples` that are not yet (the encode stage's preprocessing), one pass per tar."""
+    from data_pipeline.images import load_image
+    from data_pipeline.shards import read_tar
+
+    wanted: dict[Path, dict[str, RealSample]] = {}
+    for s in samples:
+        if s.image is None:
+            wanted.setdefault(s.tar, {})[s.key] = s
+    for tar, by_key in wanted.items():
+        for record in read_tar(tar):
+            s = by_key.get(record["__key__"])
+            if s is not None:
+                data = next(record[e] for e in IMAGE_EXTS if e in record)
+                s.image = ((load_image(data, size) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def select(samples: list[RealSample], split: str | None, n: int | None, exclude: str | None = None) -> list[RealSample]:
+    """The samples of `split` (or of every split but `exclude`) in a fixed shuffled order; the first min(n, all)."""
+    pool = [s for s in samples if (s.meta.get("split", "train") == split if split else
+                                   s.meta.get("split", "train") != exclude)]
+    if not pool and split:
         have = sorted({s.meta.get("split", "train") for s in samples})
         raise ValueError(f"the data set has no {split!r} images (its splits: {have})")
     order = np.random.default_rng(SELECTION_SEED).permutation(len(pool))
@@ -80,6 +100,7 @@ def label_values(samples: list[RealSample]) -> dict[str, list[str]]:
 
 
 def stack(samples: list[RealSample]) -> torch.Tensor:
+    """The decoded images of `samples`: uint8 [B, 3, S, S]."""
     return torch.stack([s.image for s in samples]) if samples else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
 
 
@@ -88,9 +109,15 @@ class Reference:
 
     def __init__(self, data: Path, size: int, device: str = "cpu", batch: int = 50):
         self.data, self.size, self.device, self.batch = Path(data), size, device, batch
-        self.samples, self.key = read_real_images(self.data, size)
+        self.samples, key = index_real_images(self.data)
+        self.key = hashlib.sha256(f"{key} {size}px".encode()).hexdigest()
         self.cache = self.data / CACHE_DIR
         self._probe: LinearProbe | None = None
+
+    def images(self, samples: list[RealSample]) -> list[RealSample]:
+        """`samples`, with their images decoded at the reference's size."""
+        decode_images(samples, self.size)
+        return samples
 
     def _path(self, name: str) -> Path:
         self.cache.mkdir(parents=True, exist_ok=True)
@@ -103,26 +130,42 @@ class Reference:
             if path.is_file():
                 self._probe = LinearProbe.load(path)
             else:
-                train = [s for s in self.samples if s.meta.get("split", "train") == "train"]
+                train = select(self.samples, "train", PROBE_TRAIN_MAX)
                 labels = label_values(train)
                 if not labels:
                     return None
-                feats = probe_features(stack(train), device=self.device, progress="probe: train-split features")
+                feats = self._probe_features_streamed(train)
                 self._probe = LinearProbe.fit(feats, labels)
                 self._probe.save(path)
         return self._probe
 
+    def _probe_features_streamed(self, samples: list[RealSample], chunk: int = 2000) -> np.ndarray:
+        """Probe features of many samples in uid order, decoding `chunk` images at a time (bounded memory)."""
+        from tqdm import tqdm
+
+        order = sorted(range(len(samples)), key=lambda i: samples[i].meta.get("uid", 0))  # tar order: few tars a chunk
+        feats = np.zeros((len(samples), 2048), np.float32)
+        bar = tqdm(total=len(samples), desc="probe: train-split features", unit="img")
+        for start in range(0, len(order), chunk):
+            idx = order[start:start + chunk]
+            part = [samples[i] for i in idx]
+            fresh = [s for s in part if s.image is None]  # images decoded here are dropped again; others stay
+            feats[idx] = probe_features(stack(self.images(part)), device=self.device)
+            for s in fresh:
+                s.image = None
+            bar.update(len(idx))
+        bar.close()
+        return feats
+
     def fid_reference(self, split: str, n: int | None) -> dict:
         """{'features' [N, 2048], 'n_real', 'floor', 'n_floor', 'real_top1'} for the first n images of `split`."""
-        real = select(self.samples, split, n)
+        real = self.images(select(self.samples, split, n))
         path = self._path(f"real_{split}_n{len(real)}").with_suffix(".npz")
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:
                 return {"features": z["features"], **json.loads(str(z["info"]))}
         feats = inception_features(stack(real), self.batch, self.device, progress=f"FID: {len(real)} real {split} images")
-        others = [s for s in self.samples if s.meta.get("split", "train") != split]
-        order = np.random.default_rng(SELECTION_SEED).permutation(len(others))[: len(real)]
-        floor_images = [others[i] for i in order]
+        floor_images = self.images(select(self.samples, None, len(real), exclude=split))
         info = {"n_real": len(real), "floor": None, "n_floor": len(floor_images), "floor_split": "other splits",
                 "real_top1": self.fidelity(real, real)}
         if len(floor_images) >= 2:

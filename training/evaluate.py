@@ -93,7 +93,7 @@ def evaluate(args) -> dict:
     sampling.validate(pipe.model.diffusion.num_timesteps)
     ref = Reference(Path(args.data), pipe.image_size, device=device, batch=args.inception_batch)
     real_stats = ref.fid_reference(args.split, args.n)
-    held_out = select(ref.samples, args.split, args.n)
+    held_out = ref.images(select(ref.samples, args.split, args.n))
     n_gen = args.n or len(held_out)
     prompted_by = [held_out[i % len(held_out)] for i in range(n_gen)]  # N beyond the split: prompts repeat
 
