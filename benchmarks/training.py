@@ -124,7 +124,7 @@ def run_all(args: argparse.Namespace) -> None:
 
     from training.config import native_bf16
 
-    precisions = ["fp32"] + (["bf16"] if native_bf16() else [])
+    precisions = [p for p in args.precisions if p == "fp32" or native_bf16()]
     rows, threads = [], args.threads or max(1, (os.cpu_count() or 2))
     for precision in precisions:
         for world in args.worlds:
@@ -175,6 +175,7 @@ def main() -> None:
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--num-codes", type=int, default=512)
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="bf16 runs only where it is native")
     p.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--threads", type=int, default=0, help="CPU threads in all (0: every core), split over ranks")
     p.add_argument("--override", action="append", default=[], help="a config override, e.g. --override=--model.size=tiny")

@@ -22,7 +22,7 @@ Commands (from the repository root):
 
 Outputs in train.run_dir: checkpoints/step_*/ (resume: weights, optimizer, EMA, timestep-sampler
 statistics, RNG, data position), export/ (the model folder: `python training/sample.py --model <run>/export`),
-config.yaml (resolved), mlflow_run_id.txt. MLflow (rank 0): the flattened config, loss / vlb / aux / lr /
+config.yaml (resolved), metrics.jsonl (every logged value), mlflow_run_id.txt. MLflow (rank 0): the flattened config, loss / vlb / aux / lr /
 grad norm / samples/s / tokens/s / MFU, validation loss, sample grids for fixed prompts, the export.
 """
 
@@ -32,6 +32,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads must sleep
 
+import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -121,6 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     prompts = fixed_prompts(cfg, manifest, model_cfg)
     exported_at = -1
 
+    def log(metrics: dict[str, float], step: int) -> None:
+        """To MLflow, and to run_dir/metrics.jsonl whatever the tracking store does (rank 0)."""
+        tracker.log_metrics(metrics, step)
+        if info.is_main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
     def export(step: int) -> None:
         """The EMA (or live) weights as run_dir/export, self-sufficient (collective under ZeRO-3)."""
         nonlocal exported_at
@@ -193,10 +201,10 @@ def main(argv: list[str] | None = None) -> None:
             if grad_norm is not None:
                 means["grad_norm"] = float(grad_norm)
             grad_norm = None
-            tracker.log_metrics(means, step)
+            log(means, step)
             bar.set_postfix(loss=f"{means['loss']:.3f}", sps=f"{means['samples_per_s']:.0f}", mfu=f"{means['mfu']:.2f}")
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and cfg.data.eval_split:
-            tracker.log_metrics(validation_loss(engine, model, manifest, cfg, info), step)
+            log(validation_loss(engine, model, manifest, cfg, info), step)
         if step % cfg.train.save_every == 0 or step == cfg.train.steps:
             save(step)
         if cfg.train.image_every and (step % cfg.train.image_every == 0 or step == cfg.train.steps):

@@ -363,9 +363,9 @@ class TimestepSampler:
 
     def sample(self, batch: int, generator: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw t [B] (Long) and its probability p(t) [B] (float32)."""
-        p = self.probabilities()
-        t = torch.multinomial(p.float(), batch, replacement=True, generator=generator)
-        return t.to(device), p[t].float().to(device)
+        p = self.probabilities().float().to(generator.device if generator is not None else device)  # draw where g lives
+        t = torch.multinomial(p, batch, replacement=True, generator=generator)
+        return t.to(device), p[t].to(device)
 
     def batch_statistics(self, t: torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Local sums of L_t^2 and counts per timestep: ([T] float64, [T] long), ready to all-reduce."""
