@@ -230,3 +230,18 @@ def test_bad_config_fails_before_any_rank_works(tmp_path, toy):
     out = launch(TRAIN, args(tmp_path / "no_such_data", run, tmp_path / "m.db"), check=False)
     assert out.returncode != 0 and "no_such_data" in out.stdout and "build.py" in out.stdout
     assert not run.exists() and time.time() - start < 120
+
+
+def test_text_tower_trains_only_when_asked():
+    from training.objective import Denoising
+    from vqd.models import VQDiffusionConfig, VQDiffusionModel
+
+    model = VQDiffusionModel(VQDiffusionConfig(num_codes=8, grid=(4, 4), size="micro", num_timesteps=10))
+    frozen = Denoising(model)
+    assert not any(n.startswith("text_encoder") for n, p in frozen.named_parameters() if p.requires_grad)
+    tuned = Denoising(model, train_text=True)
+    ids = torch.randint(1, 1000, (2, 77))
+    out = tuned(torch.full((2, 16), 8), torch.tensor([3, 5]), ids, torch.tensor([False, False]))
+    out[:, 0].sum().backward()
+    grads = [p.grad for n, p in tuned.named_parameters() if n.startswith("text_encoder.transformer")]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -28,6 +28,9 @@ class ModelSection:
     dropout: float = 0.0
     checkpoint: bool = False  # activation checkpointing: recompute each block in the backward pass
     condition: str = "text"  # text | class (data.label_key of each sample) | none (unconditional)
+    # Train the text tower with the denoiser (default: frozen, as the paper's CLIP). For a randomly
+    # initialised CPU tower, whose features mean nothing until trained. Not a field of the saved model.
+    train_text: bool = False
 
 
 @dataclass
@@ -74,6 +77,8 @@ class DiffusionRunConfig:
             raise ValueError(f"train.ema_decay: expected 0 (off) or a value in (0, 1), got {self.train.ema_decay}")
         if self.train.save_every < 1 or self.train.log_every < 1:
             raise ValueError("train.save_every and train.log_every must be >= 1")
+        if self.model.train_text and self.model.condition != "text":
+            raise ValueError("model.train_text: only a text-conditional model has a text tower to train")
         if self.train.steps < 1:
             raise ValueError(f"train.steps: expected >= 1, got {self.train.steps}")
         # every model field is checked now, before any rank starts (the grid and codebook are placeholders here)
@@ -93,7 +98,7 @@ def build_model_config(cfg: DiffusionRunConfig, manifest: dict, classes: tuple[s
     tok = manifest["tokenizer"]
     wanted = VQDiffusionConfig.from_dict(dict(
         num_codes=int(tok["num_codes"]), grid=[int(g) for g in tok["grid"]],
-        **{f.name: getattr(cfg.model, f.name) for f in fields(ModelSection)},
+        **{f.name: getattr(cfg.model, f.name) for f in fields(ModelSection) if f.name != "train_text"},
         text=dict(cfg.text) or None, classes=list(classes), num_timesteps=cfg.diffusion.num_timesteps,
         schedule=cfg.diffusion.schedule, mask_rate=cfg.diffusion.mask_rate))
     if base is None:
@@ -111,13 +116,14 @@ def build_model_config(cfg: DiffusionRunConfig, manifest: dict, classes: tuple[s
     return base_cfg
 
 
-def flops_per_sample(model: VQDiffusionConfig) -> float:
-    """Training FLOPs of one sample: 3x the denoiser's forward (backward is 2x) + the frozen tower's forward."""
+def flops_per_sample(model: VQDiffusionConfig, train_text: bool = False) -> float:
+    """Training FLOPs of one sample: 3x the denoiser's forward (backward is 2x) + the text tower's forward
+    (3x when it is trained too)."""
     h, w = model.grid
     length = model.condition_length
     flops = 3 * denoiser_flops_per_sample(model.depth, model.width, model.mlp_ratio, h * w, length,
                                           model.text.width, model.num_codes)
     if model.condition == "text":
         t = model.text
-        flops += text_tower_flops_per_sample(t.layers, t.width, t.mlp_ratio, t.context_length)
+        flops += (3 if train_text else 1) * text_tower_flops_per_sample(t.layers, t.width, t.mlp_ratio, t.context_length)
     return flops

@@ -80,7 +80,11 @@ def validation_loss(engine, model, manifest: dict, cfg, info: DistInfo, batches:
         t = (torch.arange(B, device=info.device) * T // B + i * 7) % T
         x_t = diffusion.q_sample(x0, t, generator=g)
         kind = model.config.condition
-        condition = model.encode_text(batch["clip"].to(info.device)) if kind == "text" else batch["label"].to(info.device)
+        if kind == "text":
+            ids = batch["clip"].to(info.device)
+            condition = ids if engine.module.text_encoder is not None else model.encode_text(ids)
+        else:
+            condition = batch["label"].to(info.device)
         drop = torch.full((B,), kind == "none", device=info.device)
         terms = diffusion.loss_terms(engine(x_t, t, condition, drop), x0, x_t, t)
         total += torch.stack([terms["vlb"].sum().double() * T / N, terms["aux"].sum().double() / N])

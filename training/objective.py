@@ -21,21 +21,26 @@ from vqd.models import VQDiffusionModel
 class Denoising(nn.Module):
     """(x_t [B, N], t [B], condition, drop Bool [B]) -> log p(x0 | x_t) float [B, K, N].
 
-    The condition is the text features [B, 77, D] (condition "text"), class labels Long [B] ("class"),
-    or ignored ("none": every sample sees the null condition).
+    The condition is the frozen tower's text features [B, 77, D] (condition "text"), or CLIP ids [B, 77]
+    when the tower is trained here, class labels Long [B] ("class"), or ignored ("none": every sample
+    sees the null condition).
     """
 
-    def __init__(self, model: VQDiffusionModel):
+    def __init__(self, model: VQDiffusionModel, train_text: bool = False):
         super().__init__()
         self.kind = model.config.condition
         self.denoiser = model.denoiser
         self.null_text = model.null_text
         self.class_embedding = model.class_embedding
+        # a trained tower is part of the engine (its gradients, optimizer state and EMA); a frozen one is not
+        self.text_encoder = model.text_encoder.requires_grad_(True) if train_text else None
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         dtype = self.null_text.dtype
         null = self.null_text.unsqueeze(0)
-        if self.kind == "text":
+        if self.text_encoder is not None:
+            features = self.text_encoder.features(condition).to(dtype)  # condition: CLIP ids [B, 77]
+        elif self.kind == "text":
             features = condition.to(dtype)
         elif self.kind == "class":
             features = self.class_embedding(condition).unsqueeze(1)
@@ -64,9 +69,11 @@ def micro_step(engine, model: VQDiffusionModel, sampler: TimestepSampler | None,
         t, pt = torch.randint(0, T, (B,), generator=g, device=device), None
     x_t = diffusion.q_sample(x0, t, generator=g)
     kind = model.config.condition
-    if kind == "text":
+    if kind == "text" and engine.module.text_encoder is None:
         with torch.no_grad():
             condition = model.encode_text(batch["clip"].to(device))
+    elif kind == "text":
+        condition = batch["clip"].to(device)
     else:
         condition = batch["label"].to(device)
     drop = torch.rand(B, generator=g, device=device) < (1.0 if kind == "none" else drop_text)

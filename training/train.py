@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- DeepSpeed: the engine trains the denoiser, the null condition and class embeddings ----
     import deepspeed
 
-    denoising = Denoising(model)
+    denoising = Denoising(model, train_text=cfg.model.train_text)
     opt, sched = build_optimizer(denoising, cfg.optim, cfg.train.steps, info.device)
     engine, _, _, _ = deepspeed.initialize(model=denoising, optimizer=opt, lr_scheduler=sched, config=cfg.deepspeed)
     if cfg.train.compile:
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     loader = token_loader(manifest, cfg.data, cfg.train.micro_batch_size, cfg.train.seed, info.rank, info.world_size,
                           skip_batches=batches, num_workers=cfg.train.num_workers, classes=model_cfg.classes)
     data = iter(loader)
-    flops = flops_per_sample(model_cfg)
+    flops = flops_per_sample(model_cfg, cfg.model.train_text)
     peak = measured_matmul_flops(info.device, next(iter(trainable.values())).dtype)
     window = MetricWindow()
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not info.is_main, desc="train", dynamic_ncols=True)

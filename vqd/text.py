@@ -206,7 +206,12 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids Long [B, L] (L == context_length) -> L2-normalised features [B, L, width], float32."""
+        """ids Long [B, L] (L == context_length) -> L2-normalised features [B, L, width], float32 (no grad)."""
+        return self.features(ids)
+
+    def features(self, ids: torch.Tensor) -> torch.Tensor:
+        """As forward, with gradients for the tower's weights when they require them (a trainer that tunes
+        the tower, e.g. a small random one on CPU, calls this; the frozen CLIP tower is always `forward`)."""
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
             got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"clip_ids: expected an integer tensor [B, {self.cfg.context_length}], got {got}")
