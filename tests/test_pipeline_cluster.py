@@ -3,6 +3,7 @@ cluster/ray_worker.sh HEAD:PORT (one CPU each, so the work has to spread), then 
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,11 +95,13 @@ def test_build_on_a_two_node_ray_cluster(tmp_path):
         assert build.returncode == 0, build.stderr[-4000:]
     finally:
         _stop(procs)
+        leftovers = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()
+        if not leftovers:
+            shutil.rmtree(temp, ignore_errors=True)
+    assert not leftovers, f"Ray processes of the test cluster still running: {leftovers}"
     manifest = json.loads((out / "manifest.json").read_text())
     acc = manifest["statistics"]["accounting"]
     assert acc["samples"] == 12 and acc["dropped"]["download"] == {"http_404": 1} and acc["rows"] == 13
     # two encode actors of one CPU each on two one-CPU nodes: the download tars were encoded on both nodes
     nodes = {json.loads(p.read_text())["node"] for p in (out / "encode").glob("[0-9]*.json")}
     assert len(nodes) == 2
-    leftovers = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()
-    assert not leftovers, f"Ray processes of the test cluster still running: {leftovers}"
