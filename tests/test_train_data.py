@@ -116,8 +116,8 @@ def test_more_data_sets_join_the_stream_only_with_the_same_tokenizer(tmp_path):
 def test_bad_split_and_labels_are_named(dataset):
     with pytest.raises(ValueError, match="no split 'validation'"):
         TokenStream(dataset, TokenDataConfig(split="validation"), 4, seed=0)
-    with pytest.raises(ValueError, match="has no 'category' field"):
-        class_names(dataset, "train", "category")
+    with pytest.raises(ValueError, match="has no 'style' field"):
+        class_names(dataset, "train", "style")
     stream = TokenStream(dataset, TokenDataConfig(), 4, seed=0, classes=("stripes",))
     with pytest.raises(ValueError, match="not one of the model's 1 classes"):
         for _ in zip(range(50), stream):

@@ -3,7 +3,9 @@ of {key}.vq.npy / .clip.npy / .txt / .json, plus the tokenizer folder the manife
 
 The task is learnable and checkable: each caption names one pattern on a 4 x 4 grid of K = 8 codes (stripes
 and checkerboard share their two codes, so only the text tells them apart), with a little token noise. Each
-sample's .json carries other caption forms (as a person would type them) and a class label.
+sample's .json carries other caption forms (as a person would type them) and class labels (subcategory: the
+pattern; category: lines or tiles). With `images=True` the data set also has the download/ tar evaluation reads
+(training/evaluate.py): each sample's grid drawn as a 16 px PNG, one colour per code.
 """
 
 from __future__ import annotations
@@ -26,6 +28,20 @@ PATTERNS = {
     "yellow diagonal": np.where(_row == _col, 4, 5).reshape(N),
 }
 FORMS = {caption: [caption.split()[1], f"{caption} pattern"] for caption in PATTERNS}  # "stripes", "red stripes pattern"
+CATEGORY = {"stripes": "lines", "diagonal": "lines", "checkerboard": "tiles", "border": "tiles"}
+PALETTE = np.array([[220, 40, 40], [250, 250, 250], [40, 160, 60], [20, 20, 20], [240, 200, 30], [60, 80, 220],
+                    [150, 60, 180], [120, 120, 120]], dtype=np.uint8)  # code -> RGB
+
+
+def draw(vq: np.ndarray, size: int = 16) -> bytes:
+    """A token grid [N] as a PNG of `size` px: each code a block of its PALETTE colour."""
+    from PIL import Image
+
+    cell = size // GRID[0]
+    pixels = PALETTE[vq.reshape(GRID)].repeat(cell, axis=0).repeat(cell, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -51,8 +67,8 @@ def write_tokenizer(folder: Path, seed: int = 0) -> Path:
 
 
 def write_token_dataset(folder: Path, train: int = 200, test: int = 40, per_shard: int = 25, noise: float = 0.05,
-                        seed: int = 0, first_uid: int = 0) -> Path:
-    """Write the data set (and its tokenizer in folder/tokenizer); returns the folder."""
+                        seed: int = 0, first_uid: int = 0, images: bool = False) -> Path:
+    """Write the data set (and its tokenizer in folder/tokenizer; with `images`, download/00000.tar too)."""
     from vqd.io import file_sha256
     from vqd.text import tokenize
 
@@ -63,6 +79,10 @@ def write_token_dataset(folder: Path, train: int = 200, test: int = 40, per_shar
     clip = {c: tokenize([c])[0].numpy().astype(np.int32) for c in captions}
     splits = {}
     uid = first_uid
+    download = None
+    if images:
+        (folder / "download").mkdir(exist_ok=True)
+        download = tarfile.open(folder / "download" / "00000.tar", "w", format=tarfile.USTAR_FORMAT)
     for split, count in (("train", train), ("test", test)):
         shards = []
         for start in range(0, count, per_shard):
@@ -74,7 +94,12 @@ def write_token_dataset(folder: Path, train: int = 200, test: int = 40, per_shar
                     vq = np.where(rng.random(N) < noise, rng.integers(0, K, N), PATTERNS[caption]).astype(np.uint16)
                     key = f"{uid:016x}"
                     uid += 1
-                    meta = {"uid": uid, "split": split, "captions": FORMS[caption], "subcategory": caption.split()[1]}
+                    sub = caption.split()[1]
+                    meta = {"uid": uid, "split": split, "captions": FORMS[caption], "subcategory": sub,
+                            "category": CATEGORY[sub]}
+                    if download is not None:
+                        for ext, data in (("png", draw(vq)), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
+                            _add(download, f"{key}.{ext}", data)
                     _add(tar, f"{key}.vq.npy", _npy(vq))
                     _add(tar, f"{key}.clip.npy", _npy(clip[caption]))
                     _add(tar, f"{key}.txt", caption.encode())
@@ -82,6 +107,8 @@ def write_token_dataset(folder: Path, train: int = 200, test: int = 40, per_shar
             shards.append({"name": name, "samples": n, "sha256": file_sha256(folder / name),
                            "bytes": (folder / name).stat().st_size})
         splits[split] = {"samples": count, "shards": shards}
+    if download is not None:
+        download.close()
     manifest = {
         "format": "vqd-shards/1",
         "recipe": {"name": "toy-patterns", "sha256": "0" * 64, "config": {}},

@@ -1,25 +1,35 @@
 """The diffusion trainer's run config: one YAML with sections model, diffusion, text, data, optim, train,
 sample, tracking, deepspeed (configs/emoji_base.yaml, configs/base_cc.yaml, configs/finetune_*.yaml).
 
+`model.kind: vq-ar` trains the paper's autoregressive baseline (vqd/ar.py) from the same config, on the same
+data, with the same optimizer, EMA, checkpoints and export; the diffusion section and the diffusion-only
+fields (condition other than text, data.drop_text) do not apply to it.
+
 The token grid and codebook size are not in the config: they come from the data set's manifest, so a
 model always matches the tokens it is trained on (`build_model_config`).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from training.config import OptimConfig, TrackingConfig, TrainConfig
 from training.data import TokenDataConfig
 from training.metrics import denoiser_flops_per_sample, text_tower_flops_per_sample
+from vqd.ar import VQARConfig
 from vqd.models import VQDiffusionConfig
+from vqd.network import AR_SIZE_OF
+
+MODEL_KINDS = {VQDiffusionConfig.KIND: VQDiffusionConfig, VQARConfig.KIND: VQARConfig}
 
 
 @dataclass
 class ModelSection:
     """The network (vqd/network.py MODEL_SIZES names a preset; explicit fields win) and its condition."""
 
+    kind: str = "vq-diffusion"  # vq-diffusion | vq-ar (the Table 3 baseline: size VQ-AR-tiny is tiny's size)
     size: str | None = "tiny"
     depth: int | None = None
     width: int | None = None
@@ -71,6 +81,15 @@ class DiffusionRunConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        if self.model.kind not in MODEL_KINDS:
+            raise ValueError(f"model.kind: expected one of {sorted(MODEL_KINDS)}, got {self.model.kind!r}")
+        if self.model.kind == VQARConfig.KIND:
+            if self.model.condition != "text":
+                raise ValueError(f"model.condition: the VQ-AR baseline is text-conditional, got {self.model.condition!r}")
+            if self.model.size in AR_SIZE_OF:
+                warnings.warn(f"model.size {self.model.size!r} is a VQ-Diffusion size: as VQ-AR it has fewer parameters "
+                              f"than the VQ-Diffusion model of that name; {AR_SIZE_OF[self.model.size]!r} is its equal "
+                              "(the paper compares equal sizes)", stacklevel=2)
         if not 0.0 <= self.data.drop_text <= 1.0:
             raise ValueError(f"data.drop_text: expected a probability in [0, 1], got {self.data.drop_text}")
         if self.train.ema_decay and not 0.0 < self.train.ema_decay < 1.0:
@@ -91,20 +110,27 @@ TRAINING_ONLY = ("dropout", "checkpoint")
 
 
 def build_model_config(cfg: DiffusionRunConfig, manifest: dict, classes: tuple[str, ...] = (),
-                       base: dict | None = None) -> VQDiffusionConfig:
-    """The VQDiffusionConfig of this run: the config's model, text and diffusion sections, the manifest's grid
-    and codebook, and `classes` (condition "class"). With `base` (a fine-tune's starting model), the base's
-    architecture is kept and any difference in it is an error naming the field."""
+                       base: dict | None = None) -> VQDiffusionConfig | VQARConfig:
+    """The model config of this run (VQDiffusionConfig, or VQARConfig for model.kind vq-ar): the config's model,
+    text and diffusion sections, the manifest's grid and codebook, and `classes` (condition "class"). With
+    `base` (a fine-tune's starting model), the base's architecture is kept and any difference in it is an
+    error naming the field."""
     tok = manifest["tokenizer"]
-    wanted = VQDiffusionConfig.from_dict(dict(
-        num_codes=int(tok["num_codes"]), grid=[int(g) for g in tok["grid"]],
-        **{f.name: getattr(cfg.model, f.name) for f in fields(ModelSection) if f.name != "train_text"},
-        text=dict(cfg.text) or None, classes=list(classes), num_timesteps=cfg.diffusion.num_timesteps,
-        schedule=cfg.diffusion.schedule, mask_rate=cfg.diffusion.mask_rate))
+    config_cls = MODEL_KINDS[cfg.model.kind]
+    network = {f.name: getattr(cfg.model, f.name) for f in fields(ModelSection)
+               if f.name not in ("kind", "train_text", "condition")}
+    if config_cls is VQDiffusionConfig:
+        network.update(condition=cfg.model.condition, classes=list(classes), num_timesteps=cfg.diffusion.num_timesteps,
+                       schedule=cfg.diffusion.schedule, mask_rate=cfg.diffusion.mask_rate)
+    wanted = config_cls.from_dict(dict(num_codes=int(tok["num_codes"]), grid=[int(g) for g in tok["grid"]],
+                                       text=dict(cfg.text) or None, **network))
     if base is None:
         return wanted
-    base_cfg = VQDiffusionConfig.from_dict(base)
-    differ = [f.name for f in fields(VQDiffusionConfig)
+    if base.get("kind", config_cls.KIND) != config_cls.KIND:
+        raise ValueError(f"train.init_from: the base model is a {base.get('kind')!r} model, this config trains "
+                         f"model.kind {config_cls.KIND!r}")
+    base_cfg = config_cls.from_dict(base)
+    differ = [f.name for f in fields(config_cls)
               if f.name not in TRAINING_ONLY + ("size",) and getattr(base_cfg, f.name) != getattr(wanted, f.name)]
     if differ:
         detail = "; ".join(f"{n}: base {getattr(base_cfg, n)!r}, config {getattr(wanted, n)!r}" for n in differ[:4])
@@ -116,9 +142,9 @@ def build_model_config(cfg: DiffusionRunConfig, manifest: dict, classes: tuple[s
     return base_cfg
 
 
-def flops_per_sample(model: VQDiffusionConfig, train_text: bool = False) -> float:
-    """Training FLOPs of one sample: 3x the denoiser's forward (backward is 2x) + the text tower's forward
-    (3x when it is trained too)."""
+def flops_per_sample(model: VQDiffusionConfig | VQARConfig, train_text: bool = False) -> float:
+    """Training FLOPs of one sample: 3x the network's forward (backward is 2x) + the text tower's forward
+    (3x when it is trained too). VQ-AR counts as the denoiser does (causal attention computed densely)."""
     h, w = model.grid
     length = model.condition_length
     flops = 3 * denoiser_flops_per_sample(model.depth, model.width, model.mlp_ratio, h * w, length,

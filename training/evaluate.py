@@ -15,6 +15,9 @@ prompted with the image's class, an unconditional one with nothing. Per prompt f
     images, on the tokenizer's reconstructions of them (the most a model decoding through it can show),
     chance and the majority-class rate;
   - throughput: images/s of sampling + decoding.
+A VQ-AR folder (model.kind vq-ar, the Table 3 baseline) is scored the same way: it draws its h*w tokens one
+by one with a KV cache at temperature 1, keeping the top-r of each next-token distribution (r = --truncation);
+--steps does not apply to it (the output says so), and --guidance / --purity are refused.
 CLIP score needs CLIP image-text weights: with --clip-model ARCH --clip-weights FILE (a full open_clip CLIP,
 both towers) it is computed per prompt form; without them it is reported as not computed (nothing is
 downloaded, and no CLIP weights ship with this system).
@@ -74,9 +77,10 @@ def forms_to_run(choice: str, condition: str) -> list[str]:
     return ["template", "typed"] if choice == "both" else [choice]
 
 
-def settings_tag(args, steps: int) -> str:
-    """A name for one evaluation's settings: split, N, sampling (metric names and files)."""
-    tag = f"{args.split}_n{args.n or 'all'}_steps{steps}_r{args.truncation:g}_g{args.guidance:g}"
+def settings_tag(args, steps: int | None) -> str:
+    """A name for one evaluation's settings: split, N, sampling (metric names and files; VQ-AR: `ar`)."""
+    tag = f"{args.split}_n{args.n or 'all'}_{'ar' if steps is None else f'steps{steps}'}_r{args.truncation:g}" \
+          f"_g{args.guidance:g}"
     return tag + ("_purity" if args.purity else "") + f"_seed{args.seed}"
 
 
@@ -88,9 +92,12 @@ def evaluate(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = TextToImage.from_folder(args.model, device=device)
     cfg = pipe.model.config
-    steps = args.steps or pipe.model.diffusion.num_timesteps
+    steps = None if pipe.autoregressive else args.steps or pipe.num_timesteps
     sampling = SamplingConfig(steps=steps, truncation=args.truncation, guidance_scale=args.guidance, purity=args.purity)
-    sampling.validate(pipe.model.diffusion.num_timesteps)
+    pipe.validate(sampling)
+    h, w = pipe.model.grid
+    note = (f"VQ-AR: {h * w} sequential tokens (KV cache, temperature 1, top-r = truncation)"
+            + (f"; --steps {args.steps} does not apply" if args.steps else "")) if pipe.autoregressive else None
     ref = Reference(Path(args.data), pipe.image_size, device=device, batch=args.inception_batch)
     real_stats = ref.fid_reference(args.split, args.n)
     held_out = ref.images(select(ref.samples, args.split, args.n))
@@ -103,8 +110,9 @@ def evaluate(args) -> dict:
     results = {
         "model": str(args.model), "data": str(args.data), "split": args.split, "device": device,
         "threads": torch.get_num_threads(), "seed": args.seed, "batch": args.batch, "condition": cfg.condition,
+        "model_kind": cfg.KIND,
         "sampling": {"steps": steps, "truncation": args.truncation, "guidance_scale": args.guidance,
-                     "purity": args.purity},
+                     "purity": args.purity, "note": note},
         "n_generated": n_gen, "n_real": real_stats["n_real"],
         "fid_floor": {"fid": real_stats["floor"], "n": real_stats["n_floor"], "images": real_stats["floor_split"]},
         "reference_top1": {"real": real_stats["real_top1"], "reconstructed": ref.fidelity(held_out, recon)},
@@ -218,7 +226,8 @@ def _pct(t: dict | None, label: str) -> str:
 def print_table(r: dict) -> None:
     """The results as a table; every figure has its N and the sampling settings above it."""
     s = r["sampling"]
-    print(f"\nmodel {r['model']} on {r['data']} split {r['split']!r}; sampling: steps {s['steps']}, truncation r "
+    steps = s["steps"] if s["steps"] is not None else f"n/a ({s['note']})"
+    print(f"\nmodel {r['model']} on {r['data']} split {r['split']!r}; sampling: steps {steps}, truncation r "
           f"{s['truncation']:g}, guidance {s['guidance_scale']:g}, purity {'on' if s['purity'] else 'off'}, seed "
           f"{r['seed']}, batch {r['batch']}, {r['device']} ({r['threads']} threads)")
     floor = r["fid_floor"]
@@ -251,7 +260,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="built data set folder (its download/*.tar are the real images)")
     p.add_argument("--split", default="test", help="the split whose images and prompts are scored (default test)")
     p.add_argument("--n", type=int, help="images to generate and compare (default: every image of the split)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the model's T)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's T; a VQ-AR model ignores it)")
     p.add_argument("--truncation", type=float, default=0.86, help="truncation r (1 turns it off)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     p.add_argument("--purity", action="store_true", help="purity sampling")

@@ -51,8 +51,11 @@ def sample_grid(export: Path, cfg, prompts: list[str], info: DistInfo) -> np.nda
     from vqd.sampling import SamplingConfig
 
     pipe = TextToImage.from_folder(export, device=info.device)
-    steps = min(cfg.sample.steps, pipe.model.diffusion.num_timesteps)
-    sampling = SamplingConfig(steps=steps, truncation=cfg.sample.truncation, guidance_scale=cfg.sample.guidance_scale)
+    if pipe.autoregressive:  # h*w steps, no null condition to guide with
+        sampling = SamplingConfig(truncation=cfg.sample.truncation)
+    else:
+        sampling = SamplingConfig(steps=min(cfg.sample.steps, pipe.num_timesteps), truncation=cfg.sample.truncation,
+                                  guidance_scale=cfg.sample.guidance_scale)
     images = pipe.generate(prompts, sampling, generator=torch.Generator(info.device).manual_seed(0))
     labels = prompts if pipe.model.config.condition != "none" else ["(unconditional)"] * len(prompts)
     return np.asarray(captioned_grid(to_uint8(images).numpy(), labels, ncols=min(8, len(prompts))))
@@ -63,8 +66,15 @@ def validation_loss(engine, model, manifest: dict, cfg, info: DistInfo, batches:
     """Held-out bound estimate (nats per token): `batches` fixed batches per rank, t stratified over [0, T).
 
     The same samples, timesteps and noise at every evaluation, so successive values compare the weights only.
+    A VQ-AR model reports its held-out next-token cross-entropy instead (val/nll).
     """
     from training.objective import step_generator
+    from vqd.ar import VQARModel
+
+    if isinstance(model, VQARModel):
+        from training.ar_objective import ar_validation_loss
+
+        return ar_validation_loss(engine, model, manifest, cfg, info, batches)
 
     diffusion, T = model.diffusion, model.diffusion.num_timesteps
     loader = token_loader(manifest, cfg.data, cfg.train.micro_batch_size, seed=12345, rank=info.rank,

@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     pipe = TextToImage.from_folder(args.model, device=args.device)
     config = SamplingConfig(steps=args.steps, truncation=args.truncation, guidance_scale=args.guidance,
                             purity=args.purity)
-    config.validate(pipe.model.diffusion.num_timesteps)
+    pipe.validate(config)
+    if pipe.autoregressive and args.steps:
+        print(f"note: --steps {args.steps} does not apply to a VQ-AR model (it draws its {pipe.model.grid[0] * pipe.model.grid[1]} "
+              "tokens one by one)")
     prompts = read_prompts(args, pipe.model.config.condition)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     if args.out_dir:  # evaluation at scale: one native-size PNG per line, in file order

@@ -1,4 +1,5 @@
-"""Train VQ-Diffusion on a built token data set with DeepSpeed ZeRO, from one YAML config.
+"""Train VQ-Diffusion (or, with --model.kind=vq-ar, the VQ-AR baseline) on a built token data set with DeepSpeed
+ZeRO, from one YAML config.
 
 Commands (from the repository root):
 
@@ -19,6 +20,9 @@ Commands (from the repository root):
         --train.init_from=runs/base_cc/export          # or runs:/<mlflow run id of the base>
     ... --train.resume=auto                            # newest complete checkpoint of train.run_dir
     ... --train.steps=20000 --optim.lr=1e-4 --deepspeed.zero_optimization.stage=3
+
+  the paper's Table 3 baseline on the same data, optimizer, EMA and export (training/ar_objective.py):
+    python training/train.py --config configs/emoji_base.yaml --model.kind=vq-ar --model.size=VQ-AR-tiny
 
 Outputs in train.run_dir: checkpoints/step_*/ (resume: weights, optimizer, EMA, timestep-sampler
 statistics, RNG, data position), export/ (the model folder: `python training/sample.py --model <run>/export`),
@@ -52,12 +56,14 @@ from training.ema import EMA, full_weights  # noqa: E402
 from training.export import export_model, resolve_init_from, tokenizer_folder  # noqa: E402
 from training.metrics import MetricWindow, measured_matmul_flops  # noqa: E402
 from training.monitor import fixed_prompts, sample_grid, start_tracking, validation_loss  # noqa: E402
+from training.ar_objective import NextToken, ar_micro_step  # noqa: E402
 from training.objective import Denoising, micro_step, step_generator  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 from training.tracking import tracking_uri  # noqa: E402
 from vqd.diffusion import TimestepSampler  # noqa: E402
 from vqd.io import load_folder, load_state_dict_strict  # noqa: E402
-from vqd.models import VQDiffusionModel  # noqa: E402
+from vqd.ar import VQARModel  # noqa: E402
+from vqd.models import MODEL_KINDS  # noqa: E402
 
 
 def gradient_norm(engine, trainable: dict) -> float | None:
@@ -91,22 +97,24 @@ def main(argv: list[str] | None = None) -> None:
         classes = class_names(manifest, cfg.data.split, cfg.data.label_key)
     model_cfg = build_model_config(cfg, manifest, classes, base_config)
     tokenizer = tokenizer_folder(manifest)
-    model = VQDiffusionModel(model_cfg, load_text_weights=base_tensors is None)
+    model = MODEL_KINDS[model_cfg.KIND](model_cfg, load_text_weights=base_tensors is None)
+    autoregressive = isinstance(model, VQARModel)
     if base_tensors is not None:
         load_state_dict_strict(model, base_tensors, where=f"train.init_from {str(base_dir)!r}")
     model.to(info.device)
 
-    # ---- DeepSpeed: the engine trains the denoiser, the null condition and class embeddings ----
+    # ---- DeepSpeed: the engine trains the denoiser, the null condition and class embeddings (or VQ-AR's net) ----
     import deepspeed
 
-    denoising = Denoising(model, train_text=cfg.model.train_text)
-    opt, sched = build_optimizer(denoising, cfg.optim, cfg.train.steps, info.device)
-    engine, _, _, _ = deepspeed.initialize(model=denoising, optimizer=opt, lr_scheduler=sched, config=cfg.deepspeed)
+    trained = (NextToken if autoregressive else Denoising)(model, train_text=cfg.model.train_text)
+    opt, sched = build_optimizer(trained, cfg.optim, cfg.train.steps, info.device)
+    engine, _, _, _ = deepspeed.initialize(model=trained, optimizer=opt, lr_scheduler=sched, config=cfg.deepspeed)
     if cfg.train.compile:
         engine.compile()
     trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
     ema = EMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    sampler = TimestepSampler(model_cfg.num_timesteps) if cfg.diffusion.importance_sampling else None
+    sampler = TimestepSampler(model_cfg.num_timesteps) if cfg.diffusion.importance_sampling and not autoregressive \
+        else None
 
     step, batches = 0, 0
     resume_from = resolve_resume(cfg.train.resume, run_dir)
@@ -170,9 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         for micro in range(cfg.train.grad_accum):
             batch = next(data)
             batches += 1
-            g = step_generator(cfg.train.seed, info.rank, step, micro, info.device)
-            loss, vlb, t, metrics = micro_step(engine, model, sampler, batch, cfg.data.drop_text,
-                                               cfg.diffusion.aux_weight, cfg.diffusion.adaptive_aux, g, info.device)
+            if autoregressive:
+                loss, vlb, t, metrics = ar_micro_step(engine, model, batch, info.device)
+            else:
+                g = step_generator(cfg.train.seed, info.rank, step, micro, info.device)
+                loss, vlb, t, metrics = micro_step(engine, model, sampler, batch, cfg.data.drop_text,
+                                                   cfg.diffusion.aux_weight, cfg.diffusion.adaptive_aux, g, info.device)
             engine.backward(loss)
             if micro == cfg.train.grad_accum - 1 and (step + 1) % cfg.train.log_every == 0:
                 grad_norm = gradient_norm(engine, trainable)

@@ -30,6 +30,14 @@ class VQARConfig(NetworkConfig):
     """The VQ-AR baseline: the same network fields as VQ-Diffusion, no diffusion."""
 
     KIND: ClassVar[str] = "vq-ar"
+    # The paper's baseline reads text only; these mirror VQDiffusionConfig for code that reads any model's config.
+    condition: ClassVar[str] = "text"
+    classes: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def condition_length(self) -> int:
+        """L, the length of the text sequence the network attends to."""
+        return self.text.context_length
 
     def transformer_config(self) -> TransformerConfig:
         return TransformerConfig(
@@ -138,6 +146,13 @@ class VQARModel(ComposedModel):
 
     forward = logits
 
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Captions -> frozen text features [B, 77, D] on the model's device."""
+        from vqd.text import tokenize
+
+        device = next(self.transformer.parameters()).device
+        return self.encode_text(tokenize(list(prompts), self.config.text.context_length).to(device))
+
     def loss(self, tokens: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy, mean over tokens (nats): scalar."""
         return F.cross_entropy(self.logits(tokens, text_features), tokens)
@@ -153,3 +168,16 @@ class VQARModel(ComposedModel):
     ) -> torch.Tensor:
         """Sample tokens Long [B, N] for text features [B, L, D] (see `generate`)."""
         return generate(self.transformer, text_features, generator, temperature, top_r, use_cache, progress)
+
+    @torch.no_grad()
+    def sample_captions(self, captions: list[str], top_r: float = 1.0, temperature: float = 1.0, *,
+                        batch_size: int = 32, generator: torch.Generator | None = None,
+                        progress: bool = False) -> torch.Tensor:
+        """Captions -> token grids Long [len(captions), h*w], in batches of `batch_size` (KV cache)."""
+        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+            raise ValueError("captions must be a list of strings")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out = [self.generate(self.encode_prompts(list(captions[i:i + batch_size])), generator, temperature, top_r,
+                             use_cache=True, progress=progress) for i in range(0, len(captions), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.grid[0] * self.grid[1], dtype=torch.long)

@@ -152,6 +152,10 @@ class VQDiffusionModel(ComposedModel):
     forward = logits
 
 
+# The composed model of each `kind` a model folder's config.yaml can name.
+MODEL_KINDS: dict[str, type[ComposedModel]] = {VQDiffusionConfig.KIND: VQDiffusionModel, VQARModel.CONFIG.KIND: VQARModel}
+
+
 def load_model(folder: str | os.PathLike) -> nn.Module:
     """Load any vqd model folder, dispatching on config.yaml's `kind`."""
     from vqd.io import load_folder
@@ -159,9 +163,7 @@ def load_model(folder: str | os.PathLike) -> nn.Module:
     config, tensors = load_folder(folder)
     kind = config.get("kind")
     where = f"model folder {str(folder)!r}"
-    if kind == VQDiffusionConfig.KIND:
-        return VQDiffusionModel.from_loaded(config, tensors, where=where)
-    if kind == VQARModel.CONFIG.KIND:
-        return VQARModel.from_loaded(config, tensors, where=where)
-    raise ValueError(f"kind: {where} has kind {kind!r}; load_model knows 'vq-diffusion' and 'vq-ar' "
-                     "(a tokenizer folder loads with vqd.vqvae.load_tokenizer)")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind: {where} has kind {kind!r}; load_model knows {sorted(MODEL_KINDS)} "
+                         "(a tokenizer folder loads with vqd.vqvae.load_tokenizer)")
+    return MODEL_KINDS[kind].from_loaded(config, tensors, where=where)

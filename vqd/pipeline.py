@@ -1,10 +1,16 @@
-"""Text -> image in one object: a trained VQ-Diffusion model and the tokenizer that decodes its ids.
+"""Text -> image in one object: a trained model (VQ-Diffusion, or the VQ-AR baseline) and the tokenizer that
+decodes its ids.
 
-An exported model folder samples on its own: config.yaml + model.safetensors (the denoiser, the frozen text
+An exported model folder samples on its own: config.yaml + model.safetensors (the network, the frozen text
 tower, the null text) and tokenizer/ (the VQ-VAE folder whose codes the model was trained on).
 
     pipe = TextToImage.from_folder("runs/emoji_base/export")
     images = pipe.generate(["red heart", "house"], SamplingConfig(steps=25))   # float [2, 3, H, W] in [-1, 1]
+
+A VQ-AR folder generates through the same call: one token at a time in raster order with a KV cache,
+temperature 1, keeping the top-r of each next-token distribution with r = `SamplingConfig.truncation`.
+Its number of steps is always h*w (`steps` does not apply); guidance and purity sampling have no meaning
+for it and are refused.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vqd.ar import VQARModel
 from vqd.models import VQDiffusionModel, load_model
 from vqd.sampling import SamplingConfig, sample_captions, sample_tokens
 from vqd.vqvae import VQVAE, load_tokenizer
@@ -22,9 +29,9 @@ TOKENIZER_DIR = "tokenizer"
 
 
 class TextToImage:
-    """A VQ-Diffusion model with its tokenizer; both in eval mode on one device."""
+    """A VQ-Diffusion (or VQ-AR) model with its tokenizer; both in eval mode on one device."""
 
-    def __init__(self, model: VQDiffusionModel, tokenizer: VQVAE):
+    def __init__(self, model: VQDiffusionModel | VQARModel, tokenizer: VQVAE):
         if tokenizer.num_codes != model.num_codes or tuple(tokenizer.grid) != tuple(model.grid):
             raise ValueError(f"tokenizer has {tokenizer.num_codes} codes on a {tuple(tokenizer.grid)} grid, the model "
                              f"expects {model.num_codes} codes on {tuple(model.grid)}: they were not trained together")
@@ -38,9 +45,30 @@ class TextToImage:
             raise ValueError(f"model folder {str(folder)!r} has no {TOKENIZER_DIR}/ folder: it cannot decode its "
                              "token ids into images (export it with training/train.py, which copies the tokenizer)")
         model = load_model(folder)
-        if not isinstance(model, VQDiffusionModel):
-            raise ValueError(f"model folder {str(folder)!r} holds a {type(model).__name__}, not a VQ-Diffusion model")
+        if not isinstance(model, (VQDiffusionModel, VQARModel)):
+            raise ValueError(f"model folder {str(folder)!r} holds a {type(model).__name__}, not a text-to-image model")
         return cls(model.to(device), load_tokenizer(folder / TOKENIZER_DIR, device=device))
+
+    @property
+    def autoregressive(self) -> bool:
+        """True for the VQ-AR baseline (no diffusion: h*w sequential steps)."""
+        return isinstance(self.model, VQARModel)
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """The model's T, or None for VQ-AR."""
+        return None if self.autoregressive else self.model.diffusion.num_timesteps
+
+    def validate(self, config: SamplingConfig) -> None:
+        """Raise ValueError naming a setting this model cannot honour (VQ-AR: guidance, purity)."""
+        if not self.autoregressive:
+            config.validate(self.model.diffusion.num_timesteps)
+            return
+        if not 0.0 < config.truncation <= 1.0:
+            raise ValueError(f"truncation r must be in (0, 1], got {config.truncation!r}")
+        if config.guidance_scale != 1.0 or config.purity:
+            raise ValueError("a VQ-AR model has no null condition and no reveal order: classifier-free guidance "
+                             f"(got {config.guidance_scale:g}) and purity sampling (got {config.purity}) do not apply")
 
     @property
     def device(self) -> torch.device:
@@ -62,8 +90,14 @@ class TextToImage:
     def generate(self, captions: list[str], config: SamplingConfig | None = None, *, batch_size: int = 32,
                  generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
         """Captions -> images float [B, 3, H, W] in [-1, 1]."""
-        tokens = sample_captions(self.model, captions, config, batch_size=batch_size, generator=generator,
-                                 progress=progress)
+        if self.autoregressive:
+            config = config or SamplingConfig()
+            self.validate(config)
+            tokens = self.model.sample_captions(captions, top_r=config.truncation, batch_size=batch_size,
+                                                generator=generator, progress=progress)
+        else:
+            tokens = sample_captions(self.model, captions, config, batch_size=batch_size, generator=generator,
+                                     progress=progress)
         return self.decode(tokens)
 
     @torch.no_grad()
@@ -79,6 +113,8 @@ class TextToImage:
                        progress: bool = False) -> torch.Tensor:
         """As `inpaint`, returning token ids Long [B, h*w]: a token is regenerated when any of its pixels is
         masked; the others are held to the image's own tokens."""
+        if self.autoregressive:
+            raise ValueError("inpainting needs a VQ-Diffusion model: a VQ-AR model only extends a raster prefix")
         size = self.image_size
         if tuple(image.shape) != (3, size, size) or tuple(mask.shape) != (size, size):
             raise ValueError(f"image must be [3, {size}, {size}] and mask [{size}, {size}], got {tuple(image.shape)} "
