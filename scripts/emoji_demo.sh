@@ -1,21 +1,73 @@
 #!/usr/bin/env bash
-# The offline default, end to end, on whatever this machine has (CPU ranks here, GPUs where present):
-#   1. download the 3,953 named Twemoji PNGs through img2dataset from a 127.0.0.1 server (Ray, local)
-#   2. train the image tokenizer (VQ-VAE, 32 px -> 8 x 8 tokens) on the downloaded shards (DeepSpeed)
-#   3. encode every image to VQ ids and every caption to CLIP ids: data/emoji/{train,test}-*.tar + manifest.json
-# Every stage resumes: run the same command again after an interruption.
-# Environment: RANKS (tokenizer ranks, default 2), TOKENIZER_STEPS (default: the config's).
+# The offline default, end to end: text -> image on this machine (2 CPU ranks here, GPUs where present).
+#   1. emoji (Twemoji): download the 3,953 captioned PNGs through img2dataset from a 127.0.0.1 server (Ray)
+#   2. train the image tokenizer (VQ-VAE, 32 px -> 8 x 8 tokens of 512 codes) on them (DeepSpeed)
+#   3. encode every image to VQ ids and every caption to CLIP ids: data/emoji/{train,test}-*.tar + manifest
+#   4. openmoji: the same concepts drawn by another artist, rasterised, downloaded and encoded alike
+#   5. train the base VQ-Diffusion on emoji (DeepSpeed, 2 ranks)      -> runs/emoji_base/export
+#   6. fine-tune it on openmoji (VQ-Diffusion-F)                       -> runs/emoji_openmoji/export
+#   7. draw pictures for typed prompts from both: out/demo_base.png, out/demo_openmoji.png
+#   8. evaluate both on their held-out concepts (FID, prompt fidelity, images/s) -> runs/*/export/eval/
+#   9. compare the runs as MLflow has them (and print the `mlflow ui` command)
+# A stage whose result exists is skipped, and the data stages resume, so a second run reuses the first's
+# work. Environment: RANKS (training ranks, default 2), EVAL_N (held-out prompts scored, default 128),
+# TOKENIZER_STEPS / BASE_STEPS / FINETUNE_STEPS (default: the configs').
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_WAIT_POLICY=PASSIVE
+export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 RANKS=${RANKS:-2}
-steps=()
-[ -n "${TOKENIZER_STEPS:-}" ] && steps=(--train.steps="$TOKENIZER_STEPS")
+EVAL_N=${EVAL_N:-128}
+PROMPTS=("red heart" "house" "thumbs up" "grinning face" "pizza" "rocket" "cat face" "flag: Japan")
+mkdir -p out
+start=$SECONDS
+stage() { printf '\n=== %s  (%ds so far)\n' "$1" $((SECONDS - start)); }
+override() { [ -n "${1:-}" ] && echo "--train.steps=$1" || true; }
+trained() { [ -f "$1/checkpoints/step_$(printf %08d "$2")/complete" ]; }  # the run's last checkpoint is published
+steps_of() { python -c "import sys, yaml; d = yaml.safe_load(open(sys.argv[1])); print(d['train']['steps'])" "$1"; }
+launch() { deepspeed --num_gpus "$RANKS" --master_port "$(python -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')" "$@"; }
 
+stage "1/9 emoji images (Ray + img2dataset)"
 python data_pipeline/build.py emoji --stages metadata,filter,download
+
+stage "2/9 image tokenizer"
 if [ ! -f runs/vqvae_emoji/export/model.safetensors ]; then
-  deepspeed --num_gpus "$RANKS" training/train_vqvae.py --config configs/vqvae_emoji.yaml \
-    --data.source=data/emoji/download --train.resume=auto "${steps[@]}"
+  launch training/train_vqvae.py --config configs/vqvae_emoji.yaml --data.source=data/emoji/download \
+    --train.resume=auto $(override "${TOKENIZER_STEPS:-}")
 fi
+
+stage "3/9 emoji token shards"
 python data_pipeline/build.py emoji
-python benchmarks/tokenizer.py --tokenizer runs/vqvae_emoji/export   # held-out PSNR, usage, FID, grid PNG
+
+stage "4/9 openmoji: rasterise, download, encode"
+python data_pipeline/build.py openmoji
+
+stage "5/9 base model on emoji"
+base_steps=${BASE_STEPS:-$(steps_of configs/emoji_base.yaml)}
+trained runs/emoji_base "$base_steps" ||
+  launch training/train.py --config configs/emoji_base.yaml --train.resume=auto $(override "${BASE_STEPS:-}")
+
+stage "6/9 fine-tune on openmoji (VQ-Diffusion-F)"
+ft_steps=${FINETUNE_STEPS:-$(steps_of configs/emoji_openmoji.yaml)}
+trained runs/emoji_openmoji "$ft_steps" ||
+  launch training/train.py --config configs/emoji_openmoji.yaml --train.resume=auto $(override "${FINETUNE_STEPS:-}")
+
+stage "7/9 pictures for typed prompts"
+args=(); for p in "${PROMPTS[@]}"; do args+=(--prompt "$p"); done
+python training/sample.py --model runs/emoji_base/export "${args[@]}" --per-prompt 2 --steps 25 --out out/demo_base.png
+python training/sample.py --model runs/emoji_openmoji/export "${args[@]}" --per-prompt 2 --steps 25 --out out/demo_openmoji.png
+
+stage "8/9 evaluation on held-out concepts"
+for pair in emoji_base:emoji emoji_openmoji:openmoji; do
+  model=runs/${pair%%:*}/export data=data/${pair##*:}
+  if ls "$model"/eval/*.json >/dev/null 2>&1; then  # a new export replaces eval/ with it
+    echo "already evaluated: $(ls "$model"/eval/*.json)"
+  else
+    python training/evaluate.py --model "$model" --data "$data" --n "$EVAL_N" --steps 25 --prompts-from both
+  fi
+done
+
+stage "9/9 the runs in MLflow"
+python training/compare.py --experiment vqd-emoji --out out/compare
+
+printf '\nDone in %ds. Pictures: out/demo_base.png, out/demo_openmoji.png; evaluations: runs/*/export/eval/\n' \
+  $((SECONDS - start))

@@ -255,3 +255,19 @@ def test_class_conditional_and_unconditional_models_round_trip(tmp_path):
 def test_condition_config_errors_name_the_field(fields, match):
     with pytest.raises(ValueError, match=match):
         micro_config(**fields)
+
+
+def test_code_embeddings_start_from_the_tokenizer_geometry():
+    torch.manual_seed(0)
+    model = VQDiffusionModel(micro_config())  # K = 10, width 32
+    vectors = torch.randn(10, 4)
+    vectors[3] = vectors[7] + 1e-3  # two codes that decode alike
+    mask_row = model.denoiser.token_embedding.weight[10].clone()
+    model.init_code_embeddings(vectors)
+    emb = model.denoiser.token_embedding.weight
+    distance = torch.cdist(emb[:10], emb[:10])
+    assert distance[3, 7] < 0.01 * distance[distance > 0].median()
+    assert torch.equal(model.denoiser.head.weight, emb[:10]) and torch.equal(emb[10], mask_row)
+    assert abs(emb[:10].std().item() - 0.02) < 1e-3
+    with pytest.raises(ValueError, match=r"expected \[10, d\]"):
+        model.init_code_embeddings(torch.randn(9, 4))

@@ -334,3 +334,14 @@ def test_taming_loader_refuses_non_checkpoints(tmp_path):
         load_taming_checkpoint(bad)
     with pytest.raises(ValueError, match="not a file"):
         load_taming_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_code_vectors_are_what_decode_looks_up():
+    m = VQVAE(VQVAEConfig(**TINY)).eval()
+    m.set_code_remap(torch.tensor([3, 0, 9, 5]))
+    vectors = m.code_vectors()
+    assert vectors.shape == (4, m.cfg.embed_dim)
+    ids = torch.tensor([[1, 2, 3, 0] * 16])
+    grid = m.grid
+    looked_up = m.quantize.lookup(m.code_map[ids].view(1, *grid))
+    assert torch.equal(vectors[ids].view(1, *grid, -1).permute(0, 3, 1, 2), looked_up)

@@ -41,6 +41,9 @@ class ModelSection:
     # Train the text tower with the denoiser (default: frozen, as the paper's CLIP). For a randomly
     # initialised CPU tower, whose features mean nothing until trained. Not a field of the saved model.
     train_text: bool = False
+    # Start the code embedding and output head from the tokenizer's code vectors (vqd.models
+    # init_code_embeddings) instead of at random; a fresh model only (a fine-tune starts from its base).
+    init_from_codebook: bool = False
 
 
 @dataclass
@@ -105,6 +108,8 @@ class DiffusionRunConfig:
                            ("a",) if self.model.condition == "class" else ())
 
 
+# ModelSection fields that steer training and are not part of the saved model
+TRAINER_ONLY = ("train_text", "init_from_codebook")
 # the fields a fine-tune may change from its base model; every other one must match the base's weights
 TRAINING_ONLY = ("dropout", "checkpoint")
 

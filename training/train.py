@@ -64,6 +64,7 @@ from vqd.diffusion import TimestepSampler  # noqa: E402
 from vqd.io import load_folder, load_state_dict_strict  # noqa: E402
 from vqd.ar import VQARModel  # noqa: E402
 from vqd.models import MODEL_KINDS  # noqa: E402
+from vqd.vqvae import load_tokenizer  # noqa: E402
 
 
 def gradient_norm(engine, trainable: dict) -> float | None:
@@ -101,6 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     autoregressive = isinstance(model, VQARModel)
     if base_tensors is not None:
         load_state_dict_strict(model, base_tensors, where=f"train.init_from {str(base_dir)!r}")
+    elif cfg.model.init_from_codebook:
+        if tokenizer is None or autoregressive:
+            raise ValueError("model.init_from_codebook: a VQ-Diffusion model and the data set's tokenizer on this "
+                             "machine are needed")
+        model.init_code_embeddings(load_tokenizer(tokenizer).code_vectors(), seed=cfg.train.seed)
     model.to(info.device)
 
     # ---- DeepSpeed: the engine trains the denoiser, the null condition and class embeddings (or VQ-AR's net) ----

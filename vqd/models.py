@@ -93,6 +93,23 @@ class VQDiffusionModel(ComposedModel):
         self.diffusion = MaskAndReplaceDiffusion(config.num_codes, config.num_timesteps, config.schedule,
                                                  config.mask_rate)
 
+    @torch.no_grad()
+    def init_code_embeddings(self, vectors: torch.Tensor, seed: int = 0) -> None:
+        """Start the denoiser's code embedding and its output head from the tokenizer's code vectors [K, d]:
+        codes that decode alike start alike, so a young model's mistakes are near misses (a colour close to
+        the right one) rather than arbitrary codes. A fixed random projection to the width, rescaled to the
+        default init's std; the [MASK] row keeps its own init."""
+        K = self.config.num_codes
+        if tuple(vectors.shape[:1]) != (K,) or vectors.dim() != 2:
+            raise ValueError(f"vectors: expected [{K}, d] (one per code), got {tuple(vectors.shape)}")
+        g = torch.Generator().manual_seed(seed)
+        centred = vectors.float().cpu() - vectors.float().cpu().mean(dim=0)
+        projected = centred @ torch.randn(vectors.shape[1], self.denoiser.cfg.width, generator=g)
+        projected *= 0.02 / projected.std().clamp_min(1e-12)
+        weight = self.denoiser.token_embedding.weight
+        weight[:K] = projected.to(weight)
+        self.denoiser.head.weight.copy_(projected.to(self.denoiser.head.weight))
+
     def encode_text(self, clip_ids: torch.Tensor) -> torch.Tensor:
         """CLIP ids Long [B, 77] -> frozen, L2-normalised per-token features [B, 77, D] (no grad)."""
         if self.text_encoder is None:

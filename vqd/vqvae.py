@@ -316,6 +316,13 @@ class VQVAE(nn.Module):
         return self.decoder.conv_out.weight
 
     # ---- codebook pruning ----
+    @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """The codebook vector of every token id (remapped ids when a map is set): [num_codes, embed_dim]."""
+        ids = torch.arange(self.num_codes, device=self.quant_conv.weight.device)
+        raw = self.code_map[ids] if hasattr(self, "code_map") else ids
+        return self.quantize.lookup(raw.view(1, -1, 1)).reshape(-1, raw.numel()).t().contiguous()
+
     def set_code_remap(self, used_ids: torch.Tensor | list[int]) -> None:
         """Keep only `used_ids` (raw code ids, any order -> sorted): encode returns positions in this list."""
         used = torch.unique(torch.as_tensor(used_ids, dtype=torch.long).flatten())  # sorted, no duplicates

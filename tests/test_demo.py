@@ -1,0 +1,59 @@
+"""The README's first command, end to end, in a copy of the checkout: every stage of scripts/emoji_demo.sh runs
+(images, tokenizer, token shards, openmoji, base, fine-tune, pictures, evaluation, comparison) with small
+step counts, then a second run reuses what the first built."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import REPO
+
+
+def checkout_copy(dest: Path) -> Path:
+    """The files git tracks (and new ones it does not ignore), as a fresh clone would have them."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
+    repo = checkout_copy(tmp_path / "repo")
+    env = {**os.environ, "PYTHONPATH": str(repo), "TOKENIZER_STEPS": "30", "BASE_STEPS": "6", "FINETUNE_STEPS": "4",
+           "EVAL_N": "8", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    start = time.time()
+    first = subprocess.run(["bash", "scripts/emoji_demo.sh"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=1500)
+    first_seconds = time.time() - start
+    assert first.returncode == 0, first.stdout[-6000:]
+    for stage in range(1, 10):
+        assert f"=== {stage}/9" in first.stdout
+    assert (repo / "out/demo_base.png").is_file() and (repo / "out/demo_openmoji.png").is_file()
+    for run, data in (("emoji_base", "emoji"), ("emoji_openmoji", "openmoji")):
+        (result,) = (repo / "runs" / run / "export/eval").glob("*.json")
+        scored = json.loads(result.read_text())
+        assert set(scored["forms"]) == {"template", "typed"} and scored["forms"]["typed"]["n_generated"] == 8
+    provenance = json.loads((repo / "runs/emoji_openmoji/export/provenance.json").read_text())
+    base = json.loads((repo / "runs/emoji_base/export/provenance.json").read_text())
+    assert provenance["base_run_id"] == base["mlflow_run_id"] and provenance["step"] == 4
+    assert "mlflow ui" in first.stdout and (repo / "out/compare/curves.png").is_file()
+
+    # the second run trains nothing again: checkpoints and exports stay as they were
+    stamp = {p: p.stat().st_mtime for p in (repo / "runs").rglob("model.safetensors")}
+    start = time.time()
+    second = subprocess.run(["bash", "scripts/emoji_demo.sh"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-6000:]
+    assert {p: p.stat().st_mtime for p in (repo / "runs").rglob("model.safetensors")} == stamp
+    assert second.stdout.count("already evaluated") == 2 and time.time() - start < 0.6 * first_seconds
