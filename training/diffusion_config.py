@@ -123,7 +123,7 @@ def build_model_config(cfg: DiffusionRunConfig, manifest: dict, classes: tuple[s
     tok = manifest["tokenizer"]
     config_cls = MODEL_KINDS[cfg.model.kind]
     network = {f.name: getattr(cfg.model, f.name) for f in fields(ModelSection)
-               if f.name not in ("kind", "train_text", "condition")}
+               if f.name not in ("kind", "condition") + TRAINER_ONLY}
     if config_cls is VQDiffusionConfig:
         network.update(condition=cfg.model.condition, classes=list(classes), num_timesteps=cfg.diffusion.num_timesteps,
                        schedule=cfg.diffusion.schedule, mask_rate=cfg.diffusion.mask_rate)
