@@ -34,7 +34,7 @@ class ModelSection:
     depth: int | None = None
     width: int | None = None
     heads: int | None = None
-    mlp_ratio: int | None = None
+    mlp_ratio: float | None = None
     dropout: float = 0.0
     checkpoint: bool = False  # activation checkpointing: recompute each block in the backward pass
     condition: str = "text"  # text | class (data.label_key of each sample) | none (unconditional)
@@ -89,7 +89,7 @@ class DiffusionRunConfig:
         if self.model.kind == VQARConfig.KIND:
             if self.model.condition != "text":
                 raise ValueError(f"model.condition: the VQ-AR baseline is text-conditional, got {self.model.condition!r}")
-            if self.model.size in AR_SIZE_OF:
+            if self.model.size in AR_SIZE_OF and self.model.mlp_ratio is None:
                 warnings.warn(f"model.size {self.model.size!r} is a VQ-Diffusion size: as VQ-AR it has fewer parameters "
                               f"than the VQ-Diffusion model of that name; {AR_SIZE_OF[self.model.size]!r} is its equal "
                               "(the paper compares equal sizes)", stacklevel=2)
