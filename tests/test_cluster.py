@@ -4,7 +4,9 @@ The scripts' real runs are in test_multinode.py (train_node.sh) and test_trackin
 """
 
 import os
+import random
 import re
+import socket
 import subprocess
 
 import pytest
@@ -81,6 +83,20 @@ print(f"probe rank={info.rank} world={info.world_size} local={info.local_rank}/{
 '''
 
 
+def free_job_id() -> int:
+    """A job id whose port (20000 + id % 20000, the sbatch's rule) is free now: a fixed id collides with the
+    sockets an earlier test left in TIME_WAIT."""
+    for _ in range(100):
+        job_id = random.randrange(1, 20000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 20000 + job_id))
+                return job_id
+            except OSError:
+                continue
+    raise RuntimeError("no free port in 20000-39999")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("launch,nodelist,per_node", [("srun", "127.0.0.1", 2), ("deepspeed", "127.0.0.1,localhost", 1)])
@@ -91,13 +107,14 @@ def test_slurm_script_gives_every_rank_its_place(tmp_path, launch, nodelist, per
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     (tmp_path / "probe.py").write_text(PROBE)
+    job_id = free_job_id()
     env = {**launcher_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "LAUNCH": launch, "TMPDIR": str(tmp_path),
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": nodelist, "SLURM_NTASKS": "2",
+           "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": nodelist, "SLURM_NTASKS": "2",
            "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_NNODES": str(2 // per_node)}
     out = subprocess.run(["bash", "cluster/train_slurm.sbatch", str(tmp_path / "probe.py")], cwd=REPO, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:]
     probes = sorted(re.findall(r"probe (rank=\S+ world=\S+ local=\S+ master=\S+ mean=[0-9.]+)", out.stdout))
-    # the master is the first node of the list and the port follows the job id (20000 + 4242)
+    # the master is the first node of the list and the port follows the job id (20000 + id % 20000)
     local = ["0/2", "1/2"] if per_node == 2 else ["0/1", "0/1"]
-    assert probes == [f"rank={r} world=2 local={local[r]} master=127.0.0.1:24242 mean=0.5" for r in (0, 1)], probes
+    assert probes == [f"rank={r} world=2 local={local[r]} master=127.0.0.1:{20000 + job_id % 20000} mean=0.5" for r in (0, 1)], probes
