@@ -94,7 +94,14 @@ class Plan:
         cmd += ["--steps", str(ev.steps)] if ev.steps is not None else []
         cmd += ["--truncation", f"{ev.truncation:g}", "--guidance", f"{ev.guidance:g}"]
         cmd += ["--purity"] if ev.purity else []
+        cmd += ["--out", str(self.eval_dir(ev))] if ev.data != "base" else []
         return cmd + ["--seed", str(a.seed + ev.seed_offset), "--prompts-from", a.prompts_from, "--no-progress"]
+
+    def eval_dir(self, ev: Eval) -> Path:
+        """Where an evaluation's JSON goes: the export's eval/ (evaluate.py's default) for the base data set, a
+        folder named after the other data set otherwise (the same settings on two data sets are two results)."""
+        export = self.run_dir(ev.run) / "export"
+        return export / "eval" if ev.data == "base" else export / f"eval_{Path(self.data[ev.data]).name}"
 
     def eval_json(self, ev: Eval) -> Path:
         """Where training/evaluate.py writes this evaluation's results (its own naming)."""
@@ -102,7 +109,7 @@ class Plan:
 
         tag = settings_tag(SimpleNamespace(split="test", n=self.n, truncation=ev.truncation, guidance=ev.guidance,
                                            purity=ev.purity, seed=self.args.seed + ev.seed_offset), ev.steps)
-        return self.run_dir(ev.run) / "export" / "eval" / f"{tag}.json"
+        return self.eval_dir(ev) / f"{tag}.json"
 
     def add(self, ev: Eval) -> None:
         """Record an evaluation once (one that writes the same JSON is the same; timed if either is)."""
@@ -194,6 +201,8 @@ def run_jobs(jobs: list[Job], parallel: int, threads: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
     by_name = {j.name: j for j in jobs}
+    if len(by_name) != len(jobs):
+        raise ValueError("run_jobs: two jobs share a name")
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     bar = tqdm(total=len(jobs), desc="claims: train + evaluate", unit="job", dynamic_ncols=True)
 
@@ -268,7 +277,7 @@ def execute(plan: Plan) -> dict:
     training = {j.name for j in jobs}
     for ev in sorted(plan.evals, key=lambda e: e.timed):  # the timed ones last: they run alone
         if not plan.eval_json(ev).is_file():
-            name = f"{ev.run}__{plan.eval_json(ev).stem}"
+            name = f"{ev.run}__{plan.eval_json(ev).parent.name}__{plan.eval_json(ev).stem}"
             jobs.append(Job(name, plan.eval_command(ev), Path(a.runs) / "logs" / f"{name}.log", alone=ev.timed,
                             after=(ev.run,) if ev.run in training else ()))
     if jobs:

@@ -125,7 +125,7 @@ def test_driver_trains_evaluates_and_writes_results_then_reuses_them(toy_configs
     assert "VQ-AR: 16 sequential tokens" in text and "python training/train.py" in text
     ar_row = next(r for r in rows if r.startswith("| VQ-AR"))
     assert "/vq_ar/export" in ar_row and "--steps" not in ar_row
-    evals = sorted((tmp_path / "runs").glob("*/export/eval/*.json"))
+    evals = sorted((tmp_path / "runs").glob("*/export/eval*/*.json"))
     assert len(evals) == 23 and all(json.loads(p.read_text())["n_generated"] == 8 for p in evals)
     class_eval = json.loads(next(p for p in evals if "/class/" in str(p)).read_text())
     assert set(class_eval["forms"]) == {"class"}
