@@ -233,7 +233,7 @@ def run_jobs(jobs: list[Job], parallel: int, threads: int) -> None:
                 del running[name]
                 by_name[name].seconds = time.perf_counter() - start
                 finish(by_name[name], "done" if proc.returncode == 0 else "failed")
-        bar.set_postfix_str(", ".join(running))
+        bar.set_postfix_str(", ".join(running), refresh=False)  # drawn at tqdm's own pace, not every poll
         time.sleep(0.5)
     bar.close()
 

@@ -30,7 +30,8 @@ def checkout_copy(dest: Path) -> Path:
 def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
     repo = checkout_copy(tmp_path / "repo")
     env = {**os.environ, "PYTHONPATH": str(repo), "TOKENIZER_STEPS": "30", "BASE_STEPS": "6", "FINETUNE_STEPS": "4",
-           "EVAL_N": "8", "OMP_NUM_THREADS": "1"}
+           "EVAL_N": "8", "LIMIT": "300",
+           "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     start = time.time()
     first = subprocess.run(["bash", "scripts/emoji_demo.sh"], cwd=repo, env=env, stdout=subprocess.PIPE,
