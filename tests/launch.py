@@ -17,9 +17,13 @@ def free_port() -> int:
 
 
 def launcher_env() -> dict[str, str]:
-    """One OpenMP thread per rank, sleeping when idle; this checkout importable; no ambient MLflow server."""
+    """One OpenMP thread per rank, sleeping when idle; this checkout importable; no ambient MLflow server, and no
+    rank variables: an in-process test that set up a one-rank world leaves MASTER_PORT & co. in os.environ,
+    and a launcher or sbatch script would take them over."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    for name in ("MLFLOW_TRACKING_URI", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                 "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
     return env
 
 

@@ -3,7 +3,6 @@
 step counts, then a second run reuses what the first built."""
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import REPO
+from launch import REPO, launcher_env
 
 
 def checkout_copy(dest: Path) -> Path:
@@ -29,10 +28,9 @@ def checkout_copy(dest: Path) -> Path:
 @pytest.mark.timeout(1800)
 def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
     repo = checkout_copy(tmp_path / "repo")
-    env = {**os.environ, "PYTHONPATH": str(repo), "TOKENIZER_STEPS": "30", "BASE_STEPS": "6", "FINETUNE_STEPS": "4",
+    env = {**launcher_env(), "PYTHONPATH": str(repo), "TOKENIZER_STEPS": "30", "BASE_STEPS": "6", "FINETUNE_STEPS": "4",
            "EVAL_N": "8", "LIMIT": "300",
            "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
     start = time.time()
     first = subprocess.run(["bash", "scripts/emoji_demo.sh"], cwd=repo, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, timeout=1500)
