@@ -86,18 +86,19 @@ def _build(recipe, out_dir: Path, tokenizer: Optional[str], metadata: Optional[s
     elif metadata and is_done(out_dir, "metadata") and read_done(out_dir, "metadata")["source"] != redact(metadata):
         raise ValueError(f"{out_dir} was built from metadata {read_done(out_dir, 'metadata')['source']!r}, not "
                          f"{redact(metadata)!r}: build into a new --out")
-    init_ray(address, num_cpus)
+    if "encode" in stages:  # the tokenizer is checked before anything starts: another tokenizer means re-encode
+        if tok is None:
+            raise ValueError(f"recipe {recipe.name!r} names no tokenizer folder: set `tokenizer:` in the recipe or "
+                             f"pass --tokenizer PATH (train one with `{TRAIN_VQVAE_HINT}`)")
+        sha = tokenizer_info(tok)["sha256"]
+        if is_done(out_dir, "encode") and read_done(out_dir, "encode")["tokenizer"]["sha256"] != sha:
+            clear_done(out_dir, "encode", "validate")
+    if not all(is_done(out_dir, s) for s in stages):  # a finished build is read back without starting Ray
+        init_ray(address, num_cpus)
     stats_path = out_dir / "build_stats.json"
     timings = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     report = {"out": str(out_dir), "manifest": None, "stages": {}}
     for stage in stages:
-        if stage == "encode":  # the tokenizer is checked when the encode stage starts, before anything else
-            if tok is None:
-                raise ValueError(f"recipe {recipe.name!r} names no tokenizer folder: set `tokenizer:` in the recipe or "
-                                 f"pass --tokenizer PATH (train one with `{TRAIN_VQVAE_HINT}`)")
-            sha = tokenizer_info(tok)["sha256"]
-            if is_done(out_dir, "encode") and read_done(out_dir, "encode")["tokenizer"]["sha256"] != sha:
-                clear_done(out_dir, "encode", "validate")  # another tokenizer: re-encode
         if is_done(out_dir, stage):
             report["stages"][stage] = {"status": "done before", "stats": read_done(out_dir, stage), "seconds": 0.0}
             continue

@@ -7,12 +7,14 @@
 #   5. train the base VQ-Diffusion on emoji (DeepSpeed, 2 ranks)      -> runs/emoji_base/export
 #   6. fine-tune it on openmoji (VQ-Diffusion-F)                       -> runs/emoji_openmoji/export
 #   7. draw pictures for typed prompts from both: out/demo_base.png, out/demo_openmoji.png
-#   8. evaluate both on their held-out concepts (FID, prompt fidelity, images/s) -> runs/*/export/eval/
+#   8. evaluate the base on its held-out concepts (FID, prompt fidelity, images/s) -> runs/emoji_base/export/eval/
+#      (EVAL_FINETUNE=1: the fine-tune on openmoji's too, ~2 more minutes: its probe and references are new)
 #   9. compare the runs as MLflow has them (and print the `mlflow ui` command)
 # A stage whose result exists is skipped, and the data stages resume, so a second run reuses the first's
-# work. Environment: RANKS (training ranks, default 2), EVAL_N (held-out prompts scored, default 64),
-# TOKENIZER_STEPS / BASE_STEPS / FINETUNE_STEPS (default: the configs'), LIMIT (build only the first LIMIT
-# images of each style: a quick look at every stage; default all).
+# work (delete out/ to draw the pictures again). Environment: RANKS (training ranks, default 2), EVAL_N
+# (held-out prompts scored, default 64), TOKENIZER_STEPS / BASE_STEPS / FINETUNE_STEPS (default: the
+# configs'), LIMIT (build only the first LIMIT images of each style: a quick look at every stage; default
+# all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
@@ -58,11 +60,18 @@ trained runs/emoji_openmoji "$ft_steps" ||
 
 stage "7/9 pictures for typed prompts"
 args=(); for p in "${PROMPTS[@]}"; do args+=(--prompt "$p"); done
-python training/sample.py --model runs/emoji_base/export "${args[@]}" --per-prompt 2 "${SAMPLING[@]}" --out out/demo_base.png
-python training/sample.py --model runs/emoji_openmoji/export "${args[@]}" --per-prompt 2 "${SAMPLING[@]}" --out out/demo_openmoji.png
+for run in emoji_base emoji_openmoji; do
+  png=out/demo_${run#emoji_}.png
+  if [ "$png" -nt "runs/$run/export/model.safetensors" ]; then  # drawn from this export already
+    echo "already drawn: $png"
+  else
+    python training/sample.py --model "runs/$run/export" "${args[@]}" --per-prompt 2 "${SAMPLING[@]}" --out "$png"
+  fi
+done
 
 stage "8/9 evaluation on held-out concepts"
-for pair in emoji_base:emoji emoji_openmoji:openmoji; do
+pairs=(emoji_base:emoji); [ "${EVAL_FINETUNE:-0}" = 1 ] && pairs+=(emoji_openmoji:openmoji)
+for pair in "${pairs[@]}"; do
   model=runs/${pair%%:*}/export data=data/${pair##*:}
   if ls "$model"/eval/*.json >/dev/null 2>&1; then  # a new export replaces eval/ with it
     echo "already evaluated: $(ls "$model"/eval/*.json)"

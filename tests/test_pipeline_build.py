@@ -191,7 +191,7 @@ def test_laion_recipe_with_a_local_metadata_copy(ray_session, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_build_resumes_to_the_same_manifest(ray_session, tokenizer, tmp_path):
+def test_killed_build_resumes_to_the_same_manifest(ray_session, tokenizer, tmp_path, monkeypatch):
     files = {f"g{i}.png": tiny_png(100 + i) for i in range(24)}
     with bad_server(files, delay=0.25) as base:
         rows = [(f"{base}/delay/g{i}.png", f"picture number {i}".encode()) for i in range(24)] + [(f"{base}/missing", b"gone")]
@@ -218,6 +218,16 @@ def test_killed_build_resumes_to_the_same_manifest(ray_session, tokenizer, tmp_p
     b = json.loads((whole / "manifest.json").read_text())
     assert a == b
     assert b["statistics"]["download"] == {"attempted": 25, "downloaded": 24, "failed": {"http_404": 1}, "missing": 0}
+
+    # a finished build is read back without starting Ray (a second run of the demo costs no cluster start-up)
+    import data_pipeline.build as build_module
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started for a build whose stages were all done")
+
+    monkeypatch.setattr(build_module, "init_ray", no_ray)
+    again = build(str(recipe), out=str(whole), tokenizer=str(tokenizer))
+    assert {s["status"] for s in again["stages"].values()} == {"done before"}
 
 
 @pytest.mark.slow

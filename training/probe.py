@@ -11,6 +11,7 @@ Features: the FID Inception (training/fid.py) without its fixed 8 x 8 final pool
 75-pixel features scored 66-68% subcategory top-1, on 107-pixel features 72%, and a small CNN trained
 from scratch on the 32-pixel images 66% (12 epochs) to 75% (20 epochs, 6x the time of this probe).
 Classifier: multinomial logistic regression on standardised features, L2 penalty, full-batch L-BFGS.
+PROBE_FIT names the fit in the cache file's name, so a changed fit never reads an old probe.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from training.fid import load_inception, resize_like_tf1
 
 PROBE_SIZE = 107
+PROBE_FIT = "lbfgs5"  # L-BFGS, tolerance_change 1e-5
 
 
 @torch.inference_mode()
@@ -54,7 +56,10 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_deca
     """Multinomial logistic regression: x float [N, D], y Long [N] -> (W [D, C], b [C]), L-BFGS to convergence."""
     w = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
     b = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-6)
+    # tolerance_change 1e-5: on the emoji set the heads stop after ~100 of 200 iterations (2.6x faster) with the same
+    # held-out top-1 (72.2% subcategory, 84.7% category) as when run to 1e-9
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-6,
+                            tolerance_change=1e-5)
 
     def closure():
         opt.zero_grad()
