@@ -118,3 +118,23 @@ def test_slurm_script_gives_every_rank_its_place(tmp_path, launch, nodelist, per
     # the master is the first node of the list and the port follows the job id (20000 + id % 20000)
     local = ["0/2", "1/2"] if per_node == 2 else ["0/1", "0/1"]
     assert probes == [f"rank={r} world=2 local={local[r]} master=127.0.0.1:{20000 + job_id % 20000} mean=0.5" for r in (0, 1)], probes
+
+
+def test_one_rank_in_process_leaves_no_rendezvous_variables_behind(monkeypatch):
+    """A one-rank run inside a caller's process (a test, a notebook) exports RANK, MASTER_PORT & co. for the
+    rendezvous; cleanup() must take them back, or every program the caller launches later inherits them."""
+    import torch.distributed as dist
+
+    from training.distributed import cleanup, init_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # the caller's own: stays
+    assert not dist.is_initialized()
+    info = init_distributed(use_deepspeed=False, cpu_threads=1)
+    assert (info.rank, info.world_size) == (0, 1) and dist.is_initialized()
+    assert os.environ["RANK"] == "0" and int(os.environ["MASTER_PORT"]) > 0
+    cleanup()
+    assert not dist.is_initialized()
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"} & set(os.environ)
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1"

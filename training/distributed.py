@@ -109,6 +109,9 @@ def collective_timeout(timeout_s: float | None = None) -> float:
     return float(timeout_s)
 
 
+_EXPORTED: list[str] = []  # the rendezvous variables init_distributed set (cleanup() unsets them)
+
+
 def init_distributed(use_deepspeed: bool = True, cpu_threads: int | None = None,
                      timeout_s: float | None = None) -> DistInfo:
     """Create the default process group from the environment (any launcher) and pick this rank's device.
@@ -117,12 +120,15 @@ def init_distributed(use_deepspeed: bool = True, cpu_threads: int | None = None,
     """
     timeout = datetime.timedelta(seconds=collective_timeout(timeout_s))
     rank, world, local, local_world = read_env()
-    # export what torch.distributed's env:// rendezvous (and DeepSpeed) read, for SLURM and plain python
-    os.environ.setdefault("RANK", str(rank))
-    os.environ.setdefault("WORLD_SIZE", str(world))
-    os.environ.setdefault("LOCAL_RANK", str(local))
-    os.environ.setdefault("MASTER_ADDR", _slurm_master_addr() or "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 if world > 1 else _free_port()))
+    # export what torch.distributed's env:// rendezvous (and DeepSpeed) read, for SLURM and plain python;
+    # cleanup() takes back what was set here, so an in-process caller's later launches never inherit a port
+    for name, value in (("RANK", lambda: str(rank)), ("WORLD_SIZE", lambda: str(world)),
+                        ("LOCAL_RANK", lambda: str(local)),
+                        ("MASTER_ADDR", lambda: _slurm_master_addr() or "127.0.0.1"),
+                        ("MASTER_PORT", lambda: str(29500 if world > 1 else _free_port()))):
+        if name not in os.environ:
+            os.environ[name] = value()
+            _EXPORTED.append(name)
     if torch.cuda.is_available():
         device = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -186,5 +192,8 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
 
 
 def cleanup() -> None:
+    """End the process group and unset the rendezvous variables init_distributed exported."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    while _EXPORTED:
+        os.environ.pop(_EXPORTED.pop(), None)
