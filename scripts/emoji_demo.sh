@@ -12,9 +12,9 @@
 #   9. compare the runs as MLflow has them (and print the `mlflow ui` command)
 # A stage whose result exists is skipped, and the data stages resume, so a second run reuses the first's
 # work (delete out/ to draw the pictures again). Environment: RANKS (training ranks, default 2), EVAL_N
-# (held-out prompts scored, default 64), EVAL_FINETUNE (1: evaluate the fine-tune too), TOKENIZER_STEPS / BASE_STEPS / FINETUNE_STEPS (default: the
-# configs'), LIMIT (build only the first LIMIT images of each style: a quick look at every stage; default
-# all).
+# (held-out prompts scored, default 64), EVAL_FINETUNE (1: evaluate the fine-tune too), TOKENIZER_STEPS /
+# BASE_STEPS / FINETUNE_STEPS (default: the configs'), LIMIT (build only the first LIMIT images of each
+# style: a quick look at every stage; default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
