@@ -122,12 +122,12 @@ def init_distributed(use_deepspeed: bool = True, cpu_threads: int | None = None,
     rank, world, local, local_world = read_env()
     # export what torch.distributed's env:// rendezvous (and DeepSpeed) read, for SLURM and plain python;
     # cleanup() takes back what was set here, so an in-process caller's later launches never inherit a port
-    for name, value in (("RANK", lambda: str(rank)), ("WORLD_SIZE", lambda: str(world)),
-                        ("LOCAL_RANK", lambda: str(local)),
-                        ("MASTER_ADDR", lambda: _slurm_master_addr() or "127.0.0.1"),
-                        ("MASTER_PORT", lambda: str(29500 if world > 1 else _free_port()))):
+    exports = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
+               "MASTER_ADDR": _slurm_master_addr() or "127.0.0.1",
+               "MASTER_PORT": str(29500 if world > 1 else _free_port())}
+    for name, value in exports.items():
         if name not in os.environ:
-            os.environ[name] = value()
+            os.environ[name] = value
             _EXPORTED.append(name)
     if torch.cuda.is_available():
         device = torch.device("cuda", local % torch.cuda.device_count())

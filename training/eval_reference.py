@@ -24,10 +24,10 @@ import torch
 
 from data_pipeline.encode import IMAGE_EXTS
 from training.fid import INCEPTION_SHA256, fid_from_features, inception_features
-from training.probe import PROBE_FIT, LinearProbe, chance_rates, probe_features, top1
+from training.probe import LinearProbe, chance_rates, probe_features, top1
 
 CACHE_DIR = "eval_cache"
-CACHE_VERSION = 2  # bump when what a cache file holds changes meaning
+CACHE_VERSION = 3  # bump when what a cache file holds changes meaning (3: the probe's L-BFGS tolerance)
 LABELS = ("category", "subcategory")  # the .json fields the probe learns, when the data set has them
 SELECTION_SEED = 0  # which N real images: fixed, so every model and sampling seed is scored on the same ones
 PROBE_TRAIN_MAX = 50_000  # train-split images the probe learns from (a random subset of a larger split)
@@ -126,7 +126,7 @@ class Reference:
     def probe(self) -> LinearProbe | None:
         """The fidelity probe (trained on the train split once, then read from the cache); None without labels."""
         if self._probe is None:
-            path = self._path(f"probe_{PROBE_FIT}").with_suffix(".safetensors")
+            path = self._path("probe").with_suffix(".safetensors")
             if path.is_file():
                 self._probe = LinearProbe.load(path)
             else:

@@ -11,7 +11,6 @@ Features: the FID Inception (training/fid.py) without its fixed 8 x 8 final pool
 75-pixel features scored 66-68% subcategory top-1, on 107-pixel features 72%, and a small CNN trained
 from scratch on the 32-pixel images 66% (12 epochs) to 75% (20 epochs, 6x the time of this probe).
 Classifier: multinomial logistic regression on standardised features, L2 penalty, full-batch L-BFGS.
-PROBE_FIT names the fit in the cache file's name, so a changed fit never reads an old probe.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import torch.nn.functional as F
 from training.fid import load_inception, resize_like_tf1
 
 PROBE_SIZE = 107
-PROBE_FIT = "lbfgs5"  # L-BFGS, tolerance_change 1e-5
 
 
 @torch.inference_mode()
