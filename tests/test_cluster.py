@@ -75,11 +75,13 @@ SCONTROL = '''#!/usr/bin/env bash
 '''
 PROBE = '''import os, sys
 sys.path.insert(0, os.getcwd())
-from training.distributed import all_reduce_mean, init_distributed
+from training.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 info = init_distributed()
 mean = all_reduce_mean({"rank": float(info.rank)}, info.device)["rank"]
 print(f"probe rank={info.rank} world={info.world_size} local={info.local_rank}/{info.local_world_size} "
       f"master={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} mean={mean}", flush=True)
+barrier()  # as the trainers end: no rank tears the group down while another still talks to it
+cleanup()  # leaving with a live gloo group can abort the interpreter at exit ("terminate called ...")
 '''
 
 
