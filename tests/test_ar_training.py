@@ -40,6 +40,11 @@ def test_vq_ar_config_builds_the_equal_size_baseline():
     n_ar = count_parameters(ar) - count_parameters(ar.text_encoder)
     n_diffusion = count_parameters(diffusion) - count_parameters(diffusion.text_encoder)
     assert abs(n_ar / n_diffusion - 1) < 0.02, (n_ar, n_diffusion)  # Table 3 compares equal sizes
+    # VQ-AR has no AdaLN: a recipe's pooled_condition stays with VQ-Diffusion
+    pooled = ar_config("--model.size=VQ-AR-tiny", "--model.pooled_condition=true")
+    assert build_model_config(pooled, MANIFEST) == ar_cfg
+    assert build_model_config(ar_config("--model.kind=vq-diffusion", "--model.pooled_condition=true"),
+                              MANIFEST).pooled_condition
 
     with pytest.raises(ValueError, match="model.kind"):
         ar_config("--model.kind=gpt")

@@ -271,3 +271,24 @@ def test_code_embeddings_start_from_the_tokenizer_geometry():
     assert abs(emb[:10].std().item() - 0.02) < 1e-3
     with pytest.raises(ValueError, match=r"expected \[10, d\]"):
         model.init_code_embeddings(torch.randn(9, 4))
+
+
+def test_pooled_condition_puts_the_caption_mean_first_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = VQDiffusionModel(micro_config(pooled_condition=True)).eval()
+    assert model.config.condition_length == 78 and model.null_text.shape == (78, 32)
+    ids = tokenize(CAPTIONS)
+    features = model.encode_text(ids)
+    tower = model.text_encoder(ids)
+    assert features.shape == (2, 78, 32) and torch.equal(features[:, 1:], tower)
+    end = ids[1].tolist().index(49407)
+    torch.testing.assert_close(features[1, 0], torch.nn.functional.normalize(tower[1, : end + 1].mean(0), dim=0))
+    model.save(tmp_path / "pooled")
+    again = load_model(tmp_path / "pooled")
+    assert again.config.pooled_condition and again.denoiser.pool_projection is not None
+    x_t = torch.full((2, 6), 10)
+    torch.testing.assert_close(again.logits(x_t, torch.tensor([2, 5]), again.encode_prompts(CAPTIONS)),
+                               model.logits(x_t, torch.tensor([2, 5]), features))
+    # a class-conditional model's single row is its own summary
+    classes = VQDiffusionModel(micro_config(condition="class", classes=("a", "b"), pooled_condition=True))
+    assert classes.config.condition_length == 1 and classes.encode_prompts(["b"]).shape == (1, 1, 32)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vqd.text import TextEncoder, TextEncoderConfig, text_config_from_open_clip, tokenize
+from vqd.text import TextEncoder, TextEncoderConfig, text_config_from_open_clip, tokenize, with_caption_mean
 
 SMALL = dict(width=32, layers=2, heads=4)
 CAPTIONS = ["a red bird sitting on a branch", "", "two dogs playing in the snow " * 30]
@@ -237,3 +237,28 @@ def test_bad_ids_raise_value_error():
 def test_importing_the_library_does_not_import_open_clip():
     code = "import sys, vqd, vqd.transformer, vqd.text, vqd.models, vqd.ar; assert 'open_clip' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_caption_mean_row_averages_the_caption_tokens_and_leaves_out_padding():
+    ids = tokenize(["a cat", "a yellow bird with black wings", ""])
+    features = torch.randn(3, 77, 5, generator=torch.Generator().manual_seed(0))
+    out = with_caption_mean(features, ids)
+    assert out.shape == (3, 78, 5) and torch.equal(out[:, 1:], features)
+    for row in range(3):
+        end = ids[row].tolist().index(49407)  # <end_of_text>
+        expected = features[row, : end + 1].mean(dim=0)
+        torch.testing.assert_close(out[row, 0], expected / expected.norm())
+
+
+def test_a_wide_token_init_keeps_words_apart_in_a_random_tower():
+    ids = tokenize(["red", "house", "pizza", "rocket"])
+
+    tiny = dict(width=128, layers=2, heads=2)  # the tiny size's tower
+
+    def mean_word_cosine(std):
+        features = TextEncoder(TextEncoderConfig(token_init_std=std, **tiny))(ids)[:, 1]  # the word's position
+        return float((features @ features.T)[~torch.eye(4, dtype=torch.bool)].mean())
+
+    assert TextEncoder(TextEncoderConfig(token_init_std=1.0, **tiny)).token_embedding.weight.std() == \
+        pytest.approx(1.0, rel=0.05)
+    assert mean_word_cosine(1.0) < 0.4 < 0.8 < mean_word_cosine(0.02)

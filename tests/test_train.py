@@ -239,3 +239,23 @@ def test_text_tower_trains_only_when_asked():
     out[:, 0].sum().backward()
     grads = [p.grad for n, p in tuned.named_parameters() if n.startswith("text_encoder.transformer")]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("train_text", [False, True])
+def test_the_engine_sees_the_condition_the_model_samples_with(train_text):
+    """Training (a frozen tower's features, or the tower run inside the engine) and sampling
+    (model.encode_text) hand the denoiser the same condition, the pooled caption row included."""
+    from training.objective import Denoising
+    from vqd.models import VQDiffusionConfig, VQDiffusionModel
+    from vqd.text import tokenize
+
+    torch.manual_seed(0)
+    model = VQDiffusionModel(VQDiffusionConfig(num_codes=8, grid=(4, 4), size="micro", num_timesteps=10,
+                                               pooled_condition=True)).eval()
+    engine = Denoising(model, train_text=train_text).eval()
+    ids = tokenize(["red heart", "a yellow bird with black wings"])
+    x_t, t, keep = torch.full((2, 16), 8), torch.tensor([3, 5]), torch.tensor([False, False])
+    condition = ids if train_text else model.encode_text(ids)
+    expected = model.logits(x_t, t, model.encode_text(ids)).log_softmax(dim=1)
+    torch.testing.assert_close(engine(x_t, t, condition, keep), expected)
+    assert model.encode_text(ids).shape == (2, 78, 32)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqd.transformer import AdaLayerNorm, Denoiser, SelfAttention, TransformerConfig
+from vqd.transformer import AdaLayerNorm, Denoiser, SelfAttention, TokenGridTransformer, TransformerConfig
 
 K, GRID, T, D_TEXT = 12, (3, 4), 10, 16
 
@@ -96,6 +96,47 @@ def test_ada_layer_norm_matches_hand_computation():
     torch.testing.assert_close(norm(x, t), expected)
 
 
+def test_ada_layer_norm_adds_a_condition_to_the_timestep_embedding():
+    torch.manual_seed(2)
+    norm = AdaLayerNorm(8, num_timesteps=5)
+    x, t, condition = torch.randn(2, 3, 8), torch.tensor([0, 3]), torch.randn(2, 8)
+    mod = F.silu(norm.t_embedding.weight[t] + condition) @ norm.modulation.weight.T + norm.modulation.bias
+    expected = F.layer_norm(x, (8,)) * (1 + mod[:, None, :8]) + mod[:, None, 8:]
+    torch.testing.assert_close(norm(x, t, condition), expected)
+
+
+def test_pooled_condition_reaches_every_norm_through_the_first_row_only():
+    torch.manual_seed(0)
+    pooled = Denoiser(micro_config(pooled_condition=True)).eval()
+    plain = Denoiser(micro_config()).eval()
+    plain.load_state_dict({k: v for k, v in pooled.state_dict().items() if not k.startswith("pool_projection")})
+    for net in (pooled, plain):  # cross-attention silenced: only the pooled path can carry the text
+        for block in net.blocks:
+            torch.nn.init.zeros_(block.cross_attn.proj.weight)
+    x_t, t, text = inputs()
+    other_first_row = text.clone()
+    other_first_row[:, 0] += 1.0
+    other_rest = text.clone()
+    other_rest[:, 1:] += 1.0
+    assert not torch.allclose(pooled(x_t, t, other_first_row), pooled(x_t, t, text))
+    torch.testing.assert_close(pooled(x_t, t, other_rest), pooled(x_t, t, text))
+    torch.testing.assert_close(plain(x_t, t, other_first_row), plain(x_t, t, text))
+    # By hand: each AdaLN's embedding is t's plus the projection of row 0.
+    block = pooled.blocks[0]
+    x = torch.randn(3, 12, 32)
+    condition = pooled.pool_projection(text[:, 0])
+    torch.testing.assert_close(block.norm1(x, t, condition), AdaLayerNorm.forward(block.norm1, x, t, condition))
+    emb = block.norm1.t_embedding(t) + text[:, 0] @ pooled.pool_projection.weight.T + pooled.pool_projection.bias
+    mod = block.norm1.modulation(F.silu(emb))
+    torch.testing.assert_close(block.norm1(x, t, condition),
+                               F.layer_norm(x, (32,)) * (1 + mod[:, None, :32]) + mod[:, None, 32:])
+
+
+def test_pooled_condition_needs_timestep_norms():
+    with pytest.raises(ValueError, match="pooled_condition"):
+        TokenGridTransformer(micro_config(pooled_condition=True, num_timesteps=0, causal=True))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_self_attention_matches_explicit_softmax(causal):
     torch.manual_seed(2)
@@ -113,10 +154,11 @@ def test_self_attention_matches_explicit_softmax(causal):
     torch.testing.assert_close(attn(x), expected)
 
 
-def test_checkpointing_gives_same_outputs_and_grads():
+@pytest.mark.parametrize("pooled", [False, True])
+def test_checkpointing_gives_same_outputs_and_grads(pooled):
     torch.manual_seed(3)
-    plain = Denoiser(micro_config()).train()
-    ckpt = Denoiser(micro_config(checkpoint=True)).train()
+    plain = Denoiser(micro_config(pooled_condition=pooled)).train()
+    ckpt = Denoiser(micro_config(checkpoint=True, pooled_condition=pooled)).train()
     ckpt.load_state_dict(plain.state_dict())
     x_t, t, text = inputs()
     outs, grads = [], []

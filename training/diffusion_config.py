@@ -44,6 +44,9 @@ class ModelSection:
     # Start the code embedding and output head from the tokenizer's code vectors (vqd.models
     # init_code_embeddings) instead of at random; a fresh model only (a fine-tune starts from its base).
     init_from_codebook: bool = False
+    # The condition also joins t in every AdaLN (vqd.models VQDiffusionConfig.pooled_condition). VQ-Diffusion
+    # only: the VQ-AR baseline has no AdaLN, and a recipe trained as VQ-AR leaves it out.
+    pooled_condition: bool = False
 
 
 @dataclass
@@ -123,9 +126,9 @@ def build_model_config(cfg: DiffusionRunConfig, manifest: dict, classes: tuple[s
     tok = manifest["tokenizer"]
     config_cls = MODEL_KINDS[cfg.model.kind]
     network = {f.name: getattr(cfg.model, f.name) for f in fields(ModelSection)
-               if f.name not in ("kind", "condition") + TRAINER_ONLY}
+               if f.name not in ("kind", "condition", "pooled_condition") + TRAINER_ONLY}
     if config_cls is VQDiffusionConfig:
-        network.update(condition=cfg.model.condition, classes=list(classes), num_timesteps=cfg.diffusion.num_timesteps,
+        network.update(condition=cfg.model.condition, pooled_condition=cfg.model.pooled_condition, classes=list(classes), num_timesteps=cfg.diffusion.num_timesteps,
                        schedule=cfg.diffusion.schedule, mask_rate=cfg.diffusion.mask_rate)
     wanted = config_cls.from_dict(dict(num_codes=int(tok["num_codes"]), grid=[int(g) for g in tok["grid"]],
                                        text=dict(cfg.text) or None, **network))

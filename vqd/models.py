@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from vqd.ar import VQARModel
 from vqd.network import MODEL_SIZES, ComposedModel, ModelSize, NetworkConfig, count_parameters  # noqa: F401
-from vqd.text import TextEncoder
+from vqd.text import TextEncoder, with_caption_mean
 from vqd.transformer import Denoiser, TransformerConfig, check_text
 
 
@@ -39,6 +39,9 @@ class VQDiffusionConfig(NetworkConfig):
     # L = 77 text tokens, or L = 1 for a class and for none; D = text.width in every case.
     condition: str = "text"
     classes: tuple[str, ...] = ()  # class names, in label order (condition "class")
+    # The condition's first row also joins t in every AdaLN (vqd/transformer.py; ours, not the paper's). A
+    # text condition then starts with one more row, the caption's mean token feature (L = 78).
+    pooled_condition: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,13 +55,13 @@ class VQDiffusionConfig(NetworkConfig):
     @property
     def condition_length(self) -> int:
         """L, the length of the condition sequence the denoiser attends to."""
-        return self.text.context_length if self.condition == "text" else 1
+        return self.text.context_length + self.pooled_condition if self.condition == "text" else 1
 
     def transformer_config(self) -> TransformerConfig:
         return TransformerConfig(
             num_codes=self.num_codes, grid=self.grid, depth=self.depth, width=self.width, heads=self.heads,
             text_dim=self.text.width, mlp_ratio=self.mlp_ratio, num_timesteps=self.num_timesteps,
-            causal=False, dropout=self.dropout, checkpoint=self.checkpoint,
+            causal=False, dropout=self.dropout, checkpoint=self.checkpoint, pooled_condition=self.pooled_condition,
         )
 
 
@@ -111,10 +114,15 @@ class VQDiffusionModel(ComposedModel):
         self.denoiser.head.weight.copy_(projected.to(self.denoiser.head.weight))
 
     def encode_text(self, clip_ids: torch.Tensor) -> torch.Tensor:
-        """CLIP ids Long [B, 77] -> frozen, L2-normalised per-token features [B, 77, D] (no grad)."""
+        """CLIP ids Long [B, 77] -> frozen, L2-normalised per-token features [B, L, D] (no grad); L = 77, or
+        78 with pooled_condition (the caption's mean feature first)."""
         if self.text_encoder is None:
             raise ValueError(f"this model is conditioned on {self.config.condition!r}, not on text")
-        return self.text_encoder(clip_ids)
+        return self.text_condition(self.text_encoder(clip_ids), clip_ids)
+
+    def text_condition(self, features: torch.Tensor, clip_ids: torch.Tensor) -> torch.Tensor:
+        """The tower's features [B, 77, D] of clip_ids [B, 77] -> the condition the denoiser reads [B, L, D]."""
+        return with_caption_mean(features, clip_ids) if self.config.pooled_condition else features
 
     def encode_classes(self, labels: torch.Tensor) -> torch.Tensor:
         """Class labels Long [B] in [0, num_classes) -> condition features [B, 1, D]."""

@@ -40,6 +40,10 @@ class TextEncoderConfig:
     # Hugging Face cache only), a weights file, a Hugging Face CLIP folder, or None (seeded random init).
     pretrained: str | None = None
     seed: int = 0  # seeded random init when pretrained is None
+    # Std of the seeded token embedding. CLIP's 0.02 suits a tower that will be trained; in a frozen random
+    # tower the first block's output (norm ~5) then drowns the word (norm 0.2), and two captions' features
+    # are nearly parallel. At 1.0 each word keeps its own direction through the tower.
+    token_init_std: float = 0.02
 
 
 def text_config_from_open_clip(model_name: str = "ViT-B-32", **overrides) -> TextEncoderConfig:
@@ -84,6 +88,15 @@ def tokenize(captions: list[str], context_length: int = CONTEXT_LENGTH) -> torch
     if context_length < 2:
         raise ValueError(f"context_length: expected >= 2, got {context_length}")
     return _tokenizer(context_length)(list(captions), context_length=context_length).long()
+
+
+def with_caption_mean(features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Prepend each caption's mean token feature (<start_of_text> .. <end_of_text>, padding left out),
+    L2-normalised: features [B, L, D], ids Long [B, L] -> [B, 1 + L, D]."""
+    end = ids.argmax(dim=1)  # <end_of_text> is the largest id in the vocabulary
+    keep = (torch.arange(ids.shape[1], device=ids.device)[None, :] <= end[:, None]).to(features.dtype)
+    mean = (features * keep[..., None]).sum(dim=1) / keep.sum(dim=1, keepdim=True)
+    return torch.cat([F.normalize(mean, dim=-1)[:, None], features], dim=1)
 
 
 class _Attention(nn.Module):
@@ -182,7 +195,7 @@ class TextEncoder(nn.Module):
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
-        fill(self.token_embedding.weight, 0.02)
+        fill(self.token_embedding.weight, self.cfg.token_init_std)
         fill(self.positional_embedding, 0.01)
         for block in self.transformer.resblocks:
             fill(block.attn.in_proj_weight, attn_std)

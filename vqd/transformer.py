@@ -9,6 +9,11 @@ with `attn_type: selfcross`, `timestep_type: adalayernorm`, `block_activate: GEL
                 x += MLP(LayerNorm(x))
     logits = Linear(LayerNorm(x))  -> [B, K, N]
 
+With `pooled_condition` (ours, not the paper's), the condition's first row (the caption's mean token
+feature, or a class embedding) is also projected and added to t's embedding in every AdaLN, as DiT
+conditions on its class: a direct path from the caption to every layer, which a small model trained for
+minutes learns to use long before it learns where to look in 77 cross-attention keys.
+
 The input has K+1 classes (K codes + [MASK] = id K); the head predicts K classes, because the network
 predicts x_0, which is never [MASK]. The same blocks, made causal and without t, are the VQ-AR
 baseline (vqd/ar.py); that is why attention here takes an optional KV cache.
@@ -39,6 +44,7 @@ class TransformerConfig:
     causal: bool = False
     dropout: float = 0.0
     checkpoint: bool = False  # activation checkpointing of every block while training
+    pooled_condition: bool = False  # the condition's first row joins t in every AdaLN (needs num_timesteps > 0)
 
 
 class QuickGELU(nn.Module):
@@ -57,8 +63,10 @@ class AdaLayerNorm(nn.Module):
         self.t_embedding = nn.Embedding(num_timesteps, width)
         self.modulation = nn.Linear(width, 2 * width)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.modulation(F.silu(self.t_embedding(t))).unsqueeze(1).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """condition: an embedding [B, C] added to t's (pooled_condition), or None."""
+        embedding = self.t_embedding(t) if condition is None else self.t_embedding(t) + condition
+        scale, shift = self.modulation(F.silu(embedding)).unsqueeze(1).chunk(2, dim=-1)
         return self.norm(x) * (1 + scale) + shift
 
 
@@ -164,14 +172,16 @@ class Block(nn.Module):
         hidden = round(cfg.mlp_ratio * w)
         self.mlp = nn.Sequential(nn.Linear(w, hidden), QuickGELU(), nn.Linear(hidden, w), nn.Dropout(cfg.dropout))
 
-    def _norm(self, norm: nn.Module, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
-        return norm(x, t) if self.timed else norm(x)
+    def _norm(self, norm: nn.Module, x: torch.Tensor, t: torch.Tensor | None, pooled: torch.Tensor | None) -> torch.Tensor:
+        return norm(x, t, pooled) if self.timed else norm(x)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor | None, text: torch.Tensor, cache: KVCache | None = None
+        self, x: torch.Tensor, t: torch.Tensor | None, text: torch.Tensor, cache: KVCache | None = None,
+        pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self._norm(self.norm1, x, t), cache)
-        x = x + self.cross_attn(self._norm(self.norm2, x, t), text, cache)
+        """x [B, S, C], t [B] (or None), text [B, L, D_text], pooled [B, C] (or None) -> [B, S, C]."""
+        x = x + self.self_attn(self._norm(self.norm1, x, t, pooled), cache)
+        x = x + self.cross_attn(self._norm(self.norm2, x, t, pooled), text, cache)
         return x + self.mlp(self.norm3(x))
 
 
@@ -189,6 +199,8 @@ class TokenGridTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.num_codes)
+        # the condition's first row [B, D_text] -> an embedding added to t's in every AdaLN
+        self.pool_projection = nn.Linear(cfg.text_dim, cfg.width) if cfg.pooled_condition else None
         self.apply(_init_weights)
 
     @property
@@ -212,12 +224,13 @@ class TokenGridTransformer(nn.Module):
         x = self.token_embedding(ids) + self.position_embedding()[start:start + ids.shape[1]]
         # Text features arrive float32; with bf16 weights (no autocast) they must match the weights' dtype.
         text = text.to(self.token_embedding.weight.dtype)
+        pooled = self.pool_projection(text[:, 0]) if self.pool_projection is not None else None
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
             if self.cfg.checkpoint and self.training and torch.is_grad_enabled() and cache is None:
-                x = checkpoint(block, x, t, text, use_reentrant=False)
+                x = checkpoint(block, x, t, text, None, pooled, use_reentrant=False)
             else:
-                x = block(x, t, text, cache)
+                x = block(x, t, text, cache, pooled)
         # The diffusion maths runs in log space over [B, K+1, N]: hand it float32 with classes on dim 1.
         return self.head(self.final_norm(x)).float().transpose(1, 2)
 
@@ -274,6 +287,8 @@ def check_text(name: str, text: torch.Tensor, batch: int, dim: int) -> None:
 def _check_config(cfg: TransformerConfig) -> None:
     if cfg.width % cfg.heads:
         raise ValueError(f"width: {cfg.width} is not divisible by heads={cfg.heads}")
+    if cfg.pooled_condition and cfg.num_timesteps <= 0:
+        raise ValueError("pooled_condition: the condition joins t in the AdaLN layers; a network without t has none")
     if len(cfg.grid) != 2 or min(cfg.grid) < 1:
         raise ValueError(f"grid: expected (h, w) with h, w >= 1, got {cfg.grid}")
     for name in ("num_codes", "depth", "width", "heads", "text_dim", "mlp_ratio"):
