@@ -122,6 +122,9 @@ def test_two_ranks_zero2_learn_log_and_export(tmp_path, toy):
     rid = info.info.run_id
     val = [m.value for m in sorted(client.get_metric_history(rid, "val/vlb"), key=lambda m: m.step)]
     assert len(val) == 8 and val[-1] < 0.5 * val[0], val  # the held-out bound falls
+    # and the captions come to matter: the null condition predicts x0 worse than the caption does
+    gain = [m.value for m in sorted(client.get_metric_history(rid, "val/condition_gain"), key=lambda m: m.step)]
+    assert len(gain) == 8 and gain[-1] > max(0.05, 2 * gain[0]), gain
     for name in ("loss", "vlb", "aux", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu", "epoch"):
         assert client.get_metric_history(rid, name), name
     assert info.data.params["deepspeed.zero_optimization.stage"] == "2" and info.data.tags["world_size"] == "2"

@@ -66,6 +66,9 @@ def validation_loss(engine, model, manifest: dict, cfg, info: DistInfo, batches:
     """Held-out bound estimate (nats per token): `batches` fixed batches per rank, t stratified over [0, T).
 
     The same samples, timesteps and noise at every evaluation, so successive values compare the weights only.
+    val/condition_gain is what the caption (or class) is worth: the x0 cross-entropy of the same x_t with the
+    learned null condition minus with the sample's own, in nats per token. A model whose gain stays near 0
+    is learning an unconditional model, whatever its loss does.
     A VQ-AR model reports its held-out next-token cross-entropy instead (val/nll).
     """
     from training.objective import step_generator
@@ -82,7 +85,7 @@ def validation_loss(engine, model, manifest: dict, cfg, info: DistInfo, batches:
                           split=cfg.data.eval_split)
     was_training = engine.module.training
     engine.module.eval()
-    total, count = torch.zeros(2, dtype=torch.float64, device=info.device), 0
+    total, count = torch.zeros(3, dtype=torch.float64, device=info.device), 0
     for i, batch in zip(range(batches), loader):
         g = step_generator(12345, info.rank, i, 0, info.device)
         x0 = batch["vq"].to(info.device)
@@ -97,11 +100,17 @@ def validation_loss(engine, model, manifest: dict, cfg, info: DistInfo, batches:
             condition = batch["label"].to(info.device)
         drop = torch.full((B,), kind == "none", device=info.device)
         terms = diffusion.loss_terms(engine(x_t, t, condition, drop), x0, x_t, t)
-        total += torch.stack([terms["vlb"].sum().double() * T / N, terms["aux"].sum().double() / N])
+        null_nll = terms["aux"] if kind == "none" else \
+            -engine(x_t, t, condition, torch.ones_like(drop)).float().gather(1, x0.unsqueeze(1)).sum(dim=(1, 2))
+        total += torch.stack([terms["vlb"].sum().double() * T / N, terms["aux"].sum().double() / N,
+                              (null_nll - terms["aux"]).sum().double() / N])
         count += B
     engine.module.train(was_training)
     stats = torch.cat([total, torch.tensor([float(count)], dtype=torch.float64, device=info.device)])
     if info.world_size > 1:
         torch.distributed.all_reduce(stats)
-    n = max(float(stats[2]), 1.0)
-    return {"val/vlb": float(stats[0]) / n, "val/aux": float(stats[1]) / n}
+    n = max(float(stats[3]), 1.0)
+    out = {"val/vlb": float(stats[0]) / n, "val/aux": float(stats[1]) / n}
+    if kind != "none":
+        out["val/condition_gain"] = float(stats[2]) / n
+    return out
