@@ -128,7 +128,8 @@ def build_model_config(cfg: DiffusionRunConfig, manifest: dict, classes: tuple[s
     network = {f.name: getattr(cfg.model, f.name) for f in fields(ModelSection)
                if f.name not in ("kind", "condition", "pooled_condition") + TRAINER_ONLY}
     if config_cls is VQDiffusionConfig:
-        network.update(condition=cfg.model.condition, pooled_condition=cfg.model.pooled_condition, classes=list(classes), num_timesteps=cfg.diffusion.num_timesteps,
+        network.update(condition=cfg.model.condition, pooled_condition=cfg.model.pooled_condition,
+                       classes=list(classes), num_timesteps=cfg.diffusion.num_timesteps,
                        schedule=cfg.diffusion.schedule, mask_rate=cfg.diffusion.mask_rate)
     wanted = config_cls.from_dict(dict(num_codes=int(tok["num_codes"]), grid=[int(g) for g in tok["grid"]],
                                        text=dict(cfg.text) or None, **network))
