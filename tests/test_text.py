@@ -9,7 +9,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vqd.text import TextEncoder, TextEncoderConfig, text_config_from_open_clip, tokenize, with_caption_mean
+from vqd.text import (
+    TextEncoder,
+    TextEncoderConfig,
+    fit_context,
+    text_config_from_open_clip,
+    tokenize,
+    with_caption_mean,
+)
 
 SMALL = dict(width=32, layers=2, heads=4)
 CAPTIONS = ["a red bird sitting on a branch", "", "two dogs playing in the snow " * 30]
@@ -262,3 +269,11 @@ def test_a_wide_token_init_keeps_words_apart_in_a_random_tower():
     assert TextEncoder(TextEncoderConfig(token_init_std=1.0, **tiny)).token_embedding.weight.std() == \
         pytest.approx(1.0, rel=0.05)
     assert mean_word_cosine(1.0) < 0.4 < 0.8 < mean_word_cosine(0.02)
+
+
+def test_fitting_77_ids_to_a_shorter_context_tokenizes_as_that_context_would():
+    captions = ["a cat", "an emoji of couple with heart man man light skin tone, from the people & body category", ""]
+    for length in (4, 12, 32):
+        torch.testing.assert_close(fit_context(tokenize(captions), length), tokenize(captions, context_length=length))
+    short = [captions[0], captions[2]]  # padding back out to 77 ids: captions that fit come back whole
+    assert torch.equal(fit_context(tokenize(short, context_length=12), 77), tokenize(short))

@@ -88,6 +88,19 @@ def test_caption_forms_are_drawn_and_labels_follow_classes(dataset):
     assert all(forms[tuple(ids[:8].tolist())] in FORMS for ids in plain["clip"]) and (plain["label"] == -1).all()
 
 
+def test_the_stream_hands_the_model_ids_of_its_own_context_length(dataset):
+    full = next(iter(TokenStream(dataset, TokenDataConfig(caption_forms=True), 50, seed=0)))
+    short = next(iter(TokenStream(dataset, TokenDataConfig(caption_forms=True), 50, seed=0, context_length=6)))
+    assert full["clip"].shape == (50, 77) and short["clip"].shape == (50, 6)
+    assert full["keys"] == short["keys"]
+    forms = [c for caption, alts in FORMS.items() for c in [caption, *alts]]
+    by_ids = {tuple(tokenize([c])[0].tolist()): c for c in forms}
+    # the same captions, tokenized as a 6-id tower would tokenize them (long ones cut, <end_of_text> kept)
+    expected = tokenize([by_ids[tuple(ids.tolist())] for ids in full["clip"]], context_length=6)
+    assert torch.equal(short["clip"], expected)
+    assert (expected[:, -1] == 49407).any()  # some captions were longer than 6 ids
+
+
 def test_more_data_sets_join_the_stream_only_with_the_same_tokenizer(tmp_path):
     a = write_token_dataset(tmp_path / "a", train=50, test=10, per_shard=25, seed=1)
     b = write_token_dataset(tmp_path / "b", train=75, test=10, per_shard=25, seed=2, first_uid=1000)

@@ -58,7 +58,8 @@ def ar_validation_loss(engine, model: VQARModel, manifest: dict, cfg, info, batc
     from training.data import token_loader
 
     loader = token_loader(manifest, cfg.data, cfg.train.micro_batch_size, seed=12345, rank=info.rank,
-                          world_size=info.world_size, num_workers=0, split=cfg.data.eval_split)
+                          world_size=info.world_size, num_workers=0, split=cfg.data.eval_split,
+                          context_length=model.config.text.context_length)
     was_training = engine.module.training
     engine.module.eval()
     total = torch.zeros(2, dtype=torch.float64, device=info.device)  # summed nats, tokens

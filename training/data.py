@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from data_pipeline.shards import iter_samples, open_manifest
+from vqd.text import CONTEXT_LENGTH, fit_context, tokenize
 
 
 @dataclass
@@ -68,12 +69,15 @@ def class_names(manifest: dict, split: str, key: str) -> tuple[str, ...]:
 
 
 class TokenStream(torch.utils.data.IterableDataset):
-    """Endless batches {'vq' Long [B, N], 'clip' Long [B, 77], 'label' Long [B], 'epoch', 'keys'} for one rank."""
+    """Endless batches {'vq' Long [B, N], 'clip' Long [B, context_length], 'label' Long [B], 'epoch', 'keys'} for one
+    rank."""
 
     def __init__(self, manifest: dict, cfg: TokenDataConfig, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, skip_batches: int = 0, classes: tuple[str, ...] = (), split: str | None = None):
+                 world_size: int = 1, skip_batches: int = 0, classes: tuple[str, ...] = (), split: str | None = None,
+                 context_length: int = CONTEXT_LENGTH):
         self.shards = split_shards(manifest, split or cfg.split)
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.context_length = context_length  # the model's text context: the shards' 77 ids are fitted to it
         self.rank, self.world_size, self.skip_batches = rank, world_size, skip_batches
         self.class_index = {name: i for i, name in enumerate(classes)}
 
@@ -125,8 +129,6 @@ class TokenStream(torch.utils.data.IterableDataset):
         pick = random.Random(f"caption-{self.seed}-{epoch}-{sample['key']}").randrange(len(forms) + 1)
         if pick == 0:
             return sample["clip"]
-        from vqd.text import tokenize
-
         return tokenize([str(forms[pick - 1])])[0].numpy()
 
     def _label(self, sample: dict) -> int:
@@ -141,6 +143,8 @@ class TokenStream(torch.utils.data.IterableDataset):
     def _batch(self, items: list[tuple[dict, int]]) -> dict:
         vq = torch.from_numpy(np.stack([s["vq"].astype(np.int64) for s, _ in items]))
         clip = torch.from_numpy(np.stack([self._caption_ids(s, e).astype(np.int64) for s, e in items]))
+        if clip.shape[1] != self.context_length:
+            clip = fit_context(clip, self.context_length)
         label = torch.tensor([self._label(s) for s, _ in items], dtype=torch.long)
         return {"vq": vq, "clip": clip, "label": label, "epoch": max(e for _, e in items), "keys": [s["key"] for s, _ in items]}
 
@@ -161,9 +165,9 @@ class TokenStream(torch.utils.data.IterableDataset):
 
 def token_loader(manifest: dict, cfg: TokenDataConfig, batch_size: int, seed: int, rank: int, world_size: int,
                  skip_batches: int = 0, num_workers: int = 1, classes: tuple[str, ...] = (),
-                 split: str | None = None) -> torch.utils.data.DataLoader:
+                 split: str | None = None, context_length: int = CONTEXT_LENGTH) -> torch.utils.data.DataLoader:
     """DataLoader over a TokenStream (the stream batches; workers are taken in order, so resume is exact)."""
-    stream = TokenStream(manifest, cfg, batch_size, seed, rank, world_size, skip_batches, classes, split)
+    stream = TokenStream(manifest, cfg, batch_size, seed, rank, world_size, skip_batches, classes, split, context_length)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                        worker_init_fn=_one_thread if num_workers else None,
                                        prefetch_factor=4 if num_workers else None,

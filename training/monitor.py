@@ -82,7 +82,7 @@ def validation_loss(engine, model, manifest: dict, cfg, info: DistInfo, batches:
     diffusion, T = model.diffusion, model.diffusion.num_timesteps
     loader = token_loader(manifest, cfg.data, cfg.train.micro_batch_size, seed=12345, rank=info.rank,
                           world_size=info.world_size, num_workers=0, classes=model.config.classes,
-                          split=cfg.data.eval_split)
+                          split=cfg.data.eval_split, context_length=model.config.text.context_length)
     was_training = engine.module.training
     engine.module.eval()
     total, count = torch.zeros(3, dtype=torch.float64, device=info.device), 0

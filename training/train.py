@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the loop ----
     loader = token_loader(manifest, cfg.data, cfg.train.micro_batch_size, cfg.train.seed, info.rank, info.world_size,
-                          skip_batches=batches, num_workers=cfg.train.num_workers, classes=model_cfg.classes)
+                          skip_batches=batches, num_workers=cfg.train.num_workers, classes=model_cfg.classes,
+                          context_length=model_cfg.text.context_length)
     data = iter(loader)
     flops = flops_per_sample(model_cfg, cfg.model.train_text)
     peak = measured_matmul_flops(info.device, next(iter(trainable.values())).dtype)

@@ -90,6 +90,18 @@ def tokenize(captions: list[str], context_length: int = CONTEXT_LENGTH) -> torch
     return _tokenizer(context_length)(list(captions), context_length=context_length).long()
 
 
+def fit_context(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """CLIP ids [B, L] -> [B, length]: zero padding added or dropped; a caption longer than `length` keeps its
+    first length - 1 tokens and ends in <end_of_text>, as `tokenize` truncates (a tower with a shorter
+    context reads the 77-id shards)."""
+    if ids.shape[1] >= length:
+        out = ids[:, :length].clone()
+        cut = (ids[:, length:] != 0).any(dim=1)  # something besides padding was dropped
+        out[cut, -1] = VOCAB_SIZE - 1
+        return out
+    return torch.cat([ids, ids.new_zeros(ids.shape[0], length - ids.shape[1])], dim=1)
+
+
 def with_caption_mean(features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Prepend each caption's mean token feature (<start_of_text> .. <end_of_text>, padding left out),
     L2-normalised: features [B, L, D], ids Long [B, L] -> [B, 1 + L, D]."""
