@@ -34,7 +34,8 @@ def test_vq_ar_config_builds_the_equal_size_baseline():
 
     ar_cfg = build_model_config(ar_config("--model.size=VQ-AR-tiny"), MANIFEST)
     assert isinstance(ar_cfg, VQARConfig) and ar_cfg.mlp_ratio == 6.75 and ar_cfg.num_codes == K
-    diffusion_cfg = build_model_config(ar_config("--model.kind=vq-diffusion"), MANIFEST)
+    # VQ-AR-tiny is tiny's equal; the recipe's pooled condition adds a projection VQ-AR has no place for
+    diffusion_cfg = build_model_config(ar_config("--model.kind=vq-diffusion", "--model.pooled_condition=false"), MANIFEST)
     with torch.device("meta"):
         ar, diffusion = VQARModel(ar_cfg, load_text_weights=False), VQDiffusionModel(diffusion_cfg, load_text_weights=False)
     n_ar = count_parameters(ar) - count_parameters(ar.text_encoder)

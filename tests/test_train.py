@@ -158,16 +158,17 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, toy):
     whole, db = tmp_path / "whole", tmp_path / "mlflow.db"
     launch(TRAIN, args(toy, whole, db, *common))
 
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen(deepspeed_cmd(TRAIN, args(toy, cut, db, *common)), cwd=REPO, env=launcher_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cut, log = tmp_path / "cut", tmp_path / "cut.log"
+    with open(log, "wb") as out:  # kept, so that a run that never reached its first checkpoint says why
+        proc = subprocess.Popen(deepspeed_cmd(TRAIN, args(toy, cut, db, *common)), cwd=REPO, env=launcher_env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     while not (cut / "checkpoints/step_00000008/complete").is_file() and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, mid-run
     proc.wait()
     done = sorted(p.name for p in (cut / "checkpoints").glob("step_*") if (p / "complete").is_file())
-    assert done and done[-1] != "step_00000040", done  # killed before the end
+    assert done and done[-1] != "step_00000040", (done, log.read_text(errors="replace")[-3000:])  # killed mid-run
 
     launch(TRAIN, args(toy, cut, db, *common, "--train.resume=auto"))
     a, b = weights(whole / "export"), weights(cut / "export")
