@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 
 from vqd.diffusion import TimestepSampler
-from vqd.models import VQDiffusionModel
-from vqd.text import with_caption_mean
+from vqd.models import VQDiffusionModel, text_condition
 
 
 class Denoising(nn.Module):
@@ -35,16 +34,14 @@ class Denoising(nn.Module):
         self.class_embedding = model.class_embedding
         # a trained tower is part of the engine (its gradients, optimizer state and EMA); a frozen one is not
         self.text_encoder = model.text_encoder.requires_grad_(True) if train_text else None
-        self.pooled_condition = model.config.condition == "text" and model.config.pooled_condition
+        self.model_config = model.config
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         dtype = self.null_text.dtype
         null = self.null_text.unsqueeze(0)
         if self.text_encoder is not None:
-            features = self.text_encoder.features(condition)  # condition: CLIP ids [B, 77]
-            if self.pooled_condition:
-                features = with_caption_mean(features, condition)
-            features = features.to(dtype)
+            # condition: CLIP ids [B, C]
+            features = text_condition(self.model_config, self.text_encoder.features(condition), condition).to(dtype)
         elif self.kind == "text":
             features = condition.to(dtype)
         elif self.kind == "class":

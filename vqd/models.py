@@ -55,7 +55,9 @@ class VQDiffusionConfig(NetworkConfig):
     @property
     def condition_length(self) -> int:
         """L, the length of the condition sequence the denoiser attends to."""
-        return self.text.context_length + self.pooled_condition if self.condition == "text" else 1
+        if self.condition != "text":
+            return 1
+        return self.text.context_length + (1 if self.pooled_condition else 0)
 
     def transformer_config(self) -> TransformerConfig:
         return TransformerConfig(
@@ -63,6 +65,12 @@ class VQDiffusionConfig(NetworkConfig):
             text_dim=self.text.width, mlp_ratio=self.mlp_ratio, num_timesteps=self.num_timesteps,
             causal=False, dropout=self.dropout, checkpoint=self.checkpoint, pooled_condition=self.pooled_condition,
         )
+
+
+def text_condition(config: VQDiffusionConfig, features: torch.Tensor, clip_ids: torch.Tensor) -> torch.Tensor:
+    """The tower's features [B, C, D] of clip_ids [B, C] -> the condition the denoiser reads [B, L, D] (the
+    caption's mean feature prepended with pooled_condition). Sampling and training (a trained tower) share it."""
+    return with_caption_mean(features, clip_ids) if config.pooled_condition else features
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -114,15 +122,11 @@ class VQDiffusionModel(ComposedModel):
         self.denoiser.head.weight.copy_(projected.to(self.denoiser.head.weight))
 
     def encode_text(self, clip_ids: torch.Tensor) -> torch.Tensor:
-        """CLIP ids Long [B, 77] -> frozen, L2-normalised per-token features [B, L, D] (no grad); L = 77, or
-        78 with pooled_condition (the caption's mean feature first)."""
+        """CLIP ids Long [B, C] (C = text.context_length) -> frozen, L2-normalised per-token features [B, L, D]
+        (no grad); L = C, or C + 1 with pooled_condition (the caption's mean feature first)."""
         if self.text_encoder is None:
             raise ValueError(f"this model is conditioned on {self.config.condition!r}, not on text")
-        return self.text_condition(self.text_encoder(clip_ids), clip_ids)
-
-    def text_condition(self, features: torch.Tensor, clip_ids: torch.Tensor) -> torch.Tensor:
-        """The tower's features [B, 77, D] of clip_ids [B, 77] -> the condition the denoiser reads [B, L, D]."""
-        return with_caption_mean(features, clip_ids) if self.config.pooled_condition else features
+        return text_condition(self.config, self.text_encoder(clip_ids), clip_ids)
 
     def encode_classes(self, labels: torch.Tensor) -> torch.Tensor:
         """Class labels Long [B] in [0, num_classes) -> condition features [B, 1, D]."""
