@@ -34,15 +34,17 @@ def test_vq_ar_config_builds_the_equal_size_baseline():
 
     ar_cfg = build_model_config(ar_config("--model.size=VQ-AR-tiny"), MANIFEST)
     assert isinstance(ar_cfg, VQARConfig) and ar_cfg.mlp_ratio == 6.75 and ar_cfg.num_codes == K
-    # VQ-AR-tiny is tiny's equal; the recipe's pooled condition adds a projection VQ-AR has no place for
-    diffusion_cfg = build_model_config(ar_config("--model.kind=vq-diffusion", "--model.pooled_condition=false"), MANIFEST)
+    # VQ-AR-tiny is tiny's equal; the recipe's pooled condition and grid convolutions add weights VQ-AR has no
+    # place for
+    diffusion_cfg = build_model_config(ar_config("--model.kind=vq-diffusion", "--model.pooled_condition=false",
+                                                 "--model.local_mixing=false"), MANIFEST)
     with torch.device("meta"):
         ar, diffusion = VQARModel(ar_cfg, load_text_weights=False), VQDiffusionModel(diffusion_cfg, load_text_weights=False)
     n_ar = count_parameters(ar) - count_parameters(ar.text_encoder)
     n_diffusion = count_parameters(diffusion) - count_parameters(diffusion.text_encoder)
     assert abs(n_ar / n_diffusion - 1) < 0.02, (n_ar, n_diffusion)  # Table 3 compares equal sizes
-    # VQ-AR has no AdaLN: a recipe's pooled_condition stays with VQ-Diffusion
-    pooled = ar_config("--model.size=VQ-AR-tiny", "--model.pooled_condition=true")
+    # VQ-AR has no AdaLN, and a convolution would show it later tokens: both stay with VQ-Diffusion
+    pooled = ar_config("--model.size=VQ-AR-tiny", "--model.pooled_condition=true", "--model.local_mixing=true")
     assert build_model_config(pooled, MANIFEST) == ar_cfg
     assert build_model_config(ar_config("--model.kind=vq-diffusion", "--model.pooled_condition=true"),
                               MANIFEST).pooled_condition

@@ -289,6 +289,9 @@ def test_pooled_condition_puts_the_caption_mean_first_and_round_trips(tmp_path):
     x_t = torch.full((2, 6), 10)
     torch.testing.assert_close(again.logits(x_t, torch.tensor([2, 5]), again.encode_prompts(CAPTIONS)),
                                model.logits(x_t, torch.tensor([2, 5]), features))
-    # a class-conditional model's single row is its own summary
+    # a class-conditional model's single row is its own summary; local mixing travels with the export
+    mixed = VQDiffusionModel(micro_config(local_mixing=True)).eval()
+    mixed.save(tmp_path / "mixed")
+    assert load_model(tmp_path / "mixed").config.local_mixing
     classes = VQDiffusionModel(micro_config(condition="class", classes=("a", "b"), pooled_condition=True))
     assert classes.config.condition_length == 1 and classes.encode_prompts(["b"]).shape == (1, 1, 32)

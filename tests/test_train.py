@@ -98,6 +98,9 @@ def test_flops_count_matches_a_hand_count():
     macs_text_kv = 2 * 1 * 2 * 2
     macs_head = 2 * 1
     assert denoiser_flops_per_sample(1, 2, 1, 1, 1, 2, 1) == 2 * (macs_token + macs_text_kv + macs_head)
+    # local mixing: a 3 x 3 depthwise convolution over the r*c hidden channels of every token
+    assert (denoiser_flops_per_sample(1, 2, 1, 1, 1, 2, 1, local_mixing=True)
+            == 2 * (macs_token + 9 * 1 * 2 + macs_text_kv + macs_head))
 
 
 # -------------------------------------------------------------------------------- multi-process (slow)

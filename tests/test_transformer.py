@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqd.transformer import AdaLayerNorm, Denoiser, SelfAttention, TokenGridTransformer, TransformerConfig
+from vqd.transformer import AdaLayerNorm, Denoiser, GridConv, SelfAttention, TokenGridTransformer, TransformerConfig
 
 K, GRID, T, D_TEXT = 12, (3, 4), 10, 16
 
@@ -137,6 +137,36 @@ def test_pooled_condition_needs_timestep_norms():
         TokenGridTransformer(micro_config(pooled_condition=True, num_timesteps=0, causal=True))
 
 
+def test_grid_conv_adds_each_cells_3x3_neighbourhood_in_raster_order():
+    """GridConv against a sum written out cell by cell, on a grid that is not square (h = 3, w = 4)."""
+    torch.manual_seed(4)
+    (h, w), channels = GRID, 5
+    mixing = GridConv(channels, GRID)
+    x = torch.randn(2, h * w, channels)
+    weight, bias = mixing.conv.weight[:, 0], mixing.conv.bias  # [C, 3, 3], [C]
+    expected = x.clone()
+    for i in range(h):
+        for j in range(w):
+            for di in (-1, 0, 1):
+                for dj in (-1, 0, 1):
+                    if 0 <= i + di < h and 0 <= j + dj < w:  # zero padding at the border
+                        expected[:, i * w + j] += weight[:, di + 1, dj + 1] * x[:, (i + di) * w + j + dj]
+            expected[:, i * w + j] += bias
+    torch.testing.assert_close(mixing(x), expected)
+
+
+def test_local_mixing_sits_in_every_mlp_and_leaves_the_plain_layout_alone():
+    torch.manual_seed(5)
+    mixed, plain = Denoiser(micro_config(local_mixing=True)), Denoiser(micro_config())
+    assert all(isinstance(block.mlp[1], GridConv) for block in mixed.blocks)
+    # without it the MLP keeps the released code's keys (mlp.0 / mlp.2), so older exports still load
+    assert {k for k in plain.state_dict() if ".mlp." in k} == {
+        f"blocks.{i}.mlp.{j}.{p}" for i in range(2) for j in (0, 2) for p in ("weight", "bias")}
+    assert mixed(*inputs()).shape == plain(*inputs()).shape
+    with pytest.raises(ValueError, match="local_mixing"):
+        TokenGridTransformer(micro_config(local_mixing=True, num_timesteps=0, causal=True))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_self_attention_matches_explicit_softmax(causal):
     torch.manual_seed(2)
@@ -154,11 +184,11 @@ def test_self_attention_matches_explicit_softmax(causal):
     torch.testing.assert_close(attn(x), expected)
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_checkpointing_gives_same_outputs_and_grads(pooled):
+@pytest.mark.parametrize("pooled,local", [(False, False), (True, True)])
+def test_checkpointing_gives_same_outputs_and_grads(pooled, local):
     torch.manual_seed(3)
-    plain = Denoiser(micro_config(pooled_condition=pooled)).train()
-    ckpt = Denoiser(micro_config(checkpoint=True, pooled_condition=pooled)).train()
+    plain = Denoiser(micro_config(pooled_condition=pooled, local_mixing=local)).train()
+    ckpt = Denoiser(micro_config(checkpoint=True, pooled_condition=pooled, local_mixing=local)).train()
     ckpt.load_state_dict(plain.state_dict())
     x_t, t, text = inputs()
     outs, grads = [], []

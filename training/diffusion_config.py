@@ -47,6 +47,9 @@ class ModelSection:
     # The condition also joins t in every AdaLN (vqd.models VQDiffusionConfig.pooled_condition). VQ-Diffusion
     # only: the VQ-AR baseline has no AdaLN, and a recipe trained as VQ-AR leaves it out.
     pooled_condition: bool = False
+    # A depthwise 3 x 3 convolution over the token grid in every MLP (vqd.models VQDiffusionConfig.local_mixing).
+    # VQ-Diffusion only: it would let the causal VQ-AR see later tokens.
+    local_mixing: bool = False
 
 
 @dataclass
@@ -126,9 +129,10 @@ def build_model_config(cfg: DiffusionRunConfig, manifest: dict, classes: tuple[s
     tok = manifest["tokenizer"]
     config_cls = MODEL_KINDS[cfg.model.kind]
     network = {f.name: getattr(cfg.model, f.name) for f in fields(ModelSection)
-               if f.name not in ("kind", "condition", "pooled_condition") + TRAINER_ONLY}
+               if f.name not in ("kind", "condition", "pooled_condition", "local_mixing") + TRAINER_ONLY}
     if config_cls is VQDiffusionConfig:
         network.update(condition=cfg.model.condition, pooled_condition=cfg.model.pooled_condition,
+                       local_mixing=cfg.model.local_mixing,
                        classes=list(classes), num_timesteps=cfg.diffusion.num_timesteps,
                        schedule=cfg.diffusion.schedule, mask_rate=cfg.diffusion.mask_rate)
     wanted = config_cls.from_dict(dict(num_codes=int(tok["num_codes"]), grid=[int(g) for g in tok["grid"]],
@@ -157,7 +161,8 @@ def flops_per_sample(model: VQDiffusionConfig | VQARConfig, train_text: bool = F
     h, w = model.grid
     length = model.condition_length
     flops = 3 * denoiser_flops_per_sample(model.depth, model.width, model.mlp_ratio, h * w, length,
-                                          model.text.width, model.num_codes)
+                                          model.text.width, model.num_codes,
+                                          local_mixing=getattr(model, "local_mixing", False))
     if model.condition == "text":
         t = model.text
         flops += (3 if train_text else 1) * text_tower_flops_per_sample(t.layers, t.width, t.mlp_ratio, t.context_length)

@@ -54,14 +54,15 @@ class MetricWindow:
 
 
 def denoiser_flops_per_sample(depth: int, width: int, mlp_ratio: int, num_tokens: int, text_len: int,
-                              text_dim: int, num_codes: int) -> float:
+                              text_dim: int, num_codes: int, local_mixing: bool = False) -> float:
     """Forward FLOPs of one image through the denoiser (2 per multiply-add; norms and softmax left out)."""
     c, n, length = width, num_tokens, text_len
     per_token = (2 * 4 * c * c  # self-attention q, k, v, out
                  + 2 * 2 * n * c  # scores and the weighted sum over n keys
                  + 2 * 2 * c * c  # cross-attention q and out
                  + 2 * 2 * length * c  # scores and the weighted sum over the text tokens
-                 + 2 * 2 * mlp_ratio * c * c)  # MLP
+                 + 2 * 2 * mlp_ratio * c * c  # MLP
+                 + (2 * 9 * mlp_ratio * c if local_mixing else 0))  # its depthwise 3 x 3 convolution
     text_kv = 2 * 2 * length * text_dim * c  # the text's keys and values, once per image
     return depth * (n * per_token + text_kv) + n * 2 * c * num_codes  # + the head
 

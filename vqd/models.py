@@ -42,6 +42,8 @@ class VQDiffusionConfig(NetworkConfig):
     # The condition's first row also joins t in every AdaLN (vqd/transformer.py; ours, not the paper's). A
     # text condition then starts with one more row, the caption's mean token feature (L = 78).
     pooled_condition: bool = False
+    # A depthwise 3 x 3 convolution over the token grid in every block's MLP (vqd/transformer.py; ours).
+    local_mixing: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,6 +66,7 @@ class VQDiffusionConfig(NetworkConfig):
             num_codes=self.num_codes, grid=self.grid, depth=self.depth, width=self.width, heads=self.heads,
             text_dim=self.text.width, mlp_ratio=self.mlp_ratio, num_timesteps=self.num_timesteps,
             causal=False, dropout=self.dropout, checkpoint=self.checkpoint, pooled_condition=self.pooled_condition,
+            local_mixing=self.local_mixing,
         )
 
 

@@ -12,7 +12,10 @@ with `attn_type: selfcross`, `timestep_type: adalayernorm`, `block_activate: GEL
 With `pooled_condition` (ours, not the paper's), the condition's first row (the caption's mean token
 feature, or a class embedding) is also projected and added to t's embedding in every AdaLN, as DiT
 conditions on its class: a direct path from the caption to every layer, which a small model trained for
-minutes learns to use long before it learns where to look in 77 cross-attention keys.
+minutes learns to use long before it learns where to look in 77 cross-attention keys. With
+`local_mixing` (ours too), every MLP convolves its hidden features over the grid (3 x 3, depthwise, as
+SegFormer's Mix-FFN): neighbouring tokens see each other from the first step, where attention over learned
+row/column embeddings must first learn what "next to" means.
 
 The input has K+1 classes (K codes + [MASK] = id K); the head predicts K classes, because the network
 predicts x_0, which is never [MASK]. The same blocks, made causal and without t, are the VQ-AR
@@ -45,6 +48,7 @@ class TransformerConfig:
     dropout: float = 0.0
     checkpoint: bool = False  # activation checkpointing of every block while training
     pooled_condition: bool = False  # the condition's first row joins t in every AdaLN (needs num_timesteps > 0)
+    local_mixing: bool = False  # a depthwise 3 x 3 convolution over the grid inside every MLP (not causal)
 
 
 class QuickGELU(nn.Module):
@@ -157,6 +161,20 @@ class CrossAttention(nn.Module):
         return self.proj(_merge_heads(y))
 
 
+class GridConv(nn.Module):
+    """x + depthwise 3 x 3 convolution of x laid out on the token grid: [B, N, C] -> [B, N, C]."""
+
+    def __init__(self, channels: int, grid: tuple[int, int]):
+        super().__init__()
+        self.grid = grid
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        image = x.transpose(1, 2).reshape(b, c, *self.grid)
+        return x + self.conv(image).flatten(2).transpose(1, 2)
+
+
 class Block(nn.Module):
     """Norm(t) -> self-attn -> Norm(t) -> cross-attn to text -> LayerNorm -> MLP, each residual: [B, S, C]."""
 
@@ -170,7 +188,11 @@ class Block(nn.Module):
         self.cross_attn = CrossAttention(w, cfg.text_dim, cfg.heads, cfg.dropout)
         self.norm3 = nn.LayerNorm(w)  # the released code's MLP norm is a plain LayerNorm, not AdaLN
         hidden = round(cfg.mlp_ratio * w)
-        self.mlp = nn.Sequential(nn.Linear(w, hidden), QuickGELU(), nn.Linear(hidden, w), nn.Dropout(cfg.dropout))
+        # local_mixing puts a GridConv after the first Linear (as SegFormer's Mix-FFN); without it the
+        # Sequential keeps the released code's layout, so its state-dict keys are unchanged.
+        mixing = [GridConv(hidden, cfg.grid)] if cfg.local_mixing else []
+        self.mlp = nn.Sequential(nn.Linear(w, hidden), *mixing, QuickGELU(), nn.Linear(hidden, w),
+                                 nn.Dropout(cfg.dropout))
 
     def _norm(self, norm: nn.Module, x: torch.Tensor, t: torch.Tensor | None, pooled: torch.Tensor | None) -> torch.Tensor:
         return norm(x, t, pooled) if self.timed else norm(x)
@@ -289,6 +311,8 @@ def _check_config(cfg: TransformerConfig) -> None:
         raise ValueError(f"width: {cfg.width} is not divisible by heads={cfg.heads}")
     if cfg.pooled_condition and cfg.num_timesteps <= 0:
         raise ValueError("pooled_condition: the condition joins t in the AdaLN layers; a network without t has none")
+    if cfg.local_mixing and cfg.causal:
+        raise ValueError("local_mixing: a convolution over the grid sees later tokens; a causal network cannot have it")
     if len(cfg.grid) != 2 or min(cfg.grid) < 1:
         raise ValueError(f"grid: expected (h, w) with h, w >= 1, got {cfg.grid}")
     for name in ("num_codes", "depth", "width", "heads", "text_dim", "mlp_ratio"):
