@@ -128,7 +128,7 @@ def test_config_rejects_bad_tokenizer_settings(tmp_path):
     from training.config import load_config
     from training.train_vqvae import VQVAERunConfig
 
-    with pytest.raises(ValueError, match="image_size 30 is not divisible by the downsampling factor 4"):
+    with pytest.raises(ValueError, match="image_size 30 is not divisible by the downsampling factor 8"):
         load_config(VQVAERunConfig, REPO / "configs/vqvae_emoji.yaml", ["--model.image_size=30"])
     with pytest.raises(ValueError, match="gumbel"):
         load_config(VQVAERunConfig, REPO / "configs/vqvae_emoji.yaml", ["--model.codebook=gumbel"])
