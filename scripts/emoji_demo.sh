@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The offline default, end to end: text -> image on this machine (2 CPU ranks here, GPUs where present).
 #   1. emoji (Twemoji): download the 3,953 captioned PNGs through img2dataset from a 127.0.0.1 server (Ray)
-#   2. train the image tokenizer (VQ-VAE, 32 px -> 8 x 8 tokens of 512 codes) on them (DeepSpeed)
+#   2. train the image tokenizer (VQ-VAE, 32 px -> 4 x 4 tokens of 512 codes) on them (DeepSpeed)
 #   3. encode every image to VQ ids and every caption to CLIP ids: data/emoji/{train,test}-*.tar + manifest
 #   4. openmoji: the same concepts drawn by another artist, rasterised, downloaded and encoded alike
 #   5. train the base VQ-Diffusion on emoji (DeepSpeed, 2 ranks)      -> runs/emoji_base/export
