@@ -162,7 +162,7 @@ def flops_per_sample(model: VQDiffusionConfig | VQARConfig, train_text: bool = F
     length = model.condition_length
     flops = 3 * denoiser_flops_per_sample(model.depth, model.width, model.mlp_ratio, h * w, length,
                                           model.text.width, model.num_codes,
-                                          local_mixing=getattr(model, "local_mixing", False))
+                                          local_mixing=getattr(model, "local_mixing", False))  # VQ-AR has none
     if model.condition == "text":
         t = model.text
         flops += (3 if train_text else 1) * text_tower_flops_per_sample(t.layers, t.width, t.mlp_ratio, t.context_length)

@@ -167,6 +167,8 @@ class GridConv(nn.Module):
     def __init__(self, channels: int, grid: tuple[int, int]):
         super().__init__()
         self.grid = grid
+        # PyTorch's default init (_init_weights leaves convolutions alone): taps of +-1/3, so the neighbours
+        # are heard from the first step rather than grown from zero
         self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
