@@ -48,8 +48,10 @@ from data_pipeline.images import TooManyPixels, open_image  # noqa: E402
 from data_pipeline.recipe import FOLDER_KINDS, LOCAL_KINDS, Recipe  # noqa: E402
 
 KEEP_COLUMNS = ("uid", "split", "source_url", "width", "height", "similarity", "punsafe", "pwatermark", "nsfw", "language",
-                "captions", "category", "subcategory")  # the last three: other caption forms and class labels
-RENAMED = {"width": "source_width", "height": "source_height"}  # img2dataset reserves these names for its output
+                "captions", "category", "subcategory", "key")  # other caption forms, class labels, the concept
+# img2dataset reserves these names for its output; `key` is the concept a row belongs to (the emoji styles: a
+# skin-tone variant's base emoji), which the held-out split groups by and training can balance over
+RENAMED = {"width": "source_width", "height": "source_height", "key": "concept"}
 INPUT = "download_input"
 PLAN = "passes.json"
 REASON = re.compile(r"^([a-z][a-z0-9_]*): ")  # fetch.py and SafeResizer messages start with their reason

@@ -26,7 +26,7 @@ from data_pipeline.shards import read_tar, sample_record, tar_writer
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 META_KEEP = ("uid", "split", "source_url", "original_width", "original_height", "sha256",
              "source_width", "source_height", "similarity", "punsafe", "pwatermark", "nsfw", "language",
-             "captions", "category", "subcategory")
+             "captions", "category", "subcategory", "concept")
 
 
 def tokenizer_info(folder: Path) -> dict:

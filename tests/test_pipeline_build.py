@@ -248,9 +248,10 @@ def test_emoji_images_first_then_encode(ray_session, tokenizer, tmp_path):
         assert n == want.count(split)
     captions = sorted(c for _, _, c in _samples(out).values())
     assert captions == sorted(table["caption"].to_pylist())
-    forms = {c: (f, k, s) for c, f, k, s in zip(*(table[x].to_pylist() for x in ("caption", "captions", "category", "subcategory")))}
+    fields = ("captions", "category", "subcategory", "key")
+    forms = {row[0]: row[1:] for row in zip(*(table[x].to_pylist() for x in ("caption",) + fields))}
     for s in (s for info in manifest["splits"].values() for sh in info["shards"] for s in iter_samples(out / sh["name"])):
-        assert (s["json"]["captions"], s["json"]["category"], s["json"]["subcategory"]) == forms[s["txt"]]
+        assert tuple(s["json"]["concept" if f == "key" else f] for f in fields) == forms[s["txt"]]
     assert manifest["tokenizer"]["grid"] == [8, 8] and manifest["statistics"]["encode"]["encoded"] == 60
 
     # re-encoding with another tokenizer: a crash before the new manifest leaves the old dataset whole ...

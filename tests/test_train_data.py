@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from token_data import FORMS, write_token_dataset
-from training.data import TokenDataConfig, TokenStream, class_names, open_dataset, token_loader
+from training.data import TokenDataConfig, TokenStream, class_names, open_dataset, split_shards, token_loader
 from vqd.text import tokenize
 
 
@@ -54,9 +54,9 @@ def test_ranks_never_run_dry_and_epochs_advance(dataset):
     assert epochs[0] == 0 and epochs[-1] >= 3 and epochs == sorted(epochs)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_gives_exactly_the_remaining_batches(dataset, workers):
-    cfg = TokenDataConfig(caption_forms=True, shuffle_block=3)
+@pytest.mark.parametrize("workers,balance", [(0, 0.0), (2, 0.0), (2, 0.5)])
+def test_resume_gives_exactly_the_remaining_batches(dataset, workers, balance):
+    cfg = TokenDataConfig(caption_forms=True, shuffle_block=3, balance=balance)
     full = list(zip(range(30), token_loader(dataset, cfg, 7, seed=5, rank=1, world_size=2, num_workers=workers)))
     resumed = list(zip(range(19), token_loader(dataset, cfg, 7, seed=5, rank=1, world_size=2, skip_batches=11,
                                                num_workers=workers)))
@@ -71,6 +71,47 @@ def test_resume_gives_exactly_the_remaining_batches(dataset, workers):
         for k in b["keys"]:
             epoch_of.setdefault(k, []).append(b["epoch"])
     assert max(len(v) for v in epoch_of.values()) >= 2  # 210 draws of a 100-sample rank share: epochs repeat keys
+
+
+@pytest.fixture(scope="module")
+def skewed(tmp_path_factory):
+    """400 training samples, 70% of them one pattern and 10% each of the other three."""
+    folder = write_token_dataset(tmp_path_factory.mktemp("skewed"), train=400, test=40, per_shard=25,
+                                 frequency=(7, 1, 1, 1))
+    return open_dataset(TokenDataConfig(path=str(folder)))
+
+
+def concept_of(manifest, split: str) -> dict[str, str]:
+    """sample key -> its .json concept, read straight from the shards."""
+    from data_pipeline.shards import iter_samples
+
+    return {s["key"]: s["json"]["concept"] for path, _ in split_shards(manifest, split) for s in iter_samples(path)}
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0])
+def test_balance_reads_a_group_of_n_about_n_to_the_one_minus_a_times_an_epoch(skewed, power):
+    concept = concept_of(skewed, "train")
+    sizes = collections.Counter(concept.values())
+    assert max(sizes.values()) > 5 * min(sizes.values())
+    cfg, epochs, world = TokenDataConfig(caption_forms=False, balance=power), 30, 2
+    reads = collections.defaultdict(list)  # epoch -> keys read by every rank
+    for rank in range(world):
+        for batch in TokenStream(skewed, cfg, 1, seed=4, rank=rank, world_size=world):
+            if batch["epoch"] >= epochs:
+                break
+            reads[batch["epoch"]] += batch["keys"]
+    for keys in reads.values():
+        assert len(keys) == len(set(keys))  # an epoch reads a sample at most once, across ranks
+    assert len({k for keys in reads.values() for k in keys}) > 3 * max(map(len, reads.values()))  # drawn anew
+    expected = sum(n ** (1 - power) for n in sizes.values())
+    assert TokenStream(skewed, cfg, 1, seed=4).epoch_samples() == pytest.approx(expected)
+    for name, n in sizes.items():
+        p = n ** -power
+        mean = sum(concept[k] == name for keys in reads.values() for k in keys) / epochs
+        assert abs(mean - n * p) < 4 * (n * p * (1 - p) / epochs) ** 0.5 + 1e-9, (name, n, mean)
+    # the held-out split is read whole: the validation loss weighs every sample alike
+    held_out = TokenStream(skewed, cfg, 40, seed=4, split="test")
+    assert sorted(next(iter(held_out))["keys"]) == sorted(concept_of(skewed, "test"))
 
 
 def test_caption_forms_are_drawn_and_labels_follow_classes(dataset):
@@ -131,6 +172,8 @@ def test_bad_split_and_labels_are_named(dataset):
         TokenStream(dataset, TokenDataConfig(split="validation"), 4, seed=0)
     with pytest.raises(ValueError, match="has no 'style' field"):
         class_names(dataset, "train", "style")
+    with pytest.raises(ValueError, match="data.balance_key: .* has no 'style' field"):
+        TokenStream(dataset, TokenDataConfig(balance=1.0, balance_key="style"), 4, seed=0)
     stream = TokenStream(dataset, TokenDataConfig(), 4, seed=0, classes=("stripes",))
     with pytest.raises(ValueError, match="not one of the model's 1 classes"):
         for _ in zip(range(50), stream):

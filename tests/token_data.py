@@ -3,8 +3,8 @@ of {key}.vq.npy / .clip.npy / .txt / .json, plus the tokenizer folder the manife
 
 The task is learnable and checkable: each caption names one pattern on a 4 x 4 grid of K = 8 codes (stripes
 and checkerboard share their two codes, so only the text tells them apart), with a little token noise. Each
-sample's .json carries other caption forms (as a person would type them) and class labels (subcategory: the
-pattern; category: lines or tiles). With `images=True` the data set also has the download/ tar evaluation reads
+sample's .json carries other caption forms (as a person would type them), class labels (subcategory: the
+pattern; category: lines or tiles) and its concept (the caption). With `images=True` the data set also has the download/ tar evaluation reads
 (training/evaluate.py): each sample's grid drawn as a 16 px PNG, one colour per code.
 """
 
@@ -67,8 +67,10 @@ def write_tokenizer(folder: Path, seed: int = 0) -> Path:
 
 
 def write_token_dataset(folder: Path, train: int = 200, test: int = 40, per_shard: int = 25, noise: float = 0.05,
-                        seed: int = 0, first_uid: int = 0, images: bool = False) -> Path:
-    """Write the data set (and its tokenizer in folder/tokenizer; with `images`, download/00000.tar too)."""
+                        seed: int = 0, first_uid: int = 0, images: bool = False,
+                        frequency: tuple[float, ...] = (1, 1, 1, 1)) -> Path:
+    """Write the data set (and its tokenizer in folder/tokenizer; with `images`, download/00000.tar too); each
+    sample's pattern is drawn with probability proportional to its `frequency` (PATTERNS order)."""
     from vqd.io import file_sha256
     from vqd.text import tokenize
 
@@ -90,13 +92,14 @@ def write_token_dataset(folder: Path, train: int = 200, test: int = 40, per_shar
             with tarfile.open(folder / name, "w", format=tarfile.USTAR_FORMAT) as tar:
                 n = min(per_shard, count - start)
                 for _ in range(n):
-                    caption = captions[int(rng.integers(len(captions)))]
+                    caption = captions[int(rng.integers(len(captions)) if len(set(frequency)) == 1 else
+                                           rng.choice(len(captions), p=np.array(frequency) / sum(frequency)))]
                     vq = np.where(rng.random(N) < noise, rng.integers(0, K, N), PATTERNS[caption]).astype(np.uint16)
                     key = f"{uid:016x}"
                     uid += 1
                     sub = caption.split()[1]
                     meta = {"uid": uid, "split": split, "captions": FORMS[caption], "subcategory": sub,
-                            "category": CATEGORY[sub]}
+                            "category": CATEGORY[sub], "concept": caption}
                     if download is not None:
                         for ext, data in (("png", draw(vq)), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
                             _add(download, f"{key}.{ext}", data)

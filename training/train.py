@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     loader = token_loader(manifest, cfg.data, cfg.train.micro_batch_size, cfg.train.seed, info.rank, info.world_size,
                           skip_batches=batches, num_workers=cfg.train.num_workers, classes=model_cfg.classes,
                           context_length=model_cfg.text.context_length)
+    if cfg.data.balance and info.is_main:
+        print(f"data: balanced over .json {cfg.data.balance_key!r} (data.balance {cfg.data.balance}): an epoch reads "
+              f"~{loader.dataset.epoch_samples():.0f} of {manifest['splits'][cfg.data.split]['samples']} samples")
     data = iter(loader)
     flops = flops_per_sample(model_cfg, cfg.model.train_text)
     peak = measured_matmul_flops(info.device, next(iter(trainable.values())).dtype)
