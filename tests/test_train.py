@@ -42,7 +42,8 @@ def test_bad_config_is_refused_naming_the_key():
     base = REPO / "configs/emoji_base.yaml"
     for override, match in [("--train.stepz=3", "train.stepz"), ("--model.condition=image", "condition"),
                             ("--data.drop_text=1.5", "data.drop_text"), ("--model.size=huge", "size"),
-                            ("--optim.schedule=exp", "optim.schedule"), ("--train.precision=fp8", "train.precision")]:
+                            ("--optim.schedule=exp", "optim.schedule"), ("--train.precision=fp8", "train.precision"),
+                            ("--data.balance=-1", "data.balance")]:
         with pytest.raises(ValueError, match=match):
             load_config(DiffusionRunConfig, base, [override])
 

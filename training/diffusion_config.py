@@ -101,6 +101,8 @@ class DiffusionRunConfig:
                               "(the paper compares equal sizes)", stacklevel=2)
         if not 0.0 <= self.data.drop_text <= 1.0:
             raise ValueError(f"data.drop_text: expected a probability in [0, 1], got {self.data.drop_text}")
+        if self.data.balance < 0:
+            raise ValueError(f"data.balance: expected a power >= 0 (0: every sample an epoch), got {self.data.balance}")
         if self.train.ema_decay and not 0.0 < self.train.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay: expected 0 (off) or a value in (0, 1), got {self.train.ema_decay}")
         if self.train.save_every < 1 or self.train.log_every < 1:
