@@ -64,31 +64,33 @@ def split_shards(manifest: dict, split: str) -> list[tuple[Path, int]]:
     return shards
 
 
-def class_names(manifest: dict, split: str, key: str) -> tuple[str, ...]:
-    """The sorted values of .json field `key` over a split (one pass over its shards): a model's classes."""
-    names = set()
-    for path, _ in split_shards(manifest, split):
+def json_values(shards: list[tuple[Path, int]], key: str, setting: str, empty_ok: bool = False,
+                hint: str = "") -> dict[Path, list[str]]:
+    """Each shard's .json `key` values [samples], in tar order (one pass); a sample without one is refused,
+    naming the config `setting`."""
+    values = {}
+    for path, _ in shards:
+        values[path] = []
         for sample in iter_samples(path):
             value = sample["json"].get(key)
-            if value in (None, ""):
-                raise ValueError(f"data.label_key: sample {sample['key']} of {path.name} has no {key!r} field "
-                                 f"(its .json has {sorted(sample['json'])})")
-            names.add(str(value))
-    return tuple(sorted(names))
+            if value is None or (value == "" and not empty_ok):
+                raise ValueError(f"{setting}: sample {sample['key']} of {path.name} has no {key!r} field "
+                                 f"(its .json has {sorted(sample['json'])}){hint}")
+            values[path].append(str(value))
+    return values
+
+
+def class_names(manifest: dict, split: str, key: str) -> tuple[str, ...]:
+    """The sorted values of .json field `key` over a split (one pass over its shards): a model's classes."""
+    values = json_values(split_shards(manifest, split), key, "data.label_key")
+    return tuple(sorted({v for shard in values.values() for v in shard}))
 
 
 def balance_weights(shards: list[tuple[Path, int]], key: str, power: float) -> dict[Path, np.ndarray]:
     """Each shard's per-sample read probability n^-power [samples], n the size of the sample's `key` group."""
-    groups = {}
-    for path, _ in shards:
-        values = []
-        for sample in iter_samples(path):
-            value = sample["json"].get(key)
-            if value is None:  # "" is a group (the emoji set's five lone skin-tone swatches)
-                raise ValueError(f"data.balance_key: sample {sample['key']} of {path.name} has no {key!r} field "
-                                 f"(its .json has {sorted(sample['json'])}); rebuild the data set or set data.balance=0")
-            values.append(str(value))
-        groups[path] = values
+    # "" is a group (the emoji set's five lone skin-tone swatches have no concept of their own)
+    groups = json_values(shards, key, "data.balance_key", empty_ok=True,
+                         hint="; rebuild the data set or set data.balance=0")
     sizes = collections.Counter(v for values in groups.values() for v in values)
     return {path: np.array([sizes[v] ** -power for v in values]) for path, values in groups.items()}
 
