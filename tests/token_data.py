@@ -4,8 +4,9 @@ of {key}.vq.npy / .clip.npy / .txt / .json, plus the tokenizer folder the manife
 The task is learnable and checkable: each caption names one pattern on a 4 x 4 grid of K = 8 codes (stripes
 and checkerboard share their two codes, so only the text tells them apart), with a little token noise. Each
 sample's .json carries other caption forms (as a person would type them), class labels (subcategory: the
-pattern; category: lines or tiles) and its concept (the caption). With `images=True` the data set also has the download/ tar evaluation reads
-(training/evaluate.py): each sample's grid drawn as a 16 px PNG, one colour per code.
+pattern; category: lines or tiles) and its concept (the caption). With `images=True` the data set also has
+the download/ tar evaluation reads (training/evaluate.py): each sample's grid drawn as a 16 px PNG, one
+colour per code.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def write_token_dataset(folder: Path, train: int = 200, test: int = 40, per_shar
             with tarfile.open(folder / name, "w", format=tarfile.USTAR_FORMAT) as tar:
                 n = min(per_shard, count - start)
                 for _ in range(n):
+                    # equal frequencies keep the uniform draw, so the other tests' data sets stay as they were
                     caption = captions[int(rng.integers(len(captions)) if len(set(frequency)) == 1 else
                                            rng.choice(len(captions), p=np.array(frequency) / sum(frequency)))]
                     vq = np.where(rng.random(N) < noise, rng.integers(0, K, N), PATTERNS[caption]).astype(np.uint16)
