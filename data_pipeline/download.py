@@ -11,20 +11,29 @@ A pass-0 shard and the retry shards made from its rows form a chain; a row's sta
 last finished shard of its chain that holds it. Statistics and retry inputs are computed per chain on the
 workers (`settle`); the driver keeps the plan (download_input/passes.json: a number or two per shard).
 
-img2dataset is used as it is but for two seams: its urllib fetch becomes fetch.py's (safe hosts, bounded
-bodies and time, opt-outs), and a PIL check runs before its OpenCV resize: truncated files and images over
+img2dataset is used as it is but for three seams: its urllib fetch becomes fetch.py's (safe hosts, bounded
+bodies and time, opt-outs); a PIL check runs before its OpenCV resize: truncated files and images over
 download.max_image_pixels (read from the header, before any pixel is decoded) become counted failures
-instead of grey-filled samples or gigabyte allocations.
+instead of grey-filled samples or gigabyte allocations; and each shard attempt writes into a folder of its
+own (download/_staging/<shard>-<host>-<pid>-<random>/) and is published by renames, stats last, only when
+complete and only while its run owns the folder. A run claims the folder when it starts (a new token in
+_staging/OWNER, under _staging/.lock): a killed build's Ray workers, in process groups of their own, outlive
+a kill of its process group by seconds, and their late shards are dropped instead of clobbering the same
+shard being written again, or landing in a plan made without them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -41,7 +50,8 @@ from img2dataset import downloader as i2d_downloader  # noqa: E402
 from img2dataset.downloader import Downloader  # noqa: E402
 from img2dataset.resizer import Resizer  # noqa: E402
 
-from data_pipeline.common import SUCCESS, atomic_write_json, atomic_write_parquet, ray_map  # noqa: E402
+from data_pipeline.common import (SUCCESS, atomic_write_json, atomic_write_parquet, atomic_write_text,  # noqa: E402
+                                  fsync_dir, ray_map)
 from data_pipeline.fetch import FetchPolicy, fetch_with_retry, is_transient  # noqa: E402
 from data_pipeline.filters import filter_parts  # noqa: E402
 from data_pipeline.images import TooManyPixels, open_image  # noqa: E402
@@ -54,6 +64,9 @@ KEEP_COLUMNS = ("uid", "split", "source_url", "width", "height", "similarity", "
 RENAMED = {"width": "source_width", "height": "source_height", "key": "concept"}
 INPUT = "download_input"
 PLAN = "passes.json"
+STAGING = "_staging"  # in download/: shard attempts, OWNER (the token of the run that may publish) and .lock
+OWNER = "OWNER"  # not *.json: img2dataset takes every download/*.json for a finished shard's statistics
+LOCK_WAIT = 120.0  # seconds a claim or a publish waits for _staging/.lock before it gives up, naming the file
 REASON = re.compile(r"^([a-z][a-z0-9_]*): ")  # fetch.py and SafeResizer messages start with their reason
 LEGACY = (  # img2dataset's own messages (its resizer, hash checks)
     ("not_an_image", r"image decoding error|cannot identify|not an image"),
@@ -86,12 +99,85 @@ class SafeResizer(Resizer):
         return super().__call__(img_stream, blurring_bbox_list)
 
 
-class SafeDownloader(Downloader):
-    """img2dataset's Downloader whose shards fetch with fetch.py under this recipe's policy."""
+@contextlib.contextmanager
+def _staging_lock(folder: Path, timeout: float = LOCK_WAIT) -> Iterator[Path]:
+    """Hold download/_staging/.lock (claims and publishes take turns); yields the staging folder. flock: a
+    holder that dies releases it. The file is never removed, so every process locks the same one."""
+    staging = Path(folder) / STAGING
+    staging.mkdir(parents=True, exist_ok=True)
+    path = staging / ".lock"
+    with open(path, "a") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{path} stayed locked for {timeout:.0f} s: another process is publishing "
+                                       f"download shards into {str(folder)!r} (a build still running?)") from None
+                time.sleep(0.05)
+        try:
+            yield staging
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
-    def __init__(self, *args, policy: FetchPolicy, **kwargs):
+
+def _owner(staging: Path) -> Optional[str]:
+    try:
+        return (staging / OWNER).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def claim_download(folder: Path) -> str:
+    """Make this run the only one that publishes shards into `folder`; returns its token.
+
+    Waits for a publish in progress (its shard is then finished and counted as such), writes a new token, and
+    removes the attempts left by earlier runs: a worker of a killed run still writing one finds its files
+    gone or, at the latest when it publishes, another token, and drops the shard."""
+    token = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(8)}"
+    with _staging_lock(folder) as staging:
+        atomic_write_text(staging / OWNER, token + "\n")
+        for stale in staging.iterdir():
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+    return token
+
+
+def publish_shard(folder: Path, attempt: Path, name: str, run: str, shared_input: Optional[str] = None) -> None:
+    """Move a finished attempt's files (tar, parquet, ..., {name}_stats.json last) into `folder`, durably, if
+    run `run` still owns it; otherwise raise and leave `folder` as it is."""
+    stats = attempt / f"{name}_stats.json"
+    files = sorted(p for p in attempt.iterdir() if p.is_file() and p.name.startswith(name) and p != stats) + [stats]
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    with _staging_lock(folder) as staging:
+        owner = _owner(staging)
+        if owner != run:
+            raise RuntimeError(f"download shard {name}: {str(folder)!r} now belongs to another run ({owner}), not to "
+                               f"this one ({run}): its files are dropped")
+        if (folder / stats.name).is_file():  # an earlier try of the same shard finished first: keep that one
+            return
+        for p in files:
+            os.replace(p, folder / p.name)
+        fsync_dir(folder)
+        if shared_input:  # img2dataset's own input for the shard (download/_tmp/), written by this run
+            Path(shared_input).unlink(missing_ok=True)
+
+
+class SafeDownloader(Downloader):
+    """img2dataset's Downloader whose shards fetch with fetch.py under this recipe's policy and are published
+    atomically, by the run that owns the folder only (publish_shard)."""
+
+    def __init__(self, *args, policy: FetchPolicy, run: str, **kwargs):
         super().__init__(*args, **kwargs)
         self.policy = policy
+        self.run = run
 
     def __call__(self, row):
         original = i2d_downloader.download_image_with_retry  # a module global that download_shard looks up
@@ -100,6 +186,26 @@ class SafeDownloader(Downloader):
             return super().__call__(row)
         finally:
             i2d_downloader.download_image_with_retry = original
+
+    def download_shard(self, row):
+        """img2dataset's download_shard into an attempt folder of its own, then publish_shard. An exception
+        (download_shard's own, or a lost claim) makes img2dataset count the shard as failed."""
+        shard_id, shard_file = row
+        folder = Path(self.output_folder)
+        name = f"{shard_id:0{self.oom_shard_count}d}"
+        if (folder / f"{name}_stats.json").is_file():  # a retried task whose first try was published
+            return
+        attempt = folder / STAGING / f"{name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        attempt.mkdir(parents=True)
+        try:
+            staged = attempt / "_input.feather"  # download_shard deletes its input: a retry needs the original
+            shutil.copyfile(shard_file, staged)
+            inner = copy.copy(self)
+            inner.output_folder = str(attempt)
+            Downloader.download_shard(inner, (shard_id, str(staged)))
+            publish_shard(folder, attempt, name, self.run, shard_file)
+        finally:
+            shutil.rmtree(attempt, ignore_errors=True)
 
 
 def failure_reason(status: str, message: Optional[str]) -> str:
@@ -261,8 +367,10 @@ def _watch(folder: Path, total: int, stop: threading.Event) -> None:
     bar.close()
 
 
-def run_img2dataset(recipe: Recipe, policy: FetchPolicy, input_dir: Path, folder: Path, mode: str, total: int) -> None:
-    """One img2dataset call over a folder of input files; its Ray distributor when Ray runs, else multiprocessing."""
+def run_img2dataset(recipe: Recipe, policy: FetchPolicy, input_dir: Path, folder: Path, mode: str, total: int,
+                    run: str) -> None:
+    """One img2dataset call over a folder of input files; its Ray distributor when Ray runs, else multiprocessing.
+    `run`: the token of claim_download, without which no shard is published."""
     import img2dataset
     import ray
 
@@ -277,7 +385,7 @@ def run_img2dataset(recipe: Recipe, policy: FetchPolicy, input_dir: Path, folder
     watcher = threading.Thread(target=_watch, args=(folder, total, stop), daemon=True)
     watcher.start()
     seams = {"Resizer": partial(SafeResizer, max_pixels=d.max_image_pixels),
-             "Downloader": partial(SafeDownloader, policy=policy)}
+             "Downloader": partial(SafeDownloader, policy=policy, run=run)}
     originals = {name: getattr(i2d_main, name) for name in seams}
     sigint = signal.getsignal(signal.SIGINT)  # img2dataset installs a handler that exits with status 0
     for name, seam in seams.items():
@@ -300,7 +408,8 @@ def run_img2dataset(recipe: Recipe, policy: FetchPolicy, input_dir: Path, folder
         watcher.join()
 
 
-def _finish_pass0(recipe: Recipe, policy: FetchPolicy, out: Path, plan: dict, local: Optional[tuple[str, str]]) -> None:
+def _finish_pass0(recipe: Recipe, policy: FetchPolicy, out: Path, plan: dict, local: Optional[tuple[str, str]],
+                  run: str) -> None:
     """Write the pass-0 inputs (again with a local server: its port changes) and finish every pass-0 shard."""
     folder, inputs = out / "download", out / INPUT / "pass-0000"
     todo = [f for f in plan["files"] if local or not (inputs / f["name"]).is_file()]
@@ -309,10 +418,11 @@ def _finish_pass0(recipe: Recipe, policy: FetchPolicy, out: Path, plan: dict, lo
     rows = pass0_rows(plan)
     unfinished = [s for s in range(plan["shards"]) if not (folder / f"{s:05d}_stats.json").is_file()]
     if unfinished:
-        run_img2dataset(recipe, policy, inputs, folder, "incremental", sum(rows[s] for s in unfinished))
+        run_img2dataset(recipe, policy, inputs, folder, "incremental", sum(rows[s] for s in unfinished), run)
 
 
-def _retry_pass(recipe: Recipe, policy: FetchPolicy, out: Path, plan: dict, local: Optional[tuple[str, str]]) -> None:
+def _retry_pass(recipe: Recipe, policy: FetchPolicy, out: Path, plan: dict, local: Optional[tuple[str, str]],
+                run: str) -> None:
     """Download again, into new shards, the rows whose latest failure is transient."""
     folder = out / "download"
     for stale in folder.glob("[0-9]*.*"):  # shards of a killed retry pass: their rows are planned again below
@@ -328,13 +438,14 @@ def _retry_pass(recipe: Recipe, policy: FetchPolicy, out: Path, plan: dict, loca
     first = max(int(p.name.split("_")[0]) for p in folder.glob("*_stats.json")) + 1  # where img2dataset's extend starts
     plan["retries"].append({"first": first, "origins": list(retry), "rows": list(retry.values())})
     atomic_write_json(out / INPUT / PLAN, plan)  # before the run: a killed pass keeps its finished shards' chains
-    run_img2dataset(recipe, policy, retry_dir, folder, "extend", sum(retry.values()))
+    run_img2dataset(recipe, policy, retry_dir, folder, "extend", sum(retry.values()), run)
 
 
 def run_download(recipe: Recipe, out: Path, retry_failed: bool = False) -> dict:
     """Stage 3. With retry_failed: finish pass 0, then one retry pass over the transient failures."""
     folder = out / "download"
     folder.mkdir(parents=True, exist_ok=True)
+    run = claim_download(folder)  # before anything reads which shards are finished: no earlier run adds one now
     plan_path = out / INPUT / PLAN
     plan = plan_pass0(out, recipe.download.samples_per_shard)
     if plan_path.is_file():
@@ -342,9 +453,9 @@ def run_download(recipe: Recipe, out: Path, retry_failed: bool = False) -> dict:
     atomic_write_json(plan_path, plan)
     policy = policy_of(recipe, out)
     with _local_server(recipe, out) as local:
-        _finish_pass0(recipe, policy, out, plan, local)
+        _finish_pass0(recipe, policy, out, plan, local, run)
         if retry_failed and not [s for s in range(plan["shards"]) if not (folder / f"{s:05d}_stats.json").is_file()]:
-            _retry_pass(recipe, policy, out, plan, local)
+            _retry_pass(recipe, policy, out, plan, local, run)
     counts = settle_all(out, plan)["counts"]
     attempted = sum(f["rows"] for f in plan["files"])
     missing = counts.pop("missing", 0)

@@ -72,6 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
     /huge             Content-Length above any limit, no body worth reading
     /endless          a body without Content-Length that never ends
     /noai/<name>      the file with X-Robots-Tag: noai          /robots/<name>  with X-Robots-Tag: otherbot: noai
+    /gate/<name>      the first request sets gate[0], waits for gate[1], then 503; later ones get the file at once
     """
 
     protocol_version = "HTTP/1.0"
@@ -128,6 +129,14 @@ class _Handler(BaseHTTPRequestHandler):
                     srv.hits[name] = srv.hits.get(name, 0) + 1
                     fail = srv.hits[name] <= srv.flaky_failures
                 self._send(b"busy", 503) if fail else self._send(srv.files[name])
+            elif route == "gate" and name in srv.files and srv.gate:
+                with srv.lock:
+                    first = f"gate/{name}" not in srv.hits
+                    srv.hits[f"gate/{name}"] = 1
+                if first:
+                    srv.gate[0].set()
+                    srv.gate[1].wait()
+                self._send(b"busy", 503) if first else self._send(srv.files[name])
             elif route == "delay" and name in srv.files:
                 time.sleep(srv.delay)
                 self._send(srv.files[name])
@@ -158,10 +167,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def bad_server(files: dict[str, bytes], pause: float = 4.0, delay: float = 0.0, flaky_failures: int = 1) -> Iterator[str]:
-    """Serve `files` with the routes of _Handler on 127.0.0.1 in a thread; yields the base URL."""
+def bad_server(files: dict[str, bytes], pause: float = 4.0, delay: float = 0.0, flaky_failures: int = 1,
+               gate: tuple[threading.Event, threading.Event] | None = None) -> Iterator[str]:
+    """Serve `files` with the routes of _Handler on 127.0.0.1 in a thread; yields the base URL. gate: the
+    (arrived, release) events of the /gate/ route."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.files, server.pause, server.delay, server.flaky_failures = files, pause, delay, flaky_failures
+    server.gate = gate
     server.hits, server.lock = {}, threading.Lock()
     with serving(server) as url:
         yield url

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -304,6 +305,49 @@ def test_download_without_ray_uses_multiprocessing(tmp_path):
     # the metadata's width travels as source_width (img2dataset's width is the stored image's)
     assert sorted(m["uid"] for m in metas) == [0, 1, 2] and all(m["width"] == 16 for m in metas)
     assert all(m["source_width"] == 640 for m in metas)
+
+
+def test_a_late_shard_of_an_earlier_run_never_replaces_the_resumed_one(tmp_path):
+    """A worker of an earlier download still writing a shard (a killed build's Ray workers outlive its process
+    group by seconds) while a new run downloads the same shard: what the new run published stays, whole."""
+    from data_pipeline.download import run_download
+    from data_pipeline.recipe import load_recipe
+
+    files = {f"g{i}.png": tiny_png(400 + i) for i in range(4)}
+    arrived, release = threading.Event(), threading.Event()
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "late.yaml", tmp_path / "unused.csv",
+                          download={"distributor": "multiprocessing", "processes": 1, "thread_count": 2,
+                                    "samples_per_shard": 4, "timeout": 60})
+    with bad_server(files, gate=(arrived, release)) as base:
+        # the earlier run's request for g0 waits at the gate (then fails); the new run's gets the image at once
+        urls = [f"{base}/gate/g0.png"] + [f"{base}/ok/g{i}.png" for i in range(1, 4)]
+        (out / "filter").mkdir(parents=True)
+        pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(4)], "uid": list(range(4)),
+                                 "split": ["train"] * 4}), out / "filter" / "part-00000.parquet")
+        code = ("import sys; from pathlib import Path; from data_pipeline.download import run_download; "
+                "from data_pipeline.recipe import load_recipe; run_download(load_recipe(sys.argv[1]), Path(sys.argv[2]))")
+        earlier = subprocess.Popen([sys.executable, "-c", code, str(recipe), str(out)], start_new_session=True,
+                                   env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        try:
+            assert arrived.wait(120), "the earlier run never fetched its first image"
+            stats = run_download(load_recipe(str(recipe)), out)  # shard 0 again, while the earlier run writes it
+            assert stats == {"attempted": 4, "downloaded": 4, "failed": {}, "missing": 0}
+            published = {p.name: p.read_bytes() for p in (out / "download").glob("00000*")}
+            release.set()  # the earlier run's shard now finishes, g0 failed
+            log = earlier.communicate(timeout=120)[0]
+        finally:
+            release.set()
+            if earlier.poll() is None:
+                os.killpg(earlier.pid, signal.SIGKILL)
+                earlier.wait()
+    assert "shard 0 failed with error" in log, log[-3000:]  # the late attempt ran to its end, and was dropped
+    assert sorted(published) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+    assert {p.name: p.read_bytes() for p in (out / "download").glob("00000*")} == published
+    with tarfile.open(out / "download" / "00000.tar") as tf:
+        uids = sorted(json.loads(tf.extractfile(n).read())["uid"] for n in tf.getnames() if n.endswith(".json"))
+    assert uids == [0, 1, 2, 3] and pq.read_table(out / "download" / "00000.parquet")["status"].to_pylist() == ["success"] * 4
 
 
 def _shipped() -> list[str]:
