@@ -15,18 +15,13 @@ img2dataset is used as it is but for three seams: its urllib fetch becomes fetch
 bodies and time, opt-outs); a PIL check runs before its OpenCV resize: truncated files and images over
 download.max_image_pixels (read from the header, before any pixel is decoded) become counted failures
 instead of grey-filled samples or gigabyte allocations; and each shard attempt writes into a folder of its
-own (download/_staging/<shard>-<host>-<pid>-<random>/) and is published by renames, stats last, only when
-complete and only while its run owns the folder. A run claims the folder when it starts (a new token in
-_staging/OWNER, under _staging/.lock): a killed build's Ray workers, in process groups of their own, outlive
-a kill of its process group by seconds, and their late shards are dropped instead of clobbering the same
-shard being written again, or landing in a plan made without them.
+own under download/_staging/ and is published only while its run owns the folder (staging.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import json
 import os
 import re
@@ -50,12 +45,12 @@ from img2dataset import downloader as i2d_downloader  # noqa: E402
 from img2dataset.downloader import Downloader  # noqa: E402
 from img2dataset.resizer import Resizer  # noqa: E402
 
-from data_pipeline.common import (SUCCESS, atomic_write_json, atomic_write_parquet, atomic_write_text,  # noqa: E402
-                                  fsync_dir, ray_map)
+from data_pipeline.common import SUCCESS, atomic_write_json, atomic_write_parquet, ray_map  # noqa: E402
 from data_pipeline.fetch import FetchPolicy, fetch_with_retry, is_transient  # noqa: E402
 from data_pipeline.filters import filter_parts  # noqa: E402
 from data_pipeline.images import TooManyPixels, open_image  # noqa: E402
 from data_pipeline.recipe import FOLDER_KINDS, LOCAL_KINDS, Recipe  # noqa: E402
+from data_pipeline.staging import STAGING, claim_download, publish_shard  # noqa: E402
 
 KEEP_COLUMNS = ("uid", "split", "source_url", "width", "height", "similarity", "punsafe", "pwatermark", "nsfw", "language",
                 "captions", "category", "subcategory", "key")  # other caption forms, class labels, the concept
@@ -64,9 +59,6 @@ KEEP_COLUMNS = ("uid", "split", "source_url", "width", "height", "similarity", "
 RENAMED = {"width": "source_width", "height": "source_height", "key": "concept"}
 INPUT = "download_input"
 PLAN = "passes.json"
-STAGING = "_staging"  # in download/: shard attempts, OWNER (the token of the run that may publish) and .lock
-OWNER = "OWNER"  # not *.json: img2dataset takes every download/*.json for a finished shard's statistics
-LOCK_WAIT = 120.0  # seconds a claim or a publish waits for _staging/.lock before it gives up, naming the file
 REASON = re.compile(r"^([a-z][a-z0-9_]*): ")  # fetch.py and SafeResizer messages start with their reason
 LEGACY = (  # img2dataset's own messages (its resizer, hash checks)
     ("not_an_image", r"image decoding error|cannot identify|not an image"),
@@ -97,77 +89,6 @@ class SafeResizer(Resizer):
             return None, None, None, None, None, f"{reason}: {err}"
         img_stream.seek(0)
         return super().__call__(img_stream, blurring_bbox_list)
-
-
-@contextlib.contextmanager
-def _staging_lock(folder: Path, timeout: float = LOCK_WAIT) -> Iterator[Path]:
-    """Hold download/_staging/.lock (claims and publishes take turns); yields the staging folder. flock: a
-    holder that dies releases it. The file is never removed, so every process locks the same one."""
-    staging = Path(folder) / STAGING
-    staging.mkdir(parents=True, exist_ok=True)
-    path = staging / ".lock"
-    with open(path, "a") as f:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{path} stayed locked for {timeout:.0f} s: another process is publishing "
-                                       f"download shards into {str(folder)!r} (a build still running?)") from None
-                time.sleep(0.05)
-        try:
-            yield staging
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _owner(staging: Path) -> Optional[str]:
-    try:
-        return (staging / OWNER).read_text().strip()
-    except FileNotFoundError:
-        return None
-
-
-def claim_download(folder: Path) -> str:
-    """Make this run the only one that publishes shards into `folder`; returns its token.
-
-    Waits for a publish in progress (its shard is then finished and counted as such), writes a new token, and
-    removes the attempts left by earlier runs: a worker of a killed run still writing one finds its files
-    gone or, at the latest when it publishes, another token, and drops the shard."""
-    token = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(8)}"
-    with _staging_lock(folder) as staging:
-        atomic_write_text(staging / OWNER, token + "\n")
-        for stale in staging.iterdir():
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-    return token
-
-
-def publish_shard(folder: Path, attempt: Path, name: str, run: str, shared_input: Optional[str] = None) -> None:
-    """Move a finished attempt's files (tar, parquet, ..., {name}_stats.json last) into `folder`, durably, if
-    run `run` still owns it; otherwise raise and leave `folder` as it is."""
-    stats = attempt / f"{name}_stats.json"
-    files = sorted(p for p in attempt.iterdir() if p.is_file() and p.name.startswith(name) and p != stats) + [stats]
-    for p in files:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    with _staging_lock(folder) as staging:
-        owner = _owner(staging)
-        if owner != run:
-            raise RuntimeError(f"download shard {name}: {str(folder)!r} now belongs to another run ({owner}), not to "
-                               f"this one ({run}): its files are dropped")
-        if (folder / stats.name).is_file():  # an earlier try of the same shard finished first: keep that one
-            return
-        for p in files:
-            os.replace(p, folder / p.name)
-        fsync_dir(folder)
-        if shared_input:  # img2dataset's own input for the shard (download/_tmp/), written by this run
-            Path(shared_input).unlink(missing_ok=True)
 
 
 class SafeDownloader(Downloader):
