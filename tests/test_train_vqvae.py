@@ -132,6 +132,8 @@ def test_config_rejects_bad_tokenizer_settings(tmp_path):
         load_config(VQVAERunConfig, REPO / "configs/vqvae_emoji.yaml", ["--model.image_size=30"])
     with pytest.raises(ValueError, match="gumbel"):
         load_config(VQVAERunConfig, REPO / "configs/vqvae_emoji.yaml", ["--model.codebook=gumbel"])
+    with pytest.raises(ValueError, match=r"norm_groups 16 leaves one channel a group at \[16\] channels.*at most 8"):
+        load_config(VQVAERunConfig, REPO / "configs/vqvae_emoji.yaml", ["--model.norm_groups=16"])
     cfg = load_config(VQVAERunConfig, REPO / "configs/vqvae_f8_8192.yaml")
     assert cfg.model.num_embeddings == 8192 and cfg.model.downsample_factor == 8
     assert cfg.deepspeed["bf16"]["enabled"] and cfg.deepspeed["train_micro_batch_size_per_gpu"] == 12

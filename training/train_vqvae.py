@@ -99,6 +99,11 @@ class VQVAERunConfig:
             raise ValueError("train.ema_decay is not used by the tokenizer trainer (the codebook has its own EMA)")
         if self.model.used_codes:
             raise ValueError("model.used_codes is set by pruning after training, not in a training config")
+        if instance := self.model.one_channel_groups():
+            raise ValueError(f"model.norm_groups {self.model.norm_groups} leaves one channel a group at {instance} "
+                             f"channels: GroupNorm is then instance norm, which erases each channel's per-image "
+                             f"mean and with it flat colours (a red heart comes back brown); use at most "
+                             f"{min(instance) // 2} groups")
 
 
 class TokenizerObjective(nn.Module):

@@ -21,14 +21,15 @@ import torch
 
 from vqd.vqvae import VQVAE, VQVAEConfig
 
-# Architectures of taming's released models (from their model.yaml: ch 128, 2 res blocks, z 256, d 256).
+# Architectures of taming's released models (from their model.yaml: ch 128, 2 res blocks, z 256, d 256, and
+# GroupNorm's 32 groups, which taming's code fixes).
 TAMING_CONFIGS: dict[str, VQVAEConfig] = {
     "f8_8192_gumbel": VQVAEConfig(image_size=256, ch=128, ch_mult=(1, 1, 2, 4), num_res_blocks=2,
                                   attn_resolutions=(32,), z_channels=256, embed_dim=256, num_embeddings=8192,
-                                  codebook="gumbel", restart_after=0),
+                                  codebook="gumbel", restart_after=0, norm_groups=32),
     "f16_16384": VQVAEConfig(image_size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
                              attn_resolutions=(16,), z_channels=256, embed_dim=256, num_embeddings=16384,
-                             codebook="learned", restart_after=0),
+                             codebook="learned", restart_after=0, norm_groups=32),
 }
 
 
@@ -83,7 +84,8 @@ def infer_taming_config(sd: Mapping[str, torch.Tensor], image_size: int = 256) -
     num_embeddings = sd["quantize.embed.weight" if gumbel else "quantize.embedding.weight"].shape[0]
     return VQVAEConfig(image_size=image_size, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                        attn_resolutions=attn, z_channels=z_channels, embed_dim=embed_dim,
-                       num_embeddings=num_embeddings, codebook="gumbel" if gumbel else "learned", restart_after=0)
+                       num_embeddings=num_embeddings, codebook="gumbel" if gumbel else "learned", restart_after=0,
+                       norm_groups=32)  # taming's Normalize: always 32 groups
 
 
 def load_taming_checkpoint(path: str | os.PathLike, config: VQVAEConfig | None = None,

@@ -55,7 +55,7 @@ class VQVAEConfig:
     gumbel_temperature: float = 1.0
     gumbel_kl_weight: float = 1e-8
     dropout: float = 0.0
-    norm_groups: int = 32
+    norm_groups: int = 8  # 4 channels a group at ch 32, as taming's 32 groups at ch 128 (see one_channel_groups)
     used_codes: int = 0  # K' after pruning; 0 = no remapping (set by set_code_remap, read by load_tokenizer)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (e.g. the taming file's sha256)
 
@@ -78,6 +78,16 @@ class VQVAEConfig:
                              f"got {self.z_channels} and {self.embed_dim}")
         if not 0 <= self.used_codes <= self.num_embeddings:
             raise ValueError(f"used_codes must be in [0, num_embeddings={self.num_embeddings}], got {self.used_codes}")
+
+    def one_channel_groups(self) -> list[int]:
+        """Channel counts of the levels whose GroupNorm has one channel a group, i.e. is instance norm.
+
+        Instance norm subtracts each channel's mean over the image, so the flat colour of a region can only pass
+        through the residual paths, and the decoder's last norm has none after it: a 16-channel tokenizer with
+        16 groups reconstructs a red heart brown even before quantisation (held-out PSNR 18.7 dB; with 4 groups
+        19.3 dB and the heart red). group_norm takes gcd(groups, channels) groups."""
+        levels = sorted({self.ch * m for m in self.ch_mult} | {self.ch})
+        return [c for c in levels if math.gcd(self.norm_groups, c) == c and c > 1]
 
     @property
     def downsample_factor(self) -> int:
