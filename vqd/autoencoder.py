@@ -15,9 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def group_count(channels: int, groups: int = 32) -> int:
+    """The groups GroupNorm gets over `channels`: `groups`, shrunk to a divisor of `channels` for tiny models."""
+    return math.gcd(groups, channels)
+
+
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with taming's eps; the group count shrinks to a divisor of `channels` for tiny models."""
-    return nn.GroupNorm(math.gcd(groups, channels), channels, eps=1e-6, affine=True)
+    """GroupNorm with taming's eps and group_count's groups."""
+    return nn.GroupNorm(group_count(channels, groups), channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
