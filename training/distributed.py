@@ -194,6 +194,12 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
 def cleanup() -> None:
     """End the process group and unset the rendezvous variables init_distributed exported."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        deepspeed_comm = sys.modules.get("deepspeed.comm")
+        if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+            # DeepSpeed caches its data-parallel groups: torch's teardown alone leaves them pointing at the dead
+            # world, and a second training run in the same process fails in deepspeed.initialize
+            deepspeed_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
     while _EXPORTED:
         os.environ.pop(_EXPORTED.pop(), None)

@@ -73,12 +73,26 @@ def text_config_from_open_clip(model_name: str = "ViT-B-32", **overrides) -> Tex
     return cfg
 
 
+@functools.lru_cache(maxsize=1)
+def _bpe_module():
+    """open_clip's tokenizer.py, run on its own: `import open_clip` would load every model family it knows
+    (timm, torchvision ops, transformers, torch._dynamo: 3-5 s on 2 CPU cores, paid again by each training
+    rank's data worker), and the tokenizer needs none of them. Its BPE vocabulary sits beside it."""
+    import importlib.util
+
+    package = importlib.util.find_spec("open_clip")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("the CLIP tokenizer needs open_clip: pip install open_clip_torch")
+    path = f"{package.submodule_search_locations[0]}/tokenizer.py"
+    spec = importlib.util.spec_from_file_location("vqd._open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer(context_length: int):
-    import open_clip
-
-    # The BPE vocabulary ships inside the open_clip package: no network access.
-    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+    return _bpe_module().SimpleTokenizer(context_length=context_length)
 
 
 def tokenize(captions: list[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
