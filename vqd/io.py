@@ -70,6 +70,17 @@ def load_state_dict_strict(module: torch.nn.Module, tensors: Mapping[str, torch.
     module.load_state_dict(dict(tensors), strict=True)
 
 
+def installed_package_folder(name: str) -> Path | None:
+    """The folder of installed package `name`, found without importing it (its files are data here: a
+    vocabulary, a TorchScript file, images); None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks (model weights and shards can be large)."""
     h = hashlib.sha256()

@@ -80,11 +80,12 @@ def _bpe_module():
     rank's data worker), and the tokenizer needs none of them. Its BPE vocabulary sits beside it."""
     import importlib.util
 
-    package = importlib.util.find_spec("open_clip")
-    if package is None or not package.submodule_search_locations:
+    from vqd.io import installed_package_folder
+
+    package = installed_package_folder("open_clip")
+    if package is None:
         raise ImportError("the CLIP tokenizer needs open_clip: pip install open_clip_torch")
-    path = f"{package.submodule_search_locations[0]}/tokenizer.py"
-    spec = importlib.util.spec_from_file_location("vqd._open_clip_tokenizer", path)
+    spec = importlib.util.spec_from_file_location("vqd._open_clip_tokenizer", package / "tokenizer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
