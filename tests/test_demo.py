@@ -28,8 +28,9 @@ def checkout_copy(dest: Path) -> Path:
 @pytest.mark.timeout(1800)
 def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
     repo = checkout_copy(tmp_path / "repo")
-    env = {**launcher_env(), "PYTHONPATH": str(repo), "TOKENIZER_STEPS": "30", "BASE_STEPS": "6", "FINETUNE_STEPS": "4",
-           "EVAL_N": "8", "LIMIT": "300",
+    # the tokenizer and the base ask for more steps than their time budgets allow: both plan their own end
+    env = {**launcher_env(), "PYTHONPATH": str(repo), "TOKENIZER_STEPS": "100000", "TOKENIZER_MINUTES": "0.15",
+           "BASE_STEPS": "100000", "BASE_MINUTES": "0.2", "FINETUNE_STEPS": "4", "EVAL_N": "8", "LIMIT": "300",
            "OMP_NUM_THREADS": "1"}
     start = time.time()
     first = subprocess.run(["bash", "scripts/emoji_demo.sh"], cwd=repo, env=env, stdout=subprocess.PIPE,
@@ -46,6 +47,11 @@ def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
     provenance = json.loads((repo / "runs/emoji_openmoji/export/provenance.json").read_text())
     base = json.loads((repo / "runs/emoji_base/export/provenance.json").read_text())
     assert provenance["base_run_id"] == base["mlflow_run_id"] and provenance["step"] == 4
+    for run in ("vqvae_emoji", "emoji_base"):  # ended by the budget at a step both ranks planned, and saved there
+        (last,) = sorted((repo / "runs" / run / "checkpoints").glob("step_*"))[-1:]
+        progress = json.loads((last / "progress.json").read_text())
+        assert progress["config_steps"] == 100000 and 5 < progress["step"] == progress["planned_steps"] < 1000, run
+    assert base["step"] == progress["step"]
     assert "mlflow ui" in first.stdout and (repo / "out/compare/curves.png").is_file()
 
     # the second run trains and draws nothing again (checkpoints and exports stay as they were); asked to, it

@@ -66,13 +66,53 @@ def test_fine_tune_must_keep_the_base_architecture(toy):
 
 def test_lr_schedule_warms_up_then_decays():
     from training.config import OptimConfig
-    from training.optim import lr_multiplier
+    from training.optim import LRSchedule
 
-    f = lr_multiplier(OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), total_steps=110)
+    f = LRSchedule(OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), total_steps=110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
-    g = lr_multiplier(OptimConfig(warmup_steps=0, schedule="linear", min_lr_ratio=0.0), total_steps=100)
+    g = LRSchedule(OptimConfig(warmup_steps=0, schedule="linear", min_lr_ratio=0.0), total_steps=100)
     assert g(50) == pytest.approx(0.5)
+
+
+def test_time_budget_plans_the_end_the_budget_reaches():
+    from training.budget import plan_end
+
+    assert plan_end(step=10, steps=1000, budget_s=60, spent_s=20, seconds_per_step=0.5) == 90
+    assert plan_end(step=10, steps=50, budget_s=60, spent_s=20, seconds_per_step=0.5) == 50  # train.steps first
+    assert plan_end(step=10, steps=1000, budget_s=60, spent_s=61, seconds_per_step=0.5) == 10  # time is up
+
+
+def test_time_budget_ends_the_loop_in_time_with_its_lr_decay_complete():
+    """A loop of 20 ms steps under a 1.2 s budget: it plans ~60 steps, ends in time, its cosine decay done."""
+    import time
+
+    from training.budget import StepBudget
+    from training.config import OptimConfig
+    from training.optim import build_optimizer, set_total_steps
+
+    module = torch.nn.Linear(2, 2)
+    optim = OptimConfig(lr=1.0, warmup_steps=5, schedule="cosine", min_lr_ratio=0.1)
+    opt, sched = build_optimizer(module, optim, 10 ** 6, torch.device("cpu"))
+    budget, step, lrs = StepBudget(max_minutes=0.02, steps=10 ** 6, step=0, every=5), 0, []
+    started = time.perf_counter()
+    while step < budget.planned:
+        time.sleep(0.02)
+        opt.step()
+        sched.step()
+        step += 1
+        if budget.update(step, torch.device("cpu"), world_size=1) != sched.lr_lambdas[0].total_steps:
+            set_total_steps(sched, budget.planned)
+        lrs.append(sched.get_last_lr()[0])
+    took = time.perf_counter() - started
+    assert 1.0 < took < 1.6 and 30 < step < 62 and budget.planned == step, (took, step)
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01) and max(lrs) > 0.9  # warmed up, then decayed to the end
+    # a checkpoint's state gives a resumed run the same plan and the time already spent; other steps re-plan
+    state = {"step": step, **budget.state()}
+    again = StepBudget.resumed(0.02, 10 ** 6, state, every=5)
+    assert again.planned == step and again.spent() >= took - 0.05
+    assert StepBudget.resumed(0.02, 500, state, every=5).planned == 500
+    assert StepBudget(0, 300, 0).update(300, torch.device("cpu"), 1) == 300  # no budget: train.steps
 
 
 def test_ema_tracks_the_weights_with_warm_up():

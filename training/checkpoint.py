@@ -6,7 +6,9 @@ Two kinds, as DESIGN.md says:
     tensors and numbers, read back with weights_only=True), what the program adds (EMA, sampler statistics)
     and the resolved config.yaml;
   * exports: a model folder (config.yaml + model.safetensors via vqd.io) in run_dir/export/, for everything else.
-`resume: auto` picks the newest complete checkpoint in the run dir.
+`resume: auto` picks the newest complete checkpoint in the run dir. Each checkpoint's progress.json says where
+the run stands ({"step", "planned_steps", "config_steps"}), readable without torch: a script asks it whether
+the run reached its planned end (a run under a time budget ends before train.steps).
 
 A checkpoint is trusted only once complete and is never rewritten in place: every rank writes into
 step_X.partial/, rank 0 marks it complete and only then renames it to step_X/ (a previous step_X/ of a
@@ -15,6 +17,7 @@ rerun is moved aside first). A crash at any point leaves either no step_X/ or a 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -30,6 +33,7 @@ from training.distributed import barrier
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 DONE_FILE = "complete"  # written last: a checkpoint without it was interrupted and is never resumed from
+PROGRESS_FILE = "progress.json"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -106,6 +110,8 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, cfg: Any 
     if rank == 0:
         if cfg is not None:
             save_config(cfg, partial / "config.yaml")
+        progress = {k: (rank_state or {})[k] for k in ("planned_steps", "config_steps") if k in (rank_state or {})}
+        (partial / PROGRESS_FILE).write_text(json.dumps({"step": step, **progress}))
         (partial / DONE_FILE).write_text(str(step))
         if path.exists():  # a rerun saving the same step: the old folder goes aside, never rewritten in place
             aside = root / f"{tag}.replaced"

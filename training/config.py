@@ -54,6 +54,7 @@ class TrainConfig:
     """Loop length, batch, precision and where the run lives. Batch/clip/precision feed the deepspeed section."""
 
     steps: int = 1000
+    max_minutes: float = 0.0  # > 0: a wall-clock budget for the loop; the run ends sooner if it reaches it (budget.py)
     micro_batch_size: int = 32  # per rank, per forward
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0 = off
@@ -65,7 +66,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest N kept
     log_every: int = 20
     image_every: int = 500  # steps between image grids logged to MLflow
-    eval_every: int = 0  # steps between held-out evaluations (0 = only at the end)
+    eval_every: int = 0  # steps between held-out evaluations, and at the last step (0 = none during training)
     num_workers: int = 2  # data loader workers per rank
     init_from: str = ""  # a model folder to start from (fine-tuning)
     ema_decay: float = 0.0  # EMA of weights (0 = off)
@@ -220,6 +221,8 @@ def derive_deepspeed(ds: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
     train.precision = resolve_precision(train.precision)
     if train.micro_batch_size < 1 or train.grad_accum < 1:
         raise ValueError("train.micro_batch_size and train.grad_accum must be >= 1")
+    if train.max_minutes < 0:
+        raise ValueError(f"train.max_minutes must be >= 0 (0: no time budget), got {train.max_minutes}")
     derived = {"train_micro_batch_size_per_gpu": train.micro_batch_size,
                "gradient_accumulation_steps": train.grad_accum,
                "gradient_clipping": float(train.grad_clip),

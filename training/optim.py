@@ -2,30 +2,43 @@
 
 The schedule is a multiplier of `optim.lr`: linear warm-up over `warmup_steps` optimizer steps, then
 constant, cosine or linear decay to `min_lr_ratio * lr` at the end of the run (the paper: 4.5e-4 after
-5,000 warm-up steps). It is a pure function of the step, so a resumed run continues exactly.
+5,000 warm-up steps). It is a pure function of the step and the run's planned end, so a resumed run
+continues exactly.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 
 from training.config import OptimConfig
 
-def lr_multiplier(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
-    """step -> factor of optim.lr: warm-up, then the decay `optim.schedule` names."""
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        if optim.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1.0 - progress
-        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
 
-    return factor
+class LRSchedule:
+    """step -> factor of optim.lr: warm-up, then the decay `optim.schedule` names, ending at `total_steps`.
+
+    An object rather than a closure so that a run fitted to a time budget (training/budget.py) can move its
+    end while it runs; LambdaLR keeps its attributes in the scheduler's state.
+    """
+
+    def __init__(self, optim: OptimConfig, total_steps: int):
+        self.warmup_steps, self.schedule, self.min_lr_ratio = optim.warmup_steps, optim.schedule, optim.min_lr_ratio
+        self.total_steps = int(total_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1.0 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
+
+
+def set_total_steps(sched: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """Move the end of the schedule (the decay reaches min_lr_ratio there); applies from the next step."""
+    for schedule in sched.lr_lambdas:
+        schedule.total_steps = int(total_steps)
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -47,4 +60,4 @@ def build_optimizer(module: torch.nn.Module, optim: OptimConfig, total_steps: in
     """AdamW over the trainable parameters of `module` (fused on CUDA) and its LambdaLR schedule."""
     opt = torch.optim.AdamW(param_groups(module, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
                             fused=device.type == "cuda")
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(optim, total_steps))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(optim, total_steps))

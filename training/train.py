@@ -47,6 +47,7 @@ if __package__ in (None, ""):  # `python training/train.py` / deepspeed launcher
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from training.budget import StepBudget  # noqa: E402
 from training.checkpoint import export_dir, load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
 from training.config import load_config, split_cli  # noqa: E402
 from training.data import class_names, open_dataset, token_loader  # noqa: E402
@@ -58,7 +59,7 @@ from training.metrics import MetricWindow, measured_matmul_flops  # noqa: E402
 from training.monitor import fixed_prompts, sample_grid, start_tracking, validation_loss  # noqa: E402
 from training.ar_objective import NextToken, ar_micro_step  # noqa: E402
 from training.objective import Denoising, micro_step, step_generator  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
+from training.optim import build_optimizer, set_total_steps  # noqa: E402
 from training.tracking import tracking_uri  # noqa: E402
 from vqd.diffusion import TimestepSampler  # noqa: E402
 from vqd.io import load_folder, load_state_dict_strict  # noqa: E402
@@ -123,10 +124,12 @@ def main(argv: list[str] | None = None) -> None:
         else None
 
     step, batches = 0, 0
+    budget = StepBudget(cfg.train.max_minutes, cfg.train.steps, step, every=cfg.train.log_every)
     resume_from = resolve_resume(cfg.train.resume, run_dir)
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from, info.rank)
         step, batches = int(state["step"]), int(state["batches"])
+        budget = StepBudget.resumed(cfg.train.max_minutes, cfg.train.steps, state, every=cfg.train.log_every)
         if ema is not None:
             ema.load(resume_from, info.rank)
         if sampler is not None:
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             if sampler is not None and info.is_main:
                 torch.save(sampler.state_dict(), folder / "timestep_sampler.pt")
 
-        save_checkpoint(engine, run_dir, step, info.rank, cfg, {"batches": batches}, cfg.train.keep_checkpoints, extra)
+        save_checkpoint(engine, run_dir, step, info.rank, cfg, {"batches": batches, **budget.state()},
+                        cfg.train.keep_checkpoints, extra)
         export(step)
 
     # ---- the loop ----
@@ -179,10 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     flops = flops_per_sample(model_cfg, cfg.model.train_text)
     peak = measured_matmul_flops(info.device, next(iter(trainable.values())).dtype)
     window = MetricWindow()
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=not info.is_main, desc="train", dynamic_ncols=True)
+    set_total_steps(sched, budget.planned)
+    bar = tqdm(total=budget.planned, initial=step, disable=not info.is_main, desc="train", dynamic_ncols=True)
     engine.train()
     grad_norm = None
-    while step < cfg.train.steps:
+    while step < budget.planned:
         started = time.perf_counter()
         vlbs, ts = [], []
         for micro in range(cfg.train.grad_accum):
@@ -212,8 +217,12 @@ def main(argv: list[str] | None = None) -> None:
                 torch.distributed.all_reduce(counts)
             sampler.update(sums, counts)
         window.add(0, time.perf_counter() - started)
+        if budget.update(step, info.device, info.world_size) != bar.total:  # the time budget moved the end
+            set_total_steps(sched, budget.planned)
+            bar.total = budget.planned
         bar.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        last = step == budget.planned
+        if step % cfg.train.log_every == 0 or last:
             means = window.flush(info.device)
             means["lr"] = sched.get_last_lr()[0]
             means["tokens_per_s"] = means["samples_per_s"] * model_cfg.grid[0] * model_cfg.grid[1]
@@ -224,11 +233,11 @@ def main(argv: list[str] | None = None) -> None:
             grad_norm = None
             log(means, step)
             bar.set_postfix(loss=f"{means['loss']:.3f}", sps=f"{means['samples_per_s']:.0f}", mfu=f"{means['mfu']:.2f}")
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and cfg.data.eval_split:
+        if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or last) and cfg.data.eval_split:
             log(validation_loss(engine, model, manifest, cfg, info), step)
-        if step % cfg.train.save_every == 0 or step == cfg.train.steps:
+        if step % cfg.train.save_every == 0 or last:
             save(step)
-        if cfg.train.image_every and (step % cfg.train.image_every == 0 or step == cfg.train.steps):
+        if cfg.train.image_every and (step % cfg.train.image_every == 0 or last):
             if exported_at != step:
                 export(step)
             grid = sample_grid(export_dir(run_dir), cfg, prompts, info)

@@ -50,13 +50,14 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from training.budget import StepBudget  # noqa: E402
 from training.checkpoint import export_dir, load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
 from training.config import (OptimConfig, TrackingConfig, TrainConfig, load_config,  # noqa: E402
                              save_config, split_cli)
 from training.data_images import ImageDataConfig, image_loader  # noqa: E402
 from training.distributed import barrier, cleanup, init_distributed  # noqa: E402
 from training.metrics import MetricWindow  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
+from training.optim import build_optimizer, set_total_steps  # noqa: E402
 from training.tracking import image_grid, start_run, to_uint8  # noqa: E402
 from vqd.autoencoder import PatchDiscriminator, hinge_d_loss  # noqa: E402
 from vqd.vqvae import VQVAE, VQVAEConfig, count_code_usage, load_tokenizer  # noqa: E402
@@ -223,10 +224,12 @@ def main(argv: list[str] | None = None) -> None:
 
     step, batches_done = 0, 0
     skipped = {"bad_images": 0, "bad_tars": 0}  # this rank's, since the run began (kept in checkpoints)
+    budget = StepBudget(cfg.train.max_minutes, cfg.train.steps, step, every=cfg.train.log_every)
     resume_from = resolve_resume(cfg.train.resume, run_dir)
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from, info.rank)
         step, batches_done = int(state["step"]), int(state.get("batches", 0))
+        budget = StepBudget.resumed(cfg.train.max_minutes, cfg.train.steps, state, every=cfg.train.log_every)
         skipped = {k: int(state.get(f"skipped_{k}", 0)) for k in skipped}
     tracker = start_run(cfg, run_dir, info.is_main, "train_vqvae", tags={"world_size": str(info.world_size)})
 
@@ -234,11 +237,12 @@ def main(argv: list[str] | None = None) -> None:
                           rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
                           skip_batches=batches_done, num_workers=cfg.train.num_workers)
     data = iter(loader)
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=not info.is_main, desc="train_vqvae", dynamic_ncols=True)
+    set_total_steps(sched, budget.planned)
+    bar = tqdm(total=budget.planned, initial=step, disable=not info.is_main, desc="train_vqvae", dynamic_ncols=True)
     window = MetricWindow()
     window_counts = torch.zeros(cfg.model.num_embeddings)
     engine.train()
-    while step < cfg.train.steps:
+    while step < budget.planned:
         started = time.perf_counter()
         for _ in range(cfg.train.grad_accum):
             x, bad = next(data)
@@ -253,8 +257,12 @@ def main(argv: list[str] | None = None) -> None:
             window_counts += objective.counts.detach().float().cpu()
         window.add(0, time.perf_counter() - started)
         step += 1
+        if budget.update(step, info.device, info.world_size) != bar.total:  # the time budget moved the end
+            set_total_steps(sched, budget.planned)
+            bar.total = budget.planned
         bar.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        last = step == budget.planned
+        if step % cfg.train.log_every == 0 or last:
             means = window.flush(info.device)
             means["images_per_s"] = means.pop("samples_per_s")
             totals = torch.tensor([float(skipped[k]) for k in sorted(skipped)], dtype=torch.float64)
@@ -267,14 +275,14 @@ def main(argv: list[str] | None = None) -> None:
             bar.set_postfix(loss=f"{means['loss']:.4f}", psnr=f"{means['psnr']:.2f}",
                             usage=f"{means['usage']:.2f}", ips=f"{means['images_per_s']:.0f}")
             window_counts.zero_()
-        if info.is_main and cfg.train.image_every and step % cfg.train.image_every == 0:
+        if info.is_main and cfg.train.image_every and (step % cfg.train.image_every == 0 or last):
             tracker.log_image(recon_grid(engine.module.vqvae, x), f"reconstructions/step_{step:08d}.png")
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last:  # the last: after the loop
             tracker.log_metrics(evaluate(engine.module.vqvae, cfg, info.rank, info.world_size, info.device), step)
-        if step % cfg.train.save_every == 0 or step == cfg.train.steps:
+        if step % cfg.train.save_every == 0 or last:
             save_checkpoint(engine, run_dir, step, info.rank, cfg,
-                            {"batches": batches_done, **{f"skipped_{k}": v for k, v in skipped.items()}},
-                            cfg.train.keep_checkpoints)
+                            {"batches": batches_done, **{f"skipped_{k}": v for k, v in skipped.items()},
+                             **budget.state()}, cfg.train.keep_checkpoints)
             if info.is_main:
                 engine.module.vqvae.save(export_dir(run_dir))
                 save_config(cfg, export_dir(run_dir) / "run_config.yaml")
