@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The offline default, end to end: text -> image on this machine (2 CPU ranks here, GPUs where present).
-#   1. emoji (Twemoji): download the 3,953 captioned PNGs through img2dataset from a 127.0.0.1 server (Ray)
-#   2. train the image tokenizer (VQ-VAE, 32 px -> 4 x 4 tokens of 512 codes) on them (DeepSpeed)
+#   1. images: emoji (Twemoji, 3,953 captioned PNGs) and openmoji (the same concepts drawn by another artist,
+#      rasterised), each downloaded through img2dataset from a 127.0.0.1 server (Ray)
+#   2. train the image tokenizer (VQ-VAE, 32 px -> 4 x 4 tokens of 512 codes) on both styles (DeepSpeed)
 #   3. encode every image to VQ ids and every caption to CLIP ids: data/emoji/{train,test}-*.tar + manifest
-#   4. openmoji: the same concepts drawn by another artist, rasterised, downloaded and encoded alike
+#   4. openmoji's token shards, alike: data/openmoji/
 #   5. train the base VQ-Diffusion on emoji (DeepSpeed, 2 ranks)      -> runs/emoji_base/export
 #   6. fine-tune it on openmoji (VQ-Diffusion-F)                       -> runs/emoji_openmoji/export
 #   7. draw pictures for typed prompts from both: out/demo_base.png, out/demo_openmoji.png
@@ -50,19 +51,21 @@ steps_of() { python -c "import sys, yaml; d = yaml.safe_load(open(sys.argv[1]));
 limit() { [ -n "${LIMIT:-}" ] && echo "--limit=$LIMIT" || true; }
 launch() { deepspeed --num_gpus "$RANKS" --master_port "$(python -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')" "$@"; }
 
-stage "1/9 emoji images (Ray + img2dataset)"
+stage "1/9 emoji and openmoji images (Ray + img2dataset)"
 python data_pipeline/build.py emoji --stages metadata,filter,download $(limit)
+python data_pipeline/build.py openmoji --stages metadata,filter,download $(limit)
 
 stage "2/9 image tokenizer"
 tokenizer_steps=${TOKENIZER_STEPS:-$(steps_of configs/vqvae_emoji.yaml)}
 trained runs/vqvae_emoji "$tokenizer_steps" && [ -f runs/vqvae_emoji/export/model.safetensors ] ||
-  launch training/train_vqvae.py --config configs/vqvae_emoji.yaml --data.source=data/emoji/download \
-    --train.resume=auto --train.steps="$tokenizer_steps" --train.max_minutes="$TOKENIZER_MINUTES"
+  launch training/train_vqvae.py --config configs/vqvae_emoji.yaml \
+    --data.source=data/emoji/download,data/openmoji/download --train.resume=auto \
+    --train.steps="$tokenizer_steps" --train.max_minutes="$TOKENIZER_MINUTES"
 
 stage "3/9 emoji token shards"
 python data_pipeline/build.py emoji $(limit)
 
-stage "4/9 openmoji: rasterise, download, encode"
+stage "4/9 openmoji token shards"
 python data_pipeline/build.py openmoji $(limit)
 
 stage "5/9 base model on emoji"

@@ -79,6 +79,17 @@ def test_image_folder_source_with_a_broken_file(tmp_path):
     assert len(xs) == 5 and counts == {"bad_images": 1}
 
 
+def test_several_sources_are_read_as_one(tmp_path):
+    write_dataset(tmp_path / "a", n_tars=2, per_tar=5, size=8)
+    write_dataset(tmp_path / "b", n_tars=1, per_tar=7, size=8)
+    both, _ = collect(f"{tmp_path / 'a'}, {tmp_path / 'b'}/*.tar", size=8)
+    assert len(both) == len(collect(tmp_path / "a", size=8)[0]) + 7 == 17
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "0.png").write_bytes(png_bytes(8))
+    with pytest.raises(ValueError, match="mixes tars and image folders"):
+        collect(f"{tmp_path / 'a'},{tmp_path / 'c'}")
+
+
 def test_holdout_split_is_disjoint_and_complete(tmp_path):
     write_dataset(tmp_path, n_tars=2, per_tar=40, size=8)
     everything, _ = collect(tmp_path, size=8)

@@ -37,7 +37,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 class ImageDataConfig:
     """Where images come from and how they are cut."""
 
-    source: str = ""  # tars glob ('data/emoji/train-*.tar'), a folder of tars, or a folder of images
+    source: str = ""  # tars glob ('data/emoji/train-*.tar'), a folder of tars or of images; several: comma-separated
     holdout: float = 0.02  # fraction of keys (by hash) kept out of training, for samples whose .json has no split
     random_crop: bool = False
     flip: bool = False
@@ -45,9 +45,16 @@ class ImageDataConfig:
 
 
 def list_sources(source: str) -> tuple[str, list[str]]:
-    """('tars', [paths]) or ('folder', [image paths]) for a glob, a folder of tars or a folder of images."""
+    """('tars', [paths]) or ('folder', [image paths]) for a glob, a folder of tars or a folder of images, or
+    several of one kind, comma-separated (a tokenizer trained on every style it will encode)."""
     if not source:
         raise ValueError("data.source is empty: give a tars glob, a folder of tars or a folder of images")
+    if "," in source:
+        found = [list_sources(part.strip()) for part in source.split(",") if part.strip()]
+        kinds = {kind for kind, _ in found}
+        if len(kinds) > 1:
+            raise ValueError(f"data.source {source!r} mixes tars and image folders: give sources of one kind")
+        return kinds.pop(), [path for _, paths in found for path in paths]
     source = resolve_pkg(source)
     p = Path(source)
     if p.is_dir():
