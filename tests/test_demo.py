@@ -52,6 +52,7 @@ def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
         progress = json.loads((last / "progress.json").read_text())
         assert progress["config_steps"] == 100000 and 5 < progress["step"] == progress["planned_steps"] < 1000, run
     assert base["step"] == progress["step"]
+    assert "of 100000 (time budget 0.15 min)" in first.stdout and "of 100000 (time budget 0.2 min)" in first.stdout
     assert "mlflow ui" in first.stdout and (repo / "out/compare/curves.png").is_file()
 
     # the second run trains and draws nothing again (checkpoints and exports stay as they were); asked to, it

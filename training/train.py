@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
             means["lr"] = sched.get_last_lr()[0]
             means["tokens_per_s"] = means["samples_per_s"] * model_cfg.grid[0] * model_cfg.grid[1]
             means["mfu"] = means["samples_per_s"] * flops / (peak * info.world_size)
+            if budget.enabled:
+                means["planned_steps"] = float(budget.planned)
             grad_norm = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
             if grad_norm is not None:
                 means["grad_norm"] = float(grad_norm)
@@ -251,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     if info.is_main:
         tracker.log_artifacts(export_dir(run_dir), "export")
         tracker.set_tags({"export": str(export_dir(run_dir).resolve())})
-        print(f"done: {step} steps, export: {export_dir(run_dir)}", flush=True)
+        ended = f" of {cfg.train.steps} (time budget {cfg.train.max_minutes:g} min)" if step < cfg.train.steps else ""
+        print(f"done: {step} steps{ended}, export: {export_dir(run_dir)}", flush=True)
     tracker.finish()
     cleanup()
 

@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
             if info.world_size > 1:  # counts add up over ranks
                 totals = totals.to(info.device)
                 torch.distributed.all_reduce(totals)
+            if budget.enabled:
+                means["planned_steps"] = float(budget.planned)
             means.update({"usage": float((window_counts > 0).float().mean()), "lr": sched.get_last_lr()[0],
                           **{f"skipped/{k}": float(v) for k, v in zip(sorted(skipped), totals.tolist())}})
             tracker.log_metrics(means, step)
@@ -300,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
             vqvae.save(export_dir(run_dir))
         tracker.log_metrics(final, step)
         tracker.set_tags({"export": str(export_dir(run_dir).resolve())})
-        print(f"final: {final}  export: {export_dir(run_dir)}", flush=True)
+        ended = f" of {cfg.train.steps} (time budget {cfg.train.max_minutes:g} min)" if step < cfg.train.steps else ""
+        print(f"done: {step} steps{ended}; final: {final}  export: {export_dir(run_dir)}", flush=True)
     tracker.finish()
     cleanup()
 
