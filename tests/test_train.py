@@ -199,7 +199,8 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, toy):
     common = ["--train.steps=40", "--train.save_every=8", "--train.image_every=0", "--train.eval_every=0",
               "--deepspeed.zero_optimization.stage=1", "--train.ema_decay=0.95",
-              "--data.balance=0.5"]  # the balanced stream's draws resume exactly too
+              "--data.balance=0.5",  # the balanced stream's draws resume exactly too
+              "--train.max_minutes=60"]  # and a time budget that is never reached changes nothing, resumed or not
     whole, db = tmp_path / "whole", tmp_path / "mlflow.db"
     launch(TRAIN, args(toy, whole, db, *common))
 
