@@ -269,3 +269,27 @@ def test_clip_score_against_open_clips_own_preprocessing(tiny_clip, tmp_path):
     save_file({k: v.contiguous() for k, v in text_only.items()}, str(tmp_path / "text_only.safetensors"))
     with pytest.raises(ValueError, match="not a full vqd-test-tiny-clip CLIP.*missing \\['visual"):
         load_clip("vqd-test-tiny-clip", str(tmp_path / "text_only.safetensors"))
+
+
+def test_grid_rows_hold_real_reconstruction_then_each_form():
+    from training.eval_reference import RealSample
+    from training.evaluate import grid_cells
+    from vqd.pipeline import to_uint8
+
+    g = torch.Generator().manual_seed(0)
+    held_out = [RealSample(Path("unused.tar"), s, f"an emoji of {s}", {"captions": [s]}) for s in SHAPES[:3]]
+    for s in held_out:
+        s.image = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=g)
+    recon = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
+    pictures = {form: (torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, [f"prompt {i}" for i in range(2)])
+                for form in ("template", "typed")}
+    cells, captions = grid_cells(held_out, recon, pictures)
+    assert cells.shape == (2 * 4, 8, 8, 3) and cells.dtype == torch.uint8  # two rows (the fewest pictures)
+    for i in range(2):
+        row = cells[4 * i:4 * i + 4]
+        assert torch.equal(row[0], held_out[i].image.permute(1, 2, 0))
+        assert torch.equal(row[1], to_uint8(recon[i:i + 1])[0])
+        assert torch.equal(row[2], to_uint8(pictures["template"][0][i:i + 1])[0])
+        assert torch.equal(row[3], to_uint8(pictures["typed"][0][i:i + 1])[0])
+        assert captions[4 * i:4 * i + 4] == [f"real: {SHAPES[i]}", "its reconstruction",
+                                             f"template: prompt {i}", f"typed: prompt {i}"]

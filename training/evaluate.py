@@ -22,9 +22,10 @@ CLIP score needs CLIP image-text weights: with --clip-model ARCH --clip-weights 
 both towers) it is computed per prompt form; without them it is reported as not computed (nothing is
 downloaded, and no CLIP weights ship with this system).
 The probe, the real statistics and the Inception network are computed once and cached (<data>/eval_cache).
-Output: a table; JSON and a PNG grid (real picture, then the template and typed pictures, prompt below)
-in --out (default <model>/eval/); metrics, JSON and grid logged to the model's MLflow run when the model
-folder's provenance.json names one (a tracking store that is down only costs a warning).
+Output: a table; JSON and a PNG grid (real picture, its reconstruction, then the template and typed
+pictures, prompt below) in --out (default <model>/eval/); metrics, JSON and grid logged to the model's
+MLflow run when the model folder's provenance.json names one (a tracking store that is down only costs a
+warning).
 """
 
 from __future__ import annotations
@@ -149,15 +150,17 @@ def evaluate(args) -> dict:
     results["json"] = str(out / f"{tag}.json")
     results["grid"] = str(out / f"{tag}_grid.png") if args.grid else None
     if args.grid:
-        write_grid(Path(results["grid"]), held_out, pictures)
+        write_grid(Path(results["grid"]), held_out, recon, pictures)
     Path(results["json"]).write_text(json.dumps(results, indent=1) + "\n")
     log_to_mlflow(Path(args.model), results, tag)
     return results
 
 
-def write_grid(path: Path, held_out: list[RealSample], pictures: dict) -> None:
-    """Real picture, then one per prompt form, each with its prompt (or the name) below."""
-    from training.grid import captioned_grid
+def grid_cells(held_out: list[RealSample], recon: torch.Tensor, pictures: dict) -> tuple[torch.Tensor, list[str]]:
+    """One row of cells a held-out image: the real picture, the tokenizer's reconstruction of it, then one
+    picture per prompt form -> uint8 [rows * (2 + forms), H, W, 3] and a caption each. The reconstruction
+    tells the two limits apart: where it shows the object and the model's pictures do not, the denoiser
+    has not learnt the prompt; where it does not, no denoiser on this tokenizer can draw it."""
     from vqd.pipeline import to_uint8
 
     n = min(len(p[0]) for p in pictures.values())
@@ -165,13 +168,21 @@ def write_grid(path: Path, held_out: list[RealSample], pictures: dict) -> None:
     for i in range(n):
         s = held_out[i % len(held_out)]
         name = (s.meta.get("captions") or [s.caption])[0]
-        cells.append(s.image.permute(1, 2, 0))
-        captions.append(f"real: {name}")
+        cells += [s.image.permute(1, 2, 0), to_uint8(recon[i % len(held_out)][None])[0]]
+        captions += [f"real: {name}", "its reconstruction"]
         for form, (images, prompts) in pictures.items():
             cells.append(to_uint8(images[i:i + 1])[0])
             captions.append(f"{form}: {prompts[i] or '(no prompt)'}")
-    per_row = (1 + len(pictures)) * (2 if len(pictures) < 3 else 1)
-    captioned_grid(torch.stack(cells).numpy(), captions, ncols=per_row).save(path)
+    return torch.stack(cells), captions
+
+
+def write_grid(path: Path, held_out: list[RealSample], recon: torch.Tensor, pictures: dict) -> None:
+    """The PNG of grid_cells, two held-out images a row when there are at most two prompt forms."""
+    from training.grid import captioned_grid
+
+    cells, captions = grid_cells(held_out, recon, pictures)
+    per_row = (2 + len(pictures)) * (2 if len(pictures) < 3 else 1)
+    captioned_grid(cells.numpy(), captions, ncols=per_row).save(path)
 
 
 def metrics_of(results: dict, tag: str) -> dict[str, float]:
