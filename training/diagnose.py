@@ -1,0 +1,230 @@
+"""Why a model's pictures miss their prompts: what the caption is worth to it, by how often its training
+data shows the caption's concept, and what its tokenizer can show for a prompt.
+
+    python training/diagnose.py --model runs/emoji_base/export --data data/emoji
+    python training/diagnose.py --model runs/emoji_base/export --data data/emoji --prompt house --prompt pizza \
+        --steps 25 --purity --guidance 2 --truncation 0.5 --out out/diagnose
+
+1. Caption worth by concept frequency. At t = T-1 every token is [MASK], so the layout of the picture comes
+   from the caption alone: the x0 cross-entropy of a sample's tokens given its caption, against given the
+   learned null condition, is what the caption is worth (nats per token; the same measure as the trainer's
+   val/condition_gain, at the one step where it matters most). Training images are grouped by how many
+   training images their concept (.json `balance_key` field, default `concept`) has; the held-out split
+   is a group of its own. A model that has learnt its captions shows the worth in every group; one that
+   needs many views of a concept shows it only where the data repeats the concept.
+2. For each --prompt: the first image of the data set (training split first) whose caption, or one of its
+   caption forms, is the prompt (case aside), decoded from its stored token ids, which is the tokenizer's
+   reconstruction and the most any model on that tokenizer can draw, beside the model's own pictures.
+   Where the reconstruction shows the object and the pictures do not, the denoiser is the limit.
+Output: a table; diagnose.json and (with prompts) diagnose.png in --out (default <model>/diagnose).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads must sleep
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+if __package__ in (None, ""):  # `python training/diagnose.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+# Upper bounds of the concept-size groups: 1 image, 2-4, 5-9, 10-24, 25 or more (the emoji set: lone concepts,
+# five or six skin-tone variants, 26 couples' combinations).
+GROUP_EDGES = (1, 4, 9, 24)
+
+
+@dataclass
+class Sample:
+    vq: np.ndarray  # the token ids [h*w]
+    captions: list[str]  # the .txt first, then the .json's caption forms
+    concept: str
+
+
+def read_split(manifest: dict, split: str, key: str) -> list[Sample]:
+    """Every sample of one split of a token data set, in manifest order."""
+    from data_pipeline.shards import iter_samples
+    from training.data import split_shards
+
+    return [Sample(s["vq"].astype(np.int64), [s["txt"], *map(str, s["json"].get("captions") or [])],
+                   str(s["json"].get(key, s["txt"]))) for path, _ in split_shards(manifest, split)
+            for s in iter_samples(path)]
+
+
+def group_name(n: int) -> str:
+    """The label of the concept-size group holding a concept of n training images."""
+    low = 1
+    for high in GROUP_EDGES:
+        if n <= high:
+            return f"{low}" if low == high else f"{low}-{high}"
+        low = high + 1
+    return f"{low}+"
+
+
+@torch.no_grad()
+def caption_worth(model, samples: list[Sample], form: int, batch: int = 256) -> dict[str, float]:
+    """x0 cross-entropy at t = T-1 (all [MASK]) with caption form `form` (0: the .txt) and with the null
+    condition, in nats per token; their difference; top-1 token accuracy with the caption."""
+    from vqd.text import tokenize
+
+    diffusion = model.diffusion
+    total = np.zeros(4)  # caption nll, null nll, caption top-1, tokens
+    for i in range(0, len(samples), batch):
+        chunk = samples[i:i + batch]
+        x0 = torch.from_numpy(np.stack([s.vq for s in chunk])).to(model.null_text.device)
+        x_t = torch.full_like(x0, diffusion.mask_id)
+        t = torch.full((len(chunk),), diffusion.num_timesteps - 1, device=x0.device)
+        prompts = [s.captions[min(form, len(s.captions) - 1)] for s in chunk]
+        ids = tokenize(prompts, model.config.text.context_length).to(x0.device)
+        for j, condition in enumerate((model.encode_text(ids), model.null_text_features(len(chunk)))):
+            logp = torch.log_softmax(model(x_t, t, condition).float(), dim=1)  # [B, K, N]
+            total[j] -= float(logp.gather(1, x0.unsqueeze(1)).sum())
+            if j == 0:
+                total[2] += float((logp.argmax(dim=1) == x0).sum())
+        total[3] += x0.numel()
+    tokens = max(total[3], 1.0)
+    return {"nll_caption": total[0] / tokens, "nll_null": total[1] / tokens,
+            "worth": (total[1] - total[0]) / tokens, "token_top1": total[2] / tokens}
+
+
+def worth_table(model, train: list[Sample], held_out: list[Sample], limit: int) -> list[dict]:
+    """caption_worth per concept-size group of the training split (at most `limit` images each), then of
+    the held-out split; the template (.txt) and the typed form (the first caption form) each."""
+    sizes = collections.Counter(s.concept for s in train)
+    groups: dict[str, list[Sample]] = collections.defaultdict(list)
+    for s in sorted(train, key=lambda s: sizes[s.concept]):
+        groups[group_name(sizes[s.concept])].append(s)
+    named = [(f"train, concepts of {name} image{'s' * (name != '1')}", g) for name, g in groups.items()]
+    rows = []
+    for name, group in named + [("held-out", held_out)]:
+        if not group:
+            continue
+        picked = [group[i] for i in np.linspace(0, len(group) - 1, min(limit, len(group))).astype(int)]
+        row = {"group": name, "images": len(group), "concepts": len({s.concept for s in group}), "scored": len(picked)}
+        for label, form in (("template", 0), ("typed", 1)):
+            row[label] = caption_worth(model, picked, form)
+        rows.append(row)
+    return rows
+
+
+def find_prompt(prompt: str, splits: dict[str, list[Sample]]) -> tuple[str, Sample] | None:
+    """The first sample (training split first) one of whose captions is `prompt`, case aside; or None."""
+    want = prompt.strip().lower()
+    for split, samples in splits.items():
+        for s in samples:
+            if any(c.strip().lower() == want for c in s.captions):
+                return split, s
+    return None
+
+
+def prompt_grid(pipe, prompts: list[str], splits: dict[str, list[Sample]], sampling, per_prompt: int, seed: int):
+    """A row a prompt: the data's image of it as its tokens decode (or a blank cell), then the model's
+    pictures -> (uint8 [rows * (1 + per_prompt), H, W, 3], captions, {prompt: where it was found})."""
+    from vqd.pipeline import to_uint8
+
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    pictures = to_uint8(pipe.generate([p for p in prompts for _ in range(per_prompt)], sampling, generator=generator))
+    cells, captions, found = [], [], {}
+    for i, prompt in enumerate(prompts):
+        hit = find_prompt(prompt, splits)
+        if hit is None:
+            cells.append(torch.full_like(pictures[0], 255))
+            captions.append("not in the data")
+            found[prompt] = None
+        else:
+            split, s = hit
+            ids = torch.from_numpy(s.vq).view(1, -1)
+            cells.append(to_uint8(pipe.decode(ids))[0])
+            captions.append(f"{split} image, decoded: {s.concept}")
+            found[prompt] = {"split": split, "concept": s.concept}
+        cells += list(pictures[i * per_prompt:(i + 1) * per_prompt])
+        captions += [prompt] * per_prompt
+    return torch.stack(cells), captions, found
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\nwhat the caption is worth at t = T-1 (nats per token; token top-1 with the caption), template | typed")
+    print(f"{'group':<34}{'images':>7}{'concepts':>9}   {'template':>16}   {'typed':>16}")
+    for r in rows:
+        cells = "   ".join(f"{r[f]['worth']:>7.3f} ({100 * r[f]['token_top1']:4.1f}%)" for f in ("template", "typed"))
+        print(f"{r['group']:<34}{r['images']:>7}{r['concepts']:>9}   {cells}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="an exported text-to-image model folder")
+    p.add_argument("--data", required=True, help="the token data set it was trained on (manifest.json + shards)")
+    p.add_argument("--split", default="train", help="the training split")
+    p.add_argument("--eval-split", default="test", help="the held-out split ('' for none)")
+    p.add_argument("--concept-key", default="concept", help="the .json field naming a sample's concept")
+    p.add_argument("--per-group", type=int, default=512, help="images scored per group, spread over it")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt to draw beside its data image (repeat)")
+    p.add_argument("--per-prompt", type=int, default=4, help="pictures per prompt")
+    p.add_argument("--steps", type=int, default=None, help="reverse steps (default: all T)")
+    p.add_argument("--truncation", type=float, default=0.86)
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--purity", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for diagnose.json and diagnose.png (default <model>/diagnose)")
+    args = p.parse_args(argv)
+    from data_pipeline.shards import open_manifest
+    from training.grid import captioned_grid
+    from vqd.pipeline import TextToImage
+    from vqd.sampling import SamplingConfig
+
+    try:
+        manifest = open_manifest(args.data)
+        pipe = TextToImage.from_folder(args.model)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if pipe.autoregressive or pipe.model.config.condition != "text":
+        print(f"error: {args.model} is not a text-conditioned VQ-Diffusion model: there is no caption to weigh",
+              file=sys.stderr)
+        return 2
+    from vqd.io import WEIGHTS_NAME, file_sha256
+    from vqd.pipeline import TOKENIZER_DIR
+
+    own = file_sha256(Path(args.model) / TOKENIZER_DIR / WEIGHTS_NAME)
+    if own != manifest["tokenizer"]["sha256"]:  # the same ids would mean other pictures
+        print(f"error: {args.data} was encoded by tokenizer {manifest['tokenizer']['sha256'][:12]}, the model decodes "
+              f"with {own[:12]}: diagnose the model on the data set it was trained on", file=sys.stderr)
+        return 2
+    splits = {args.split: read_split(manifest, args.split, args.concept_key)}
+    if args.eval_split:
+        splits[args.eval_split] = read_split(manifest, args.eval_split, args.concept_key)
+    rows = worth_table(pipe.model, splits[args.split], splits.get(args.eval_split, []), args.per_group)
+    print_table(rows)
+    out = Path(args.out or Path(args.model) / "diagnose")
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"model": str(args.model), "data": str(args.data), "groups": rows}
+    if args.prompt:
+        sampling = SamplingConfig(steps=args.steps, truncation=args.truncation, guidance_scale=args.guidance,
+                                  purity=args.purity)
+        pipe.validate(sampling)
+        cells, captions, found = prompt_grid(pipe, args.prompt, splits, sampling, args.per_prompt, args.seed)
+        captioned_grid(cells.numpy(), captions, ncols=1 + args.per_prompt).save(out / "diagnose.png")
+        results["prompts"] = found
+        results["sampling"] = {"steps": args.steps, "truncation": args.truncation, "guidance_scale": args.guidance,
+                               "purity": args.purity, "seed": args.seed}
+        missing = [k for k, v in found.items() if v is None]
+        print(f"\nwrote {out / 'diagnose.png'}: each prompt's data image as its tokens decode, then the model's "
+              "pictures"
+              + (f"; not in the data: {missing}" if missing else ""))
+    (out / "diagnose.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out / 'diagnose.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
