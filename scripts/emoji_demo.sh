@@ -7,7 +7,8 @@
 #   4. openmoji's token shards, alike: data/openmoji/
 #   5. train the base VQ-Diffusion on emoji (DeepSpeed, 2 ranks)      -> runs/emoji_base/export
 #   6. fine-tune it on openmoji (VQ-Diffusion-F)                       -> runs/emoji_openmoji/export
-#   7. draw pictures for typed prompts from both: out/demo_base.png, out/demo_openmoji.png
+#   7. draw pictures for typed prompts from both: out/demo_base.png, out/demo_openmoji.png; beside each prompt's
+#      training image as the tokenizer shows it: out/diagnose_base/ (training/diagnose.py)
 #   8. evaluate the base on its held-out concepts (FID, prompt fidelity, images/s) -> runs/emoji_base/export/eval/
 #      (EVAL_FINETUNE=1: the fine-tune on openmoji's too, ~2 more minutes: its probe and references are new)
 #   9. compare the runs as MLflow has them (and print the `mlflow ui` command)
@@ -94,6 +95,14 @@ for run in emoji_base emoji_openmoji; do
     python training/sample.py --model "runs/$run/export" "${args[@]}" --per-prompt 2 "${SAMPLING[@]}" --out "$png"
   fi
 done
+# each prompt's training image as its tokens decode (what the tokenizer can show) beside the base model's
+# pictures, and what the caption is worth by how often the data shows its concept
+if [ out/diagnose_base/diagnose.png -nt runs/emoji_base/export/model.safetensors ]; then
+  echo "already diagnosed: out/diagnose_base/"
+else
+  python training/diagnose.py --model runs/emoji_base/export --data data/emoji "${args[@]}" --per-prompt 2 \
+    "${SAMPLING[@]}" --out out/diagnose_base
+fi
 
 stage "8/9 evaluation on held-out concepts"
 pairs=(emoji_base:emoji); [ "${EVAL_FINETUNE:-0}" = 1 ] && pairs+=(emoji_openmoji:openmoji)

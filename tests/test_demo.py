@@ -40,6 +40,9 @@ def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
     for stage in range(1, 10):
         assert f"=== {stage}/9" in first.stdout
     assert (repo / "out/demo_base.png").is_file() and (repo / "out/demo_openmoji.png").is_file()
+    diagnosed = json.loads((repo / "out/diagnose_base/diagnose.json").read_text())
+    assert diagnosed["groups"][-1]["group"] == "held-out" and "house" in diagnosed["prompts"]
+    assert (repo / "out/diagnose_base/diagnose.png").is_file()
     (result,) = (repo / "runs/emoji_base/export/eval").glob("*.json")
     scored = json.loads(result.read_text())
     assert set(scored["forms"]) == {"template", "typed"} and scored["forms"]["typed"]["n_generated"] == 8
@@ -64,6 +67,7 @@ def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
     assert second.returncode == 0, second.stdout[-6000:]
     assert {p: p.stat().st_mtime for p in (repo / "runs").rglob("model.safetensors")} == stamp
     assert second.stdout.count("already evaluated") == 1 and second.stdout.count("already drawn") == 2
+    assert "already diagnosed" in second.stdout
     assert "Ray cluster" not in second.stdout  # the built data sets are read back without starting Ray
     (result,) = (repo / "runs/emoji_openmoji/export/eval").glob("*.json")
     assert json.loads(result.read_text())["data"].endswith("openmoji")

@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                                   purity=args.purity)
         pipe.validate(sampling)
         cells, captions, found = prompt_grid(pipe, args.prompt, splits, sampling, args.per_prompt, args.seed)
-        captioned_grid(cells.numpy(), captions, ncols=1 + args.per_prompt).save(out / "diagnose.png")
+        row = 1 + args.per_prompt  # a prompt's cells; as many prompts a line as fit in about eight cells
+        captioned_grid(cells.numpy(), captions, ncols=row * max(1, 8 // row)).save(out / "diagnose.png")
         results["prompts"] = found
         results["sampling"] = {"steps": args.steps, "truncation": args.truncation, "guidance_scale": args.guidance,
                                "purity": args.purity, "seed": args.seed}
