@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--purity", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="folder for diagnose.json and diagnose.png (default <model>/diagnose)")
     args = p.parse_args(argv)
     from data_pipeline.shards import open_manifest
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         manifest = open_manifest(args.data)
-        pipe = TextToImage.from_folder(args.model)
+        pipe = TextToImage.from_folder(args.model, device=args.device)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
