@@ -95,3 +95,5 @@ def test_cli_refuses_a_data_set_another_tokenizer_encoded(data_and_model, tmp_pa
     assert main(["--model", str(other), "--data", str(data)]) == 2
     assert "was encoded by tokenizer" in capsys.readouterr().err
     assert main(["--model", str(model), "--data", str(tmp_path / "nothing")]) == 2
+    assert main(["--model", str(model), "--data", str(data), "--eval-split", "validation"]) == 2
+    assert "no split 'validation'" in capsys.readouterr().err

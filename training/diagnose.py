@@ -201,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.data} was encoded by tokenizer {manifest['tokenizer']['sha256'][:12]}, the model decodes "
               f"with {own[:12]}: diagnose the model on the data set it was trained on", file=sys.stderr)
         return 2
-    splits = {args.split: read_split(manifest, args.split, args.concept_key)}
-    if args.eval_split:
-        splits[args.eval_split] = read_split(manifest, args.eval_split, args.concept_key)
+    try:
+        splits = {name: read_split(manifest, name, args.concept_key) for name in (args.split, args.eval_split) if name}
+    except ValueError as e:  # a split the data set does not have
+        print(f"error: {e} (--split / --eval-split; --eval-split '' leaves the held-out split out)", file=sys.stderr)
+        return 2
     rows = worth_table(pipe.model, splits[args.split], splits.get(args.eval_split, []), args.per_group)
     print_table(rows)
     out = Path(args.out or Path(args.model) / "diagnose")
