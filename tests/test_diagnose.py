@@ -38,7 +38,8 @@ def test_caption_worth_is_the_null_minus_caption_cross_entropy_at_the_last_step(
 
     data, folder = data_and_model
     model = load_model(folder).eval()
-    samples = read_split(open_manifest(data), "test", "concept")[:7]
+    samples = read_split(open_manifest(data), "test", "concept", limit=7)
+    assert len(read_split(open_manifest(data), "test", "concept")) == 20  # limit 0: the whole split
     got = caption_worth(model, samples, form=1, batch=3)  # batches of 3: a ragged last one
     # one sample at a time, by cross_entropy on the model's logits: [MASK] everywhere, t = T-1
     caption, null, hits = [], [], 0
@@ -84,7 +85,13 @@ def test_cli_groups_by_concept_size_and_draws_prompts_beside_their_data(data_and
     assert result["prompts"] == {"RED stripes": {"split": "train", "concept": "red stripes"}, "purple dots": None}
     grid = Image.open(out / "diagnose.png")
     assert 6 * 128 < grid.size[0] < 7 * 128 and 128 < grid.size[1] < 2 * 128  # both prompts' 3 cells on one line
-    assert "not in the data: ['purple dots']" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "not in the data: ['purple dots']" in printed and "--max-samples" not in printed
+    # a capped read says so, and counts the concepts it read
+    assert main(["--model", str(model), "--data", str(data), "--max-samples", "30", "--out", str(tmp_path / "c")]) == 0
+    assert "train: read the first 30 of 120 samples" in capsys.readouterr().out
+    capped = json.loads((tmp_path / "c" / "diagnose.json").read_text())
+    assert sum(g["images"] for g in capped["groups"] if g["group"] != "held-out") == 30
 
 
 def test_cli_refuses_a_data_set_another_tokenizer_encoded(data_and_model, tmp_path, capsys):

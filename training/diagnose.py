@@ -50,14 +50,18 @@ class Sample:
     concept: str
 
 
-def read_split(manifest: dict, split: str, key: str) -> list[Sample]:
-    """Every sample of one split of a token data set, in manifest order."""
+def read_split(manifest: dict, split: str, key: str, limit: int = 0) -> list[Sample]:
+    """The samples of one split of a token data set in manifest order: all, or the first `limit` (a web-scale
+    split is counted on a prefix of its shards rather than read whole)."""
+    from itertools import islice
+
     from data_pipeline.shards import iter_samples
     from training.data import split_shards
 
-    return [Sample(s["vq"].astype(np.int64), [s["txt"], *map(str, s["json"].get("captions") or [])],
-                   str(s["json"].get(key, s["txt"]))) for path, _ in split_shards(manifest, split)
-            for s in iter_samples(path)]
+    samples = (Sample(s["vq"].astype(np.int64), [s["txt"], *map(str, s["json"].get("captions") or [])],
+                      str(s["json"].get(key, s["txt"]))) for path, _ in split_shards(manifest, split)
+               for s in iter_samples(path))
+    return list(islice(samples, limit or None))
 
 
 def group_name(n: int) -> str:
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-split", default="test", help="the held-out split ('' for none)")
     p.add_argument("--concept-key", default="concept", help="the .json field naming a sample's concept")
     p.add_argument("--per-group", type=int, default=512, help="images scored per group, spread over it")
+    p.add_argument("--max-samples", type=int, default=200_000,
+                   help="read at most this many samples of each split, from its first shards (0: all)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt to draw beside its data image (repeat)")
     p.add_argument("--per-prompt", type=int, default=4, help="pictures per prompt")
     p.add_argument("--steps", type=int, default=None, help="reverse steps (default: all T)")
@@ -202,10 +208,15 @@ def main(argv: list[str] | None = None) -> int:
               f"with {own[:12]}: diagnose the model on the data set it was trained on", file=sys.stderr)
         return 2
     try:
-        splits = {name: read_split(manifest, name, args.concept_key) for name in (args.split, args.eval_split) if name}
+        splits = {name: read_split(manifest, name, args.concept_key, args.max_samples)
+                  for name in (args.split, args.eval_split) if name}
     except ValueError as e:  # a split the data set does not have
         print(f"error: {e} (--split / --eval-split; --eval-split '' leaves the held-out split out)", file=sys.stderr)
         return 2
+    for name, samples in splits.items():
+        total = int(manifest["splits"][name]["samples"])
+        if len(samples) < total:  # concept sizes are then counted on this prefix
+            print(f"{name}: read the first {len(samples):,} of {total:,} samples (--max-samples)")
     rows = worth_table(pipe.model, splits[args.split], splits.get(args.eval_split, []), args.per_group)
     print_table(rows)
     out = Path(args.out or Path(args.model) / "diagnose")
