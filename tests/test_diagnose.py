@@ -40,7 +40,7 @@ def test_caption_worth_is_the_null_minus_caption_cross_entropy_at_the_last_step(
     model = load_model(folder).eval()
     samples = read_split(open_manifest(data), "test", "concept", limit=7)
     assert len(read_split(open_manifest(data), "test", "concept")) == 20  # limit 0: the whole split
-    got = caption_worth(model, samples, form=1, batch=3)  # batches of 3: a ragged last one
+    got = caption_worth(model, samples, {"typed": 1}, batch=3)["typed"]  # batches of 3: a ragged last one
     # one sample at a time, by cross_entropy on the model's logits: [MASK] everywhere, t = T-1
     caption, null, hits = [], [], 0
     for s in samples:

@@ -9,8 +9,8 @@ data shows the caption's concept, and what its tokenizer can show for a prompt.
    from the caption alone: the x0 cross-entropy of a sample's tokens given its caption, against given the
    learned null condition, is what the caption is worth (nats per token; the same measure as the trainer's
    val/condition_gain, at the one step where it matters most). Training images are grouped by how many
-   training images their concept (.json `balance_key` field, default `concept`) has; the held-out split
-   is a group of its own. A model that has learnt its captions shows the worth in every group; one that
+   training images their concept (the .json field --concept-key names, default `concept`) has; the
+   held-out split is a group of its own. A model that has learnt its captions shows the worth in every group; one that
    needs many views of a concept shows it only where the data repeats the concept.
 2. For each --prompt: the first image of the data set (training split first) whose caption, or one of its
    caption forms, is the prompt (case aside), decoded from its stored token ids, which is the tokenizer's
@@ -75,29 +75,32 @@ def group_name(n: int) -> str:
 
 
 @torch.no_grad()
-def caption_worth(model, samples: list[Sample], form: int, batch: int = 256) -> dict[str, float]:
-    """x0 cross-entropy at t = T-1 (all [MASK]) with caption form `form` (0: the .txt) and with the null
-    condition, in nats per token; their difference; top-1 token accuracy with the caption."""
+def caption_worth(model, samples: list[Sample], forms: dict[str, int], batch: int = 256) -> dict[str, dict]:
+    """Per named caption form (index into Sample.captions, 0: the .txt): the x0 cross-entropy at t = T-1 (all
+    [MASK]) with that caption and with the null condition (computed once for all forms), in nats per token;
+    their difference; top-1 token accuracy with the caption."""
     from vqd.text import tokenize
 
     diffusion = model.diffusion
-    total = np.zeros(4)  # caption nll, null nll, caption top-1, tokens
+    caption_nll, top1 = dict.fromkeys(forms, 0.0), dict.fromkeys(forms, 0.0)
+    null_nll, tokens = 0.0, 0
     for i in range(0, len(samples), batch):
         chunk = samples[i:i + batch]
         x0 = torch.from_numpy(np.stack([s.vq for s in chunk])).to(model.null_text.device)
         x_t = torch.full_like(x0, diffusion.mask_id)
         t = torch.full((len(chunk),), diffusion.num_timesteps - 1, device=x0.device)
-        prompts = [s.captions[min(form, len(s.captions) - 1)] for s in chunk]
-        ids = tokenize(prompts, model.config.text.context_length).to(x0.device)
-        for j, condition in enumerate((model.encode_text(ids), model.null_text_features(len(chunk)))):
-            logp = torch.log_softmax(model(x_t, t, condition).float(), dim=1)  # [B, K, N]
-            total[j] -= float(logp.gather(1, x0.unsqueeze(1)).sum())
-            if j == 0:
-                total[2] += float((logp.argmax(dim=1) == x0).sum())
-        total[3] += x0.numel()
-    tokens = max(total[3], 1.0)
-    return {"nll_caption": total[0] / tokens, "nll_null": total[1] / tokens,
-            "worth": (total[1] - total[0]) / tokens, "token_top1": total[2] / tokens}
+        logp = torch.log_softmax(model(x_t, t, model.null_text_features(len(chunk))).float(), dim=1)  # [B, K, N]
+        null_nll -= float(logp.gather(1, x0.unsqueeze(1)).sum())
+        for name, form in forms.items():
+            prompts = [s.captions[min(form, len(s.captions) - 1)] for s in chunk]
+            ids = tokenize(prompts, model.config.text.context_length).to(x0.device)
+            logp = torch.log_softmax(model(x_t, t, model.encode_text(ids)).float(), dim=1)
+            caption_nll[name] -= float(logp.gather(1, x0.unsqueeze(1)).sum())
+            top1[name] += float((logp.argmax(dim=1) == x0).sum())
+        tokens += x0.numel()
+    n = max(tokens, 1)
+    return {name: {"nll_caption": caption_nll[name] / n, "nll_null": null_nll / n,
+                   "worth": (null_nll - caption_nll[name]) / n, "token_top1": top1[name] / n} for name in forms}
 
 
 def worth_table(model, train: list[Sample], held_out: list[Sample], limit: int) -> list[dict]:
@@ -114,8 +117,7 @@ def worth_table(model, train: list[Sample], held_out: list[Sample], limit: int) 
             continue
         picked = [group[i] for i in np.linspace(0, len(group) - 1, min(limit, len(group))).astype(int)]
         row = {"group": name, "images": len(group), "concepts": len({s.concept for s in group}), "scored": len(picked)}
-        for label, form in (("template", 0), ("typed", 1)):
-            row[label] = caption_worth(model, picked, form)
+        row.update(caption_worth(model, picked, {"template": 0, "typed": 1}))
         rows.append(row)
     return rows
 
