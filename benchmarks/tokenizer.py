@@ -30,7 +30,8 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from training.data_images import ImageDataConfig, image_loader  # noqa: E402
-from training.tracking import image_grid, to_uint8  # noqa: E402
+from training.grid import image_grid  # noqa: E402
+from vqd.pipeline import to_uint8  # noqa: E402
 from vqd.vqvae import load_tokenizer  # noqa: E402
 
 

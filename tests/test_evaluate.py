@@ -293,3 +293,15 @@ def test_grid_rows_hold_real_reconstruction_then_each_form():
         assert torch.equal(row[3], to_uint8(pictures["typed"][0][i:i + 1])[0])
         assert captions[4 * i:4 * i + 4] == [f"real: {SHAPES[i]}", "its reconstruction",
                                              f"template: prompt {i}", f"typed: prompt {i}"]
+
+
+def test_image_grid_places_each_image_in_raster_order_and_pads_with_white():
+    from training.grid import image_grid
+
+    images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 2, 3, 3).contiguous()  # image i is all i
+    grid = image_grid(images, ncols=2)  # 3 rows of 2: the sixth cell is padding
+    assert grid.shape == (3 * 2, 2 * 3, 3) and grid.dtype == np.uint8
+    for i in range(5):
+        r, q = divmod(i, 2)
+        assert (grid[r * 2:(r + 1) * 2, q * 3:(q + 1) * 3] == i).all()
+    assert (grid[4:6, 3:6] == 255).all()

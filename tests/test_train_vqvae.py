@@ -280,7 +280,7 @@ def test_distributed_env_is_read_from_any_launcher(monkeypatch, env, expected):
 
 
 def test_params_are_redacted_before_they_reach_mlflow():
-    from training.tracking import redact
+    from training.redaction import redact
 
     params = {"tracking.uri": "postgresql://bob:hunter2@db:5432/mlflow", "data.path": "s3://b/x?X-Amz-Signature=abc&n=1",
               "deepspeed.api_key": "zzz", "store.access_token": "t", "db.password": "p", "data.tokenizer": "runs/tok",

@@ -33,3 +33,15 @@ def captioned_grid(images: np.ndarray, captions: list[str], ncols: int = 8, cell
         for j, line in enumerate(wrapped):
             draw.text((x, y + cell + 2 + j * line_h), line, fill="black", font=font)
     return canvas
+
+
+def image_grid(images, ncols: int = 8) -> np.ndarray:
+    """uint8 [N, H, W, 3] (numpy or torch) -> one uint8 [rows*H, ncols*W, 3] grid, padded with white, no captions."""
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    rows = -(-n // ncols)
+    grid = np.full((rows * h, ncols * w, c), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, ncols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
+    return grid

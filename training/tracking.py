@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ import numpy as np
 
 from training import unsent
 from training.config import TrackingConfig, flatten
+from training.redaction import redact
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 UNSENT_FILE = unsent.FILE  # what could not be sent, one JSON object a line; sent when a run starts here
@@ -349,53 +349,6 @@ def _refused(error: Exception) -> bool:
 def tracking_uri(cfg: TrackingConfig) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (a file in the working directory)."""
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-
-
-SECRET_WORDS = {"password", "passwd", "secret", "token", "tokens", "credential", "credentials", "apikey"}
-SECRET_ENDINGS = ("api_key", "access_key", "secret_key", "private_key", "auth_key")
-
-
-def is_secret_name(name: str) -> bool:
-    """'tracking.api_key', 'x.access_token', 'db.password' -> True; 'data.label_key', 'data.tokenizer' -> False."""
-    last = name.rsplit(".", 1)[-1].lower()
-    return last == "key" or last.endswith(SECRET_ENDINGS) or bool(SECRET_WORDS & set(last.split("_")))
-
-
-URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<password>[^@/\s]+)@", re.IGNORECASE)
-URI_QUERY_SECRET = re.compile(r"(?P<name>[?&][^=&]*(?:key|token|signature|password|secret|credential)[^=&]*=)[^&\s]+",
-                              re.IGNORECASE)
-
-
-def redact(params: dict[str, Any]) -> dict[str, Any]:
-    """Params safe to publish: values of keys named like key/token/password/secret become '***', and
-    passwords and signed query parameters inside URIs are masked (user:***@host, ?X-Amz-Signature=***)."""
-    out = {}
-    for name, value in params.items():
-        if is_secret_name(name) and value not in (None, "", [], {}):
-            out[name] = "***"
-        elif isinstance(value, str):
-            value = URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
-            out[name] = URI_QUERY_SECRET.sub(lambda m: f"{m['name']}***", value)
-        else:
-            out[name] = value
-    return out
-
-
-def image_grid(images: np.ndarray, ncols: int = 8) -> np.ndarray:
-    """[N, H, W, 3] uint8 -> one [rows*H, ncols*W, 3] uint8 grid (padded with white)."""
-    n, h, w, c = images.shape
-    rows = -(-n // ncols)
-    grid = np.full((rows * h, ncols * w, c), 255, dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, q = divmod(i, ncols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
-    return grid
-
-
-def to_uint8(images) -> np.ndarray:
-    """Torch [N, 3, H, W] in [-1, 1] -> numpy [N, H, W, 3] uint8."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def local_artifact_location(uri: str) -> str | None:

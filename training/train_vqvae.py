@@ -56,10 +56,12 @@ from training.config import (OptimConfig, TrackingConfig, TrainConfig, load_conf
                              save_config, split_cli)
 from training.data_images import ImageDataConfig, image_loader  # noqa: E402
 from training.distributed import barrier, cleanup, init_distributed  # noqa: E402
+from training.grid import image_grid  # noqa: E402
 from training.metrics import MetricWindow  # noqa: E402
 from training.optim import build_optimizer, set_total_steps  # noqa: E402
-from training.tracking import image_grid, start_run, to_uint8  # noqa: E402
+from training.tracking import start_run  # noqa: E402
 from vqd.autoencoder import PatchDiscriminator, hinge_d_loss  # noqa: E402
+from vqd.pipeline import to_uint8  # noqa: E402
 from vqd.vqvae import VQVAE, VQVAEConfig, count_code_usage, load_tokenizer  # noqa: E402
 
 
