@@ -358,7 +358,6 @@ def local_artifact_location(uri: str) -> str | None:
     return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
 
 
-
 def start_run(cfg: Any, run_dir: str | Path, is_main: bool, program: str, tags: dict[str, str] | None = None,
               params: dict[str, Any] | None = None) -> Tracker:
     """Rank 0 saves the resolved config beside the run and opens (or, on resume, reopens) its MLflow run with
