@@ -17,7 +17,7 @@ TUNED_LOSS = [2.1, 1.9, 2.0]               # best 1.9, final 2.0
 OTHER_LOSS = [5.0, 4.5, 4.4, 4.3, 4.35]    # best 4.3, final 4.35
 
 
-def make_run(uri, tmp_path, name, lr, losses, parent="", sps=100.0):
+def make_run(uri, tmp_path, name, lr, losses, parent="", sps=100.0, val_vlb=None):
     from training.config import TrackingConfig
     from training.tracking import Tracker
 
@@ -26,6 +26,8 @@ def make_run(uri, tmp_path, name, lr, losses, parent="", sps=100.0):
                             "train": {"run_dir": str(tmp_path / name)}})
     for step, loss in enumerate(losses, 1):
         tracker.log_metrics({"loss": loss, "lr": lr * step / len(losses), "samples_per_s": sps + step}, step)
+    if val_vlb is not None:
+        tracker.log_metrics({"val/vlb": val_vlb}, len(losses))
     tracker.finish()
     return run_id
 
@@ -35,7 +37,7 @@ def store(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     base = make_run(uri, tmp_path, "base", 1e-3, BASE_LOSS, sps=200.0)
-    tuned = make_run(uri, tmp_path, "tuned", 1e-4, TUNED_LOSS, parent=base)
+    tuned = make_run(uri, tmp_path, "tuned", 1e-4, TUNED_LOSS, parent=base, val_vlb=3.25)
     other = make_run(uri, tmp_path, "other", 3e-3, OTHER_LOSS)
     return uri, {"base": base, "tuned": tuned, "other": other}
 
@@ -60,10 +62,10 @@ def test_table_curves_and_lineage_of_every_run(tmp_path, store):
     assert f"base ({ids['base'][:8]})" in table and "param optim.lr" in table and "param model.size" not in table
     assert "| loss " in table and "2.2 (best 2.2)" in table and "2 (best 1.9)" in table and "4.35 (best 4.3)" in table
 
-    # the tree: the fine-tune under its base, the unrelated run beside it
+    # the tree: the fine-tune under its base, the unrelated run beside it; the held-out vlb where a run has one
     assert report["lineage"].splitlines() == [
         f"base ({ids['base'][:8]})  FINISHED  loss 2.2",
-        f"└── tuned ({ids['tuned'][:8]})  FINISHED  loss 2",
+        f"└── tuned ({ids['tuned'][:8]})  FINISHED  val/vlb 3.25",
         f"other ({ids['other'][:8]})  FINISHED  loss 4.35"]
 
     # one PNG, two panels, one line per run in matplotlib's first three colours

@@ -86,7 +86,8 @@ def test_training_over_http_reads_back_through_the_rest_client(tmp_path, mlflow_
 
     report = compare(mlflow_server.uri, "server", None, tmp_path / "compare", ["loss", "val/vlb"])
     assert report["runs"] == [base_id, tuned_id]
-    assert report["lineage"].splitlines()[1].startswith(f"└── tuned ({tuned_id[:8]})  FINISHED  loss ")
+    vlb = client.get_run(tuned_id).data.metrics["val/vlb"]  # the trees show the held-out vlb, not the weighted loss
+    assert report["lineage"].splitlines()[1] == f"└── tuned ({tuned_id[:8]})  FINISHED  val/vlb {vlb:.4g}"
     assert report["params"]["train.steps"] == ["4", "2"] and report["params"]["train.init_from"] == ["", f"runs:/{base_id}"]
     final = {rid: report["metrics"][rid]["loss"]["final"] for rid in (base_id, tuned_id)}
     assert final == {rid: client.get_run(rid).data.metrics["loss"] for rid in (base_id, tuned_id)}

@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # `python training/compare.py`: make the repo imp
 from mlflow.entities import Run  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+LINEAGE_METRICS = ("val/vlb", "loss")  # the first a run logged is shown beside it in the tree
 LOWER_IS_BETTER = re.compile(r"loss|vlb|aux|nll|bpd|fid|error|skipped")
 HIGHER_IS_BETTER = re.compile(r"psnr|per_s|mfu|score|acc|usage|perplexity")
 PARENT_TAG = "mlflow.parentRunId"
@@ -105,9 +106,11 @@ def lineage(runs: list[Run], client: MlflowClient) -> str:
         children.setdefault(parent if parent in known else None, []).append(r)
 
     def line(r: Run) -> str:
-        loss = r.data.metrics.get("loss")
-        note = "" if r.info.run_id in selected else "  (not selected)"
-        return f"{run_label(r)}  {r.info.status}" + (f"  loss {loss:.4g}" if loss is not None else "") + note
+        # the held-out vlb (nats per token) where the run logged one: the training "loss" is weighted by 1/p(t)
+        # per image, so its scale says little beside another run's
+        name = next((m for m in LINEAGE_METRICS if m in r.data.metrics), None)
+        value = f"  {name} {r.data.metrics[name]:.4g}" if name else ""
+        return f"{run_label(r)}  {r.info.status}{value}" + ("" if r.info.run_id in selected else "  (not selected)")
 
     lines: list[str] = []
 
