@@ -5,13 +5,15 @@
 #   2. train the image tokenizer (VQ-VAE, 32 px -> 4 x 4 tokens of 512 codes) on both styles (DeepSpeed)
 #   3. encode every image to VQ ids and every caption to CLIP ids: data/emoji/{train,test}-*.tar + manifest
 #   4. openmoji's token shards, alike: data/openmoji/
-#   5. train the base VQ-Diffusion on emoji (DeepSpeed, 2 ranks)      -> runs/emoji_base/export
-#   6. fine-tune it on openmoji (VQ-Diffusion-F)                       -> runs/emoji_openmoji/export
-#   7. draw pictures for typed prompts from both: out/demo_base.png, out/demo_openmoji.png; beside each prompt's
+#   5. align the base model's small text tower with the emoji images (CLIP's objective, offline)
+#                                                                      -> runs/text_emoji/export/text.safetensors
+#   6. train the base VQ-Diffusion on emoji (DeepSpeed, 2 ranks)      -> runs/emoji_base/export
+#   7. fine-tune it on openmoji (VQ-Diffusion-F)                       -> runs/emoji_openmoji/export
+#   8. draw pictures for typed prompts from both: out/demo_base.png, out/demo_openmoji.png; beside each prompt's
 #      training image as the tokenizer shows it: out/diagnose_base/ (training/diagnose.py)
-#   8. evaluate the base on its held-out concepts (FID, prompt fidelity, images/s) -> runs/emoji_base/export/eval/
+#   9. evaluate the base on its held-out concepts (FID, prompt fidelity, images/s) -> runs/emoji_base/export/eval/
 #      (EVAL_FINETUNE=1: the fine-tune on openmoji's too, ~2 more minutes: its probe and references are new)
-#   9. compare the runs as MLflow has them (and print the `mlflow ui` command)
+#  10. compare the runs as MLflow has them (and print the `mlflow ui` command)
 # A stage whose result exists is skipped, and the data stages resume, so a second run reuses the first's
 # work (delete out/ to draw the pictures again).
 # Time: each training stage has a wall-clock budget (train.max_minutes): on a CPU slower than the one the
@@ -19,22 +21,23 @@
 # decay, so the whole command stays within ~20 minutes on the slowest of these machines; on a fast one the
 # budgets are never reached and the configs' steps run.
 # Environment: RANKS (training ranks, default 2), EVAL_N (held-out prompts scored, default 64), EVAL_FINETUNE
-# (1: evaluate the fine-tune too), TOKENIZER_STEPS / BASE_STEPS / FINETUNE_STEPS (default: the configs'),
-# TOKENIZER_MINUTES / BASE_MINUTES / FINETUNE_MINUTES (the budgets, defaults below; 0: none), LIMIT (build
-# only the first LIMIT images of each style: a quick look at every stage; default all).
+# (1: evaluate the fine-tune too), TOKENIZER_STEPS / TEXT_STEPS / BASE_STEPS / FINETUNE_STEPS (default: the
+# configs'), TOKENIZER_MINUTES / TEXT_MINUTES / BASE_MINUTES / FINETUNE_MINUTES (the budgets, defaults below; 0:
+# none), LIMIT (build only the first LIMIT images of each style: a quick look at every stage; default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 RANKS=${RANKS:-2}
 EVAL_N=${EVAL_N:-64}
 # The training loops' budgets, in minutes. With AVX2 kernels forced on an AVX-512 AMD EPYC (fp32 throughout),
-# the configs' steps take ~3.1 (tokenizer), ~3.0 (base) and ~0.5 (fine-tune) minutes and the other stages
-# ~4.6 together, so these bind only on a slower CPU. There the tokenizer gets the most, being the pictures'
+# the configs' steps take ~3.1 (tokenizer), ~1.1 (text tower), ~3.0 (base) and ~0.5 (fine-tune) minutes and the
+# other stages ~4.6 together, so these bind only on a slower CPU. There the tokenizer gets the most, being the pictures'
 # ceiling. Run on one core of that AMD EPYC (`taskset -c 0`: half its compute, the two AVX2 cores of the
 # slowest CPU of this kind), a 3.5-minute budget stopped the tokenizer at 689 of its 1,000 steps and the
 # base model's held-out prompts fell with its reconstructions (subcategory top-1 8-9% against 14-16%,
 # N = 64); 5 minutes fits its steps there.
 TOKENIZER_MINUTES=${TOKENIZER_MINUTES:-5}
+TEXT_MINUTES=${TEXT_MINUTES:-1.5}
 BASE_MINUTES=${BASE_MINUTES:-4}
 FINETUNE_MINUTES=${FINETUNE_MINUTES:-1}
 PROMPTS=("red heart" "house" "thumbs up" "grinning face" "pizza" "rocket" "cat face" "flag: Japan")
@@ -56,36 +59,45 @@ steps_of() { python -c "import sys, yaml; d = yaml.safe_load(open(sys.argv[1]));
 limit() { [ -n "${LIMIT:-}" ] && echo "--limit=$LIMIT" || true; }
 launch() { deepspeed --num_gpus "$RANKS" --master_port "$(python -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')" "$@"; }
 
-stage "1/9 emoji and openmoji images (Ray + img2dataset)"
+stage "1/10 emoji and openmoji images (Ray + img2dataset)"
 python data_pipeline/build.py emoji --stages metadata,filter,download $(limit)
 python data_pipeline/build.py openmoji --stages metadata,filter,download $(limit)
 
-stage "2/9 image tokenizer"
+stage "2/10 image tokenizer"
 tokenizer_steps=${TOKENIZER_STEPS:-$(steps_of configs/vqvae_emoji.yaml)}
 trained runs/vqvae_emoji "$tokenizer_steps" && [ -f runs/vqvae_emoji/export/model.safetensors ] ||
   launch training/train_vqvae.py --config configs/vqvae_emoji.yaml \
     --data.source=data/emoji/download,data/openmoji/download --train.resume=auto \
     --train.steps="$tokenizer_steps" --train.max_minutes="$TOKENIZER_MINUTES"
 
-stage "3/9 emoji token shards"
+stage "3/10 emoji token shards"
 python data_pipeline/build.py emoji $(limit)
 
-stage "4/9 openmoji token shards"
+stage "4/10 openmoji token shards"
 python data_pipeline/build.py openmoji $(limit)
 
-stage "5/9 base model on emoji"
+stage "5/10 the text tower, aligned with the emoji images"
+text_steps=${TEXT_STEPS:-$(steps_of configs/text_emoji.yaml)}
+if [ -f runs/text_emoji/export/text.safetensors ]; then
+  echo "already aligned: runs/text_emoji/export/text.safetensors"
+else
+  python training/align_text.py --config configs/text_emoji.yaml --train.steps="$text_steps" \
+    --train.max_minutes="$TEXT_MINUTES"
+fi
+
+stage "6/10 base model on emoji"
 base_steps=${BASE_STEPS:-$(steps_of configs/emoji_base.yaml)}
 trained runs/emoji_base "$base_steps" ||
   launch training/train.py --config configs/emoji_base.yaml --train.resume=auto --train.steps="$base_steps" \
     --train.max_minutes="$BASE_MINUTES"
 
-stage "6/9 fine-tune on openmoji (VQ-Diffusion-F)"
+stage "7/10 fine-tune on openmoji (VQ-Diffusion-F)"
 ft_steps=${FINETUNE_STEPS:-$(steps_of configs/emoji_openmoji.yaml)}
 trained runs/emoji_openmoji "$ft_steps" ||
   launch training/train.py --config configs/emoji_openmoji.yaml --train.resume=auto --train.steps="$ft_steps" \
     --train.max_minutes="$FINETUNE_MINUTES"
 
-stage "7/9 pictures for typed prompts"
+stage "8/10 pictures for typed prompts"
 args=(); for p in "${PROMPTS[@]}"; do args+=(--prompt "$p"); done
 for run in emoji_base emoji_openmoji; do
   png=out/demo_${run#emoji_}.png
@@ -104,7 +116,7 @@ else
     "${SAMPLING[@]}" --out out/diagnose_base
 fi
 
-stage "8/9 evaluation on held-out concepts"
+stage "9/10 evaluation on held-out concepts"
 pairs=(emoji_base:emoji); [ "${EVAL_FINETUNE:-0}" = 1 ] && pairs+=(emoji_openmoji:openmoji)
 for pair in "${pairs[@]}"; do
   model=runs/${pair%%:*}/export data=data/${pair##*:}
@@ -115,7 +127,7 @@ for pair in "${pairs[@]}"; do
   fi
 done
 
-stage "9/9 the runs in MLflow"
+stage "10/10 the runs in MLflow"
 python training/compare.py --experiment vqd-emoji --out out/compare
 
 printf '\nDone in %ds. Pictures: out/demo_base.png, out/demo_openmoji.png; evaluations: runs/*/export/eval/\n' \

@@ -20,7 +20,8 @@ def ar_config(*overrides: str):
     from training.config import load_config
     from training.diffusion_config import DiffusionRunConfig
 
-    return load_config(DiffusionRunConfig, REPO / "configs/emoji_base.yaml", ["--model.kind=vq-ar", *overrides])
+    return load_config(DiffusionRunConfig, REPO / "configs/emoji_base.yaml",
+                       ["--model.kind=vq-ar", "--text.pretrained=null", *overrides])
 
 
 MANIFEST = {"tokenizer": {"num_codes": K, "grid": [4, 4]}}
@@ -136,9 +137,9 @@ def test_train_vq_ar_learns_the_toy_set_and_its_export_evaluates(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "training/train.py", "--config", "configs/emoji_base.yaml", f"--data.path={data}",
            f"--train.run_dir={run}", "--tracking.enabled=false", "--model.kind=vq-ar", "--model.size=micro",
-           "--train.steps=240", "--train.micro_batch_size=16", "--train.precision=fp32", "--train.num_workers=0",
-           "--train.save_every=120", "--train.image_every=0", "--train.eval_every=40", "--optim.lr=3e-3",
-           "--optim.warmup_steps=5", "--train.ema_decay=0.9", "--train.log_every=10"]
+           "--text.pretrained=null", "--train.steps=240", "--train.micro_batch_size=16", "--train.precision=fp32",
+           "--train.num_workers=0", "--train.save_every=120", "--train.image_every=0", "--train.eval_every=40",
+           "--optim.lr=3e-3", "--optim.warmup_steps=5", "--train.ema_decay=0.9", "--train.log_every=10"]
     out = subprocess.run(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          timeout=500)
     assert out.returncode == 0 and "done: 240 steps" in out.stdout, out.stdout[-3000:]

@@ -1,5 +1,5 @@
 """The README's first command, end to end, in a copy of the checkout: every stage of scripts/emoji_demo.sh runs
-(images, tokenizer, token shards, openmoji, base, fine-tune, pictures, evaluation, comparison) with small
+(images, tokenizer, token shards, openmoji, text tower, base, fine-tune, pictures, evaluation, comparison) with small
 step counts, then a second run reuses what the first built."""
 
 import json
@@ -30,15 +30,19 @@ def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
     repo = checkout_copy(tmp_path / "repo")
     # the tokenizer and the base ask for more steps than their time budgets allow: both plan their own end
     env = {**launcher_env(), "PYTHONPATH": str(repo), "TOKENIZER_STEPS": "100000", "TOKENIZER_MINUTES": "0.15",
-           "BASE_STEPS": "100000", "BASE_MINUTES": "0.2", "FINETUNE_STEPS": "4", "EVAL_N": "8", "LIMIT": "300",
-           "OMP_NUM_THREADS": "1"}
+           "TEXT_STEPS": "20", "BASE_STEPS": "100000", "BASE_MINUTES": "0.2", "FINETUNE_STEPS": "4", "EVAL_N": "8",
+           "LIMIT": "300", "OMP_NUM_THREADS": "1"}
     start = time.time()
     first = subprocess.run(["bash", "scripts/emoji_demo.sh"], cwd=repo, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, timeout=1500)
     first_seconds = time.time() - start
     assert first.returncode == 0, first.stdout[-6000:]
-    for stage in range(1, 10):
-        assert f"=== {stage}/9" in first.stdout
+    for stage in range(1, 11):
+        assert f"=== {stage}/10" in first.stdout
+    aligned = json.loads((repo / "runs/text_emoji/export/align.json").read_text())
+    assert aligned["steps"] == 20 and aligned["data"] == "data/emoji" and "val/typed_top1" in aligned
+    base_config = (repo / "runs/emoji_base/export/config.yaml").read_text()
+    assert "pretrained: runs/text_emoji/export/text.safetensors" in base_config  # the base read the aligned tower
     assert (repo / "out/demo_base.png").is_file() and (repo / "out/demo_openmoji.png").is_file()
     diagnosed = json.loads((repo / "out/diagnose_base/diagnose.json").read_text())
     assert diagnosed["groups"][-1]["group"] == "held-out" and "house" in diagnosed["prompts"]
@@ -60,14 +64,14 @@ def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
 
     # the second run trains and draws nothing again (checkpoints and exports stay as they were); asked to, it
     # evaluates the fine-tune on openmoji's held-out concepts too
-    stamp = {p: p.stat().st_mtime for p in (repo / "runs").rglob("model.safetensors")}
+    stamp = {p: p.stat().st_mtime for p in (repo / "runs").rglob("*.safetensors")}
     start = time.time()
     second = subprocess.run(["bash", "scripts/emoji_demo.sh"], cwd=repo, env={**env, "EVAL_FINETUNE": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-6000:]
-    assert {p: p.stat().st_mtime for p in (repo / "runs").rglob("model.safetensors")} == stamp
+    assert {p: p.stat().st_mtime for p in (repo / "runs").rglob("*.safetensors")} == stamp
     assert second.stdout.count("already evaluated") == 1 and second.stdout.count("already drawn") == 2
-    assert "already diagnosed" in second.stdout
+    assert "already diagnosed" in second.stdout and "already aligned" in second.stdout
     assert "Ray cluster" not in second.stdout  # the built data sets are read back without starting Ray
     (result,) = (repo / "runs/emoji_openmoji/export/eval").glob("*.json")
     assert json.loads(result.read_text())["data"].endswith("openmoji")

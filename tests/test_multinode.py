@@ -28,9 +28,9 @@ def toy(tmp_path_factory) -> Path:
 def train_args(data: Path, run: Path, *extra: str) -> list[str]:
     """A micro model on the toy set, fp32, every step logged; no sample grids (they are rank 0's alone)."""
     return ["--config", "configs/emoji_base.yaml", f"--data.path={data}", f"--train.run_dir={run}",
-            "--tracking.experiment=multinode", "--model.size=micro", "--train.micro_batch_size=16",
-            "--train.precision=fp32", "--train.log_every=1", "--train.image_every=0", "--train.eval_every=0",
-            "--optim.warmup_steps=2", "--train.num_workers=0", *extra]
+            "--tracking.experiment=multinode", "--model.size=micro", "--text.pretrained=null",
+            "--train.micro_batch_size=16", "--train.precision=fp32", "--train.log_every=1", "--train.image_every=0",
+            "--train.eval_every=0", "--optim.warmup_steps=2", "--train.num_workers=0", *extra]
 
 
 class Nodes:

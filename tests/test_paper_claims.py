@@ -22,6 +22,7 @@ def toy_configs(tmp_path_factory) -> tuple[Path, Path]:
     base = root / "base.yaml"
     base.write_text(f"""base: {REPO / 'configs/emoji_base.yaml'}
 model: {{size: micro}}
+text: {{pretrained: null}}
 data: {{path: {emoji}}}
 optim: {{lr: 3.0e-3, warmup_steps: 4}}
 train: {{steps: 12, micro_batch_size: 16, precision: fp32, num_workers: 0, save_every: 1000, image_every: 0,

@@ -227,8 +227,11 @@ def test_weights_without_a_text_tower_are_rejected(tmp_path):
     save_file({"visual.proj": torch.zeros(2, 2)}, str(path))
     with pytest.raises(ValueError, match="text tower"):
         TextEncoder(TextEncoderConfig(pretrained=str(path), **SMALL))
-    with pytest.raises(ValueError, match="pretrained"):
+    with pytest.raises(ValueError, match="neither a file, a folder, nor an open_clip tag"):
         TextEncoder(TextEncoderConfig(pretrained="no-such-tag-or-file", **SMALL))
+    missing = tmp_path / "runs/text/export/text.safetensors"  # a path: not looked up as an open_clip tag
+    with pytest.raises(FileNotFoundError, match=f"the text tower's weights '{missing}' do not exist"):
+        TextEncoder(TextEncoderConfig(pretrained=str(missing), **SMALL))
 
 
 def test_bad_ids_raise_value_error():

@@ -24,7 +24,7 @@ def test_server_answers_the_names_nodes_use_and_refuses_others(mlflow_server):  
 def train_args(data, run, uri, *extra):
     """A micro model on the toy set under ZeRO-2, logging every step to the server; sample grids at steps 2 and 4."""
     return ["--config", "configs/emoji_base.yaml", f"--data.path={data}", f"--train.run_dir={run}",
-            f"--tracking.uri={uri}", "--tracking.experiment=server", "--model.size=micro",
+            f"--tracking.uri={uri}", "--tracking.experiment=server", "--model.size=micro", "--text.pretrained=null",
             "--train.micro_batch_size=16", "--train.precision=fp32", "--train.log_every=1", "--train.eval_every=2",
             "--train.image_every=2", "--sample.count=2", "--sample.steps=2", "--optim.warmup_steps=2",
             "--train.num_workers=0", "--deepspeed.zero_optimization.stage=2", *extra]

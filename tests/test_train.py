@@ -28,8 +28,8 @@ def args(data: Path, run: Path, db: Path, *extra: str) -> list[str]:
     """A micro model on the toy set: fp32 (bit-exact comparisons), every artefact written often."""
     return ["--config", "configs/emoji_base.yaml", f"--data.path={data}", f"--train.run_dir={run}",
             f"--tracking.uri=sqlite:///{db}", "--tracking.experiment=test-train", "--model.size=micro",
-            "--train.micro_batch_size=16", "--train.precision=fp32", "--train.log_every=2", "--sample.count=4",
-            "--sample.steps=4", "--optim.warmup_steps=5", "--train.num_workers=1", *extra]
+            "--text.pretrained=null", "--train.micro_batch_size=16", "--train.precision=fp32", "--train.log_every=2",
+            "--sample.count=4", "--sample.steps=4", "--optim.warmup_steps=5", "--train.num_workers=1", *extra]
 
 
 # ---------------------------------------------------------------------------------------------- units

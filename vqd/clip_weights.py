@@ -37,6 +37,9 @@ def read_text_weights(cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
         return read_hf_clip_folder(source, cfg)
     if os.path.isfile(source):
         return read_weights_file(source)
+    if "/" in source or source.endswith((".safetensors", ".pt", ".bin")):  # a path, not a tag
+        raise FileNotFoundError(f"pretrained: the text tower's weights {source!r} do not exist (relative paths are "
+                                f"read from {os.getcwd()})")
     return read_cached_open_clip_tag(cfg)
 
 
