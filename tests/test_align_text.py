@@ -99,3 +99,9 @@ def test_the_recipe_s_tower_is_the_base_model_s():
 def test_configs_it_cannot_honour_are_refused(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(AlignRunConfig, REPO / "configs/text_emoji.yaml", [override])
+
+
+def test_a_multi_rank_launch_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="runs as one process"):
+        main(["--config", str(REPO / "configs/text_emoji.yaml")])

@@ -204,6 +204,8 @@ def retrieval(aligner: Aligner, held: dict[str, Any]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     config_path, overrides = split_cli(argv)
     cfg: AlignRunConfig = load_config(AlignRunConfig, config_path, overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the same files
+        raise SystemExit("align_text.py runs as one process: start it with python, not a multi-rank launcher")
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
     manifest = open_dataset(cfg.data)
@@ -251,14 +253,17 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous() for k, v in aligner.tower.state_dict().items()}, str(out / TOWER_FILE))
+    partial = out / f"{TOWER_FILE}.partial"  # renamed when whole: a file of that name is always a complete tower
+    save_file({k: v.detach().contiguous() for k, v in aligner.tower.state_dict().items()}, str(partial))
+    os.replace(partial, out / TOWER_FILE)
     (out / "align.json").write_text(json.dumps({
         "steps": step, "config_steps": cfg.train.steps, "text": asdict(text_cfg), "data": manifest["folder"],
         "data_sha256": manifest.get("recipe", {}).get("sha256", ""), **final}, indent=1))
     tracker.log_artifacts(out, "export")
     tracker.set_tags({"export": str(out.resolve())})
     ended = f" of {cfg.train.steps} (time budget {cfg.train.max_minutes:g} min)" if step < cfg.train.steps else ""
-    report = ", ".join(f"{k[4:]} {v:.1%}" for k, v in final.items())
+    report = "; ".join(f"{kind} top-1 {final[f'val/{kind}_top1']:.1%} (chance {final[f'val/{kind}_chance_top1']:.1%}), "
+                       f"top-5 {final[f'val/{kind}_top5']:.1%}" for kind in ("template", "typed") if final)
     print(f"done: {step} steps{ended}; held-out text -> image: {report or 'no held-out split'}; "
           f"tower: {out / TOWER_FILE} (text.pretrained of a diffusion config)", flush=True)
     tracker.finish()
