@@ -30,9 +30,9 @@ export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 RANKS=${RANKS:-2}
 EVAL_N=${EVAL_N:-64}
 # The training loops' budgets, in minutes. With AVX2 kernels forced on an AVX-512 AMD EPYC (fp32 throughout),
-# the configs' steps take ~3.1 (tokenizer), ~1.1 (text tower), ~3.0 (base) and ~0.5 (fine-tune) minutes and the
-# other stages ~4.6 together, so these bind only on a slower CPU. There the tokenizer gets the most, being the pictures'
-# ceiling. Run on one core of that AMD EPYC (`taskset -c 0`: half its compute, the two AVX2 cores of the
+# the configs' steps take ~3.1 (tokenizer), ~1.1 (text tower), ~3.0 (base) and ~0.5 (fine-tune) minutes and
+# the other stages ~4.6 together, so these bind only on a slower CPU. There the tokenizer gets the most, being
+# the pictures' ceiling. Run on one core of that AMD EPYC (`taskset -c 0`: half its compute, the two AVX2 cores of the
 # slowest CPU of this kind), a 3.5-minute budget stopped the tokenizer at 689 of its 1,000 steps and the
 # base model's held-out prompts fell with its reconstructions (subcategory top-1 8-9% against 14-16%,
 # N = 64); 5 minutes fits its steps there.

@@ -16,8 +16,8 @@ tower is written as a .safetensors file under open_clip's names, which a diffusi
     python training/align_text.py --config configs/text_emoji.yaml
     python training/align_text.py --config configs/text_emoji.yaml --train.steps=600 --train.run_dir=runs/text2
 
-One process: a step of the tiny tower is a tenth of a second on a CPU, and a run is a minute; it keeps no
-checkpoints (an interrupted run is run again). It reads the same token shards as train.py (caption forms
+One process (the GPU where there is one): a step of the tiny tower is a tenth of a second on a CPU, and a run
+is a minute; it keeps no checkpoints (an interrupted run is run again). It reads the same token shards as train.py (caption forms
 drawn per sample and epoch), in fp32 (the tower's features are fp32 by contract, vqd/text.py).
 
 Outputs in train.run_dir: export/text.safetensors (the tower), export/align.json (held-out retrieval, the
@@ -184,7 +184,7 @@ def caption_hits(scores: torch.Tensor, captions: list[str], k: int = 5) -> dict[
     captions whose best (one of k best) images has that same caption (an identical caption's image is as right
     as its own), and the top-1 a random ranking scores."""
     captions = np.asarray(captions, dtype=object)
-    ranked = scores.topk(min(k, len(captions)), dim=1).indices.numpy()
+    ranked = scores.topk(min(k, len(captions)), dim=1).indices.cpu().numpy()
     hit = captions[ranked] == captions[:, None]  # [M, k]
     return {"top1": float(hit[:, 0].mean()), f"top{k}": float(hit.any(axis=1).mean()),
             "chance_top1": float(np.mean([(captions == c).mean() for c in captions]))}
@@ -193,10 +193,11 @@ def caption_hits(scores: torch.Tensor, captions: list[str], k: int = 5) -> dict[
 @torch.no_grad()
 def retrieval(aligner: Aligner, held: dict[str, Any]) -> dict[str, float]:
     """Held-out text -> image retrieval for both caption kinds (template .txt, typed form): val/<kind>_top1, ..."""
-    images = aligner.image(held["vq"])
+    device = aligner.log_scale.device
+    images = aligner.image(held["vq"].to(device))
     out = {}
     for kind in ("template", "typed"):
-        scores = aligner.caption_vectors(held[f"{kind}_ids"]) @ images.T
+        scores = aligner.caption_vectors(held[f"{kind}_ids"].to(device)) @ images.T
         out.update({f"val/{kind}_{name}": v for name, v in caption_hits(scores, held[kind]).items()})
     return out
 
@@ -211,8 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     manifest = open_dataset(cfg.data)
     tokens = int(np.prod(manifest["tokenizer"]["grid"]))
     text_cfg = tower_config(cfg)
-    aligner = Aligner(TextEncoder(text_cfg), int(manifest["tokenizer"]["num_codes"]), tokens, cfg.image)
-    opt, sched = build_optimizer(aligner, cfg.optim, cfg.train.steps, torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    aligner = Aligner(TextEncoder(text_cfg), int(manifest["tokenizer"]["num_codes"]), tokens, cfg.image).to(device)
+    opt, sched = build_optimizer(aligner, cfg.optim, cfg.train.steps, device)
     held = held_out(manifest, cfg.data.eval_split, text_cfg.context_length) if cfg.data.eval_split else None
     tracker = start_run(cfg, run_dir, True, "align_text", params={"tokens": tokens})
 
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     while step < budget.planned:
         started = time.perf_counter()
         batch = next(data)
-        loss, accuracy = aligner(batch["vq"], batch["clip"])
+        loss, accuracy = aligner(batch["vq"].to(device), batch["clip"].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip:
@@ -235,12 +237,12 @@ def main(argv: list[str] | None = None) -> None:
         sched.step()
         window.add(len(batch["vq"]), time.perf_counter() - started, loss=loss.detach(), accuracy=accuracy)
         step += 1
-        if budget.update(step, torch.device("cpu"), 1) != bar.total:  # the time budget moved the end
+        if budget.update(step, device, 1) != bar.total:  # the time budget moved the end
             set_total_steps(sched, budget.planned)
             bar.total = budget.planned
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == budget.planned:
-            means = window.flush(torch.device("cpu"))
+            means = window.flush(device)
             temperature = float(1 / aligner.log_scale.detach().exp().clamp(max=100))
             means.update(lr=sched.get_last_lr()[0], temperature=temperature)
             tracker.log_metrics(means, step)
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import save_file
 
     partial = out / f"{TOWER_FILE}.partial"  # renamed when whole: a file of that name is always a complete tower
-    save_file({k: v.detach().contiguous() for k, v in aligner.tower.state_dict().items()}, str(partial))
+    save_file({k: v.detach().cpu().contiguous() for k, v in aligner.tower.state_dict().items()}, str(partial))
     os.replace(partial, out / TOWER_FILE)
     (out / "align.json").write_text(json.dumps({
         "steps": step, "config_steps": cfg.train.steps, "text": asdict(text_cfg), "data": manifest["folder"],
