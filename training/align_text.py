@@ -8,22 +8,23 @@ means nothing, so the denoiser must learn each concept's look from its own few i
 pooled feature (the normalised mean of its token features, which the denoiser's AdaLN reads with
 pooled_condition) and a small encoder of the image's VQ ids are projected to one space, and each caption
 must pick out its own image among the batch's (symmetric InfoNCE, learned temperature, as CLIP). A tower
-trained so gives words that share a look nearby features, so what the denoiser learns for one concept
-carries to the concepts that look alike. The image encoder and the projections are thrown away; the
+trained so gives words that share a look nearby features, so that what the denoiser learns for one
+concept can carry to the concepts that look alike (configs/emoji_base.yaml has what it changed). The image encoder and the projections are thrown away; the
 tower is written as a .safetensors file under open_clip's names, which a diffusion config reads through
 `text.pretrained` and freezes, and which is saved inside every model trained on it.
 
     python training/align_text.py --config configs/text_emoji.yaml
     python training/align_text.py --config configs/text_emoji.yaml --train.steps=600 --train.run_dir=runs/text2
 
-One process (the GPU where there is one): a step of the tiny tower is a tenth of a second on a CPU, and a run
-is a minute; it keeps no checkpoints (an interrupted run is run again). It reads the same token shards as train.py (caption forms
-drawn per sample and epoch), in fp32 (the tower's features are fp32 by contract, vqd/text.py).
+One process (the GPU where there is one): a step of the tiny tower takes a fifth of a second on 2 CPU cores,
+a run about a minute, so it keeps no checkpoints (an interrupted run is run again). It reads the same token
+shards as train.py (caption forms drawn per sample and epoch), in fp32 (the tower's features are fp32 by
+contract, vqd/text.py).
 
 Outputs in train.run_dir: export/text.safetensors (the tower), export/align.json (held-out retrieval, the
 tower's config, the data set), config.yaml; loss, in-batch accuracy and held-out retrieval go to MLflow.
 Held-out retrieval: for each held-out caption (the template .txt, and the first caption form, as a person
-types it), is the image it scores highest one with that caption, among every held-out image.
+types it), does the image it scores highest among every held-out image have that caption.
 """
 
 from __future__ import annotations
