@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from launch import REPO
 from token_data import write_token_dataset
-from training.align_text import AlignRunConfig, caption_hits, main, tower_config
+from training.align_text import AlignRunConfig, caption_hits, main, tower_config, tower_run_id
 from training.config import load_config
 from training.data import open_dataset
 from training.diffusion_config import DiffusionRunConfig, build_model_config
@@ -46,6 +46,10 @@ def test_the_aligned_tower_picks_each_held_out_caption_s_image(aligned):
     _, run = aligned
     result = json.loads((run / "export/align.json").read_text())
     assert result["steps"] == 120
+    # a model trained on the tower finds the run that aligned it (its MLflow parent)
+    assert result["mlflow_run_id"] == (run / "mlflow_run_id.txt").read_text().strip() != ""
+    assert tower_run_id(str(run / "export/text.safetensors")) == result["mlflow_run_id"]
+    assert tower_run_id(str(run / "export/align.json")) == tower_run_id(None) == ""
     for kind in ("template", "typed"):  # "red stripes" and "stripes": four patterns, so chance is ~1/4
         assert result[f"val/{kind}_chance_top1"] < 0.3
         assert result[f"val/{kind}_top1"] >= 0.9, result

@@ -61,6 +61,9 @@ def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
     assert base["step"] == progress["step"]
     assert "of 100000 (time budget 0.15 min)" in first.stdout and "of 100000 (time budget 0.2 min)" in first.stdout
     assert "mlflow ui" in first.stdout and (repo / "out/compare/curves.png").is_file()
+    tree = (repo / "out/compare/lineage.txt").read_text().splitlines()  # tower -> base -> fine-tune
+    assert [line.split(" (")[0] for line in tree] == ["text_emoji", "└── emoji_base", "    └── emoji_openmoji"], tree
+    assert "val/typed_top1" in tree[0] and "val/vlb" in tree[1]
 
     # the second run trains and draws nothing again (checkpoints and exports stay as they were); asked to, it
     # evaluates the fine-tune on openmoji's held-out concepts too

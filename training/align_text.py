@@ -22,7 +22,8 @@ shards as train.py (caption forms drawn per sample and epoch), in fp32 (the towe
 contract, vqd/text.py).
 
 Outputs in train.run_dir: export/text.safetensors (the tower), export/align.json (held-out retrieval, the
-tower's config, the data set), config.yaml; loss, in-batch accuracy and held-out retrieval go to MLflow.
+tower's config, the data set, the MLflow run: a model trained on the tower records that run as its parent),
+config.yaml; loss, in-batch accuracy and held-out retrieval go to MLflow.
 Held-out retrieval: for each held-out caption (the template .txt, and the first caption form, as a person
 types it), does the image it scores highest among every held-out image have that caption.
 """
@@ -203,6 +204,15 @@ def retrieval(aligner: Aligner, held: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def tower_run_id(pretrained: str | None) -> str:
+    """The MLflow run that wrote the tower file `pretrained` (from the align.json beside it); '' for any other
+    weights, or when that run was not tracked."""
+    record = Path(pretrained or "").parent / "align.json"
+    if not pretrained or Path(pretrained).name != TOWER_FILE or not record.is_file():
+        return ""
+    return str(json.loads(record.read_text()).get("mlflow_run_id") or "")
+
+
 def main(argv: list[str] | None = None) -> None:
     config_path, overrides = split_cli(argv)
     cfg: AlignRunConfig = load_config(AlignRunConfig, config_path, overrides)
@@ -261,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     os.replace(partial, out / TOWER_FILE)
     (out / "align.json").write_text(json.dumps({
         "steps": step, "config_steps": cfg.train.steps, "text": asdict(text_cfg), "data": manifest["folder"],
-        "data_sha256": manifest.get("recipe", {}).get("sha256", ""), **final}, indent=1))
+        "data_sha256": manifest.get("recipe", {}).get("sha256", ""), "mlflow_run_id": tracker.run_id or "",
+        **final}, indent=1))
     tracker.log_artifacts(out, "export")
     tracker.set_tags({"export": str(out.resolve())})
     ended = f" of {cfg.train.steps} (time budget {cfg.train.max_minutes:g} min)" if step < cfg.train.steps else ""

@@ -7,7 +7,8 @@ Prints, and writes to --out (default runs/compare/<experiment>/):
   summary.md   the runs as columns: status, steps, duration, samples/s, the params that differ between them, and
                the final and best value of every metric ("best" = lowest for losses, highest for rates and scores)
   curves.png   the loss curve of every run on one plot (--curves loss val/vlb: one panel per metric)
-  lineage.txt  fine-tunes under their base run (the mlflow.parentRunId tag a fine-tune records)
+  lineage.txt  each run under the run it starts from (the mlflow.parentRunId tag: a fine-tune's base, a base
+               model's aligned text tower)
 and the `mlflow ui` command (or, for a server, the address) that shows the same runs side by side in a browser.
 The store is --uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db: a sqlite file, a file store or a server.
 """
@@ -30,7 +31,8 @@ if __package__ in (None, ""):  # `python training/compare.py`: make the repo imp
 from mlflow.entities import Run  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-LINEAGE_METRICS = ("val/vlb", "loss")  # the first a run logged is shown beside it in the tree
+# the first a run logged is shown beside it in the tree (a text tower's run: its held-out text -> image top-1)
+LINEAGE_METRICS = ("val/vlb", "val/typed_top1", "loss")
 LOWER_IS_BETTER = re.compile(r"loss|vlb|aux|nll|bpd|fid|error|skipped")
 HIGHER_IS_BETTER = re.compile(r"psnr|per_s|mfu|score|acc|usage|perplexity")
 PARENT_TAG = "mlflow.parentRunId"
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         sys.exit(f"compare.py: {e}")
     print((out / "summary.md").read_text())
-    print("lineage (fine-tunes under their base):\n" + report["lineage"] + "\n")
+    print("lineage (each run under the run it starts from):\n" + report["lineage"] + "\n")
     print("written: " + ", ".join(report["files"]))
     print("in a browser:\n" + report["browser"])
 

@@ -15,7 +15,8 @@ from training.tracking import Tracker, start_run
 
 
 def start_tracking(cfg, run_dir: Path, info: DistInfo, model_cfg, base_run: str, program: str) -> Tracker:
-    """Rank 0: the resolved config and the MLflow run, with the base run (of a fine-tune) as parent."""
+    """Rank 0: the resolved config and the MLflow run, with `base_run` (the run whose output this one starts from:
+    a fine-tune's base, or the run that aligned a base model's text tower) as parent."""
     if base_run and not cfg.tracking.parent_run_id:
         cfg.tracking.parent_run_id = base_run
     resolved = {k: v for k, v in model_cfg.to_dict().items() if k not in ("classes", "text")}

@@ -47,6 +47,7 @@ if __package__ in (None, ""):  # `python training/train.py` / deepspeed launcher
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from training.align_text import tower_run_id  # noqa: E402
 from training.budget import StepBudget  # noqa: E402
 from training.checkpoint import export_dir, load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
 from training.config import load_config, split_cli  # noqa: E402
@@ -135,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         if sampler is not None:
             sampler.load_state_dict(torch.load(resume_from / "timestep_sampler.pt", weights_only=True))
 
-    tracker = start_tracking(cfg, run_dir, info, model_cfg, base_run, program="train")
+    # a fine-tune descends from its base; a base model on an aligned text tower from the run that aligned it
+    tower_run = "" if base_tensors is not None else tower_run_id(model_cfg.text.pretrained)
+    tracker = start_tracking(cfg, run_dir, info, model_cfg, base_run or tower_run, program="train")
     prompts = fixed_prompts(cfg, manifest, model_cfg)
     exported_at = -1
 
