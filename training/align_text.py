@@ -167,17 +167,18 @@ class Aligner(nn.Module):
 
 
 def held_out(manifest: dict, split: str, context_length: int) -> dict[str, Any]:
-    """Every sample of `split`: VQ ids [M, N], CLIP ids of its .txt and of its first caption form [M, C], and
-    the two captions (a form-less sample's typed caption is its .txt)."""
-    vq, template, typed = [], [], []
+    """Every sample of `split`: VQ ids [M, N], CLIP ids of its .txt (the shard's own) and of its first caption
+    form [M, C], and the two captions (a form-less sample's typed caption is its .txt)."""
+    vq, clip, template, typed = [], [], [], []
     for path, _ in split_shards(manifest, split):
         for sample in iter_samples(path):
             vq.append(sample["vq"].astype(np.int64))
+            clip.append(sample["clip"].astype(np.int64))
             template.append(sample["txt"])
             forms = sample["json"].get("captions") or [sample["txt"]]
             typed.append(str(forms[0]))
     return {"vq": torch.from_numpy(np.stack(vq)), "template": template, "typed": typed,
-            "template_ids": fit_context(tokenize(template), context_length),
+            "template_ids": fit_context(torch.from_numpy(np.stack(clip)), context_length),
             "typed_ids": fit_context(tokenize(typed), context_length)}
 
 
