@@ -179,8 +179,19 @@ def test_evaluate_cli_end_to_end(tmp_path, monkeypatch, tiny_clip):
     assert real["n"] == 6 and real["chance"] == 0.25 and real["top1"] >= 0.5  # shapes are easy for the probe
     assert out["fid_floor"]["fid"] > 0 and Path(out["grid"]).is_file()
     assert all(f["clip_score"] is None for f in out["forms"].values()) and "not computed" in out["clip_score_note"]
+    # every held-out caption names its uid (40-47), a word no train caption has: all 6 prompts are `unread`,
+    # and that group's figures are the whole evaluation's
+    shown = sorted({p.split()[-1] for p in out["forms"]["typed"]["example_prompts"]})
+    for form in out["forms"].values():
+        words = form["top1_by_words"]
+        assert words["read"] == {"n": 0, "top1": None, "real": None, "reconstructed": None}
+        assert words["unread"]["n"] == 6 and words["unread"]["top1"] == form["top1"]
+        assert words["unread"]["real"] == out["reference_top1"]["real"]
+        assert words["unread"]["reconstructed"] == out["reference_top1"]["reconstructed"]
+        assert len(words["unread_words"]) == 6 and set(shown) <= set(words["unread_words"]) <= {str(u) for u in range(40, 48)}
     metrics = client.get_run(run_id).data.metrics
     assert metrics["eval/test_n6_steps3_r0.86_g1_seed0/typed/fid"] == pytest.approx(out["forms"]["typed"]["fid"])
+    assert metrics["eval/test_n6_steps3_r0.86_g1_seed0/typed/unread_words/n"] == 6
 
     # a second run reads the probe and the real statistics from the cache (a refit would fail here)
     cached = sorted(p.name for p in (data / "eval_cache").iterdir())
@@ -227,6 +238,44 @@ def test_prompt_forms_for_each_condition():
     samples[0].meta.pop("captions")
     with pytest.raises(ValueError, match="have no `captions`"):
         prompts_for(samples, "typed", text)
+
+
+def test_train_vocabulary_holds_every_caption_form_of_the_train_split_only():
+    from training.eval_reference import RealSample, caption_words, train_vocabulary
+
+    def sample(split, txt, captions):
+        return RealSample(Path("unused.tar"), txt, txt, {"split": split, "captions": captions})
+
+    samples = [sample("train", "An emoji of Thumbs-Up, from the people category", ["thumbs up", "like 2"]),
+               sample("train", "an emoji of red heart", []), sample("test", "an emoji of donkey", ["donkey"])]
+    assert caption_words("Thumbs-Up: medium-light skin tone!") == ["thumbs", "up", "medium", "light", "skin", "tone"]
+    assert train_vocabulary(samples) == {"an", "emoji", "of", "thumbs", "up", "from", "the", "people", "category",
+                                         "like", "2", "red", "heart"}
+
+
+def test_fidelity_split_by_whether_the_prompts_words_were_read():
+    from training.eval_reference import Reference, RealSample
+    from training.evaluate import fidelity_by_words
+    from training.probe import LinearProbe
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 8)).astype(np.float32) * 5
+    train = np.concatenate([centres[i] + 0.1 * rng.normal(size=(20, 8)) for i in range(4)]).astype(np.float32)
+    ref = Reference.__new__(Reference)  # a probe on 4 well separated classes; no data set needed
+    ref._probe = LinearProbe.fit(train, {"subcategory": [SHAPES[i] for i in range(4) for _ in range(20)]})
+    held_out = [RealSample(Path("unused.tar"), str(i), "", {"subcategory": SHAPES[i]}) for i in range(3)]
+    prompts = [f"a {SHAPES[0]}", f"a green {SHAPES[1]}", f"a {SHAPES[2]}", f"a green {SHAPES[0]}"]  # 4th: held-out 0 again
+    vocabulary = {"a", *SHAPES}
+    pictures = centres[[0, 3, 2, 0]]  # right, wrong, right, right
+    real = centres[[0, 2, 2]]  # held-out image 1's real features read as the wrong class
+    words = fidelity_by_words(ref, held_out + held_out[:1], prompts, pictures, vocabulary,
+                              {"real": real, "reconstructed": centres[[0, 1, 2]]})
+    assert words["unread_words"] == ["green"]
+    assert words["read"]["n"] == 2 and words["read"]["top1"]["subcategory"]["top1"] == 1.0
+    assert words["unread"]["n"] == 2 and words["unread"]["top1"]["subcategory"]["top1"] == 0.5
+    assert words["read"]["real"]["subcategory"]["top1"] == 1.0
+    assert words["unread"]["real"]["subcategory"]["top1"] == 0.5  # prompts 1 and 3: held-out 1 (wrong) and 0 (right)
+    assert words["unread"]["reconstructed"]["subcategory"]["top1"] == 1.0
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,22 @@ def select(samples: list[RealSample], split: str | None, n: int | None, exclude:
 def label_values(samples: list[RealSample]) -> dict[str, list[str]]:
     """LABELS the data set has -> one class name per sample ('' where a sample lacks it)."""
     return {k: [str(s.meta.get(k) or "") for s in samples] for k in LABELS if any(s.meta.get(k) for s in samples)}
+
+
+def caption_words(text: str) -> list[str]:
+    """The words of a caption as a reader splits them: lower-case runs of letters and digits."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def train_vocabulary(samples: list[RealSample]) -> set[str]:
+    """Every word of every caption form (the .txt and the .json's `captions`) of the train split's samples:
+    the words a model trained on this data set has read beside an image."""
+    words: set[str] = set()
+    for s in samples:
+        if s.meta.get("split", "train") == "train":
+            for text in [s.caption, *(s.meta.get("captions") or [])]:
+                words.update(caption_words(text))
+    return words
 
 
 def stack(samples: list[RealSample]) -> torch.Tensor:

@@ -13,7 +13,10 @@ prompted with the image's class, an unconditional one with nothing. Per prompt f
   - prompt fidelity: the top-1 of a linear probe trained on the real train-split images (training/probe.py)
     predicting each picture's category and subcategory, against the probe's top-1 on the real held-out
     images, on the tokenizer's reconstructions of them (the most a model decoding through it can show),
-    chance and the majority-class rate;
+    chance and the majority-class rate; and the same apart for the prompts whose every word is in a
+    train-split caption and for those with a word none has (a model that learnt its words from this data
+    set cannot know what such a word looks like; the paper's CLIP tower can), each beside the real
+    images' and the reconstructions' top-1 on the same prompts, with the unread words listed;
   - throughput: images/s of sampling + decoding.
 A VQ-AR folder (model.kind vq-ar, the Table 3 baseline) is scored the same way: it draws its h*w tokens one
 by one with a KV cache at temperature 1, keeping the top-r of each next-token distribution (r = --truncation);
@@ -46,8 +49,9 @@ if __package__ in (None, ""):  # `python training/evaluate.py`: make the reposit
 
 import torch  # noqa: E402
 
-from training.eval_reference import Reference, RealSample, select, stack  # noqa: E402
+from training.eval_reference import Reference, RealSample, caption_words, select, stack, train_vocabulary  # noqa: E402
 from training.fid import fid_from_features, inception_features  # noqa: E402
+from training.probe import probe_features  # noqa: E402
 
 CLIP_NOTE = "not computed: no CLIP image-text weights configured (--clip-model ARCH --clip-weights FILE)"
 
@@ -76,6 +80,24 @@ def forms_to_run(choice: str, condition: str) -> list[str]:
     if condition != "text":
         return [condition]
     return ["template", "typed"] if choice == "both" else [choice]
+
+
+def fidelity_by_words(ref: Reference, prompted_by: list[RealSample], prompts: list[str], features,
+                      vocabulary: set[str], references: dict) -> dict:
+    """Prompt fidelity apart for the prompts whose every word is in a train-split caption (`read`) and for those
+    with a word none has (`unread`: a model that learnt its words from this data set has never seen what such a
+    word looks like, so only the prompt's other words can draw it), each beside the real images' and the
+    reconstructions' top-1 on the same prompts. features [N, 2048] of the pictures; references: name ->
+    features [M, 2048] of the M held-out images (prompt i is held-out image i mod M)."""
+    unread = [[w for w in caption_words(p) if w not in vocabulary] for p in prompts]
+    out: dict = {"unread_words": sorted({w for u in unread for w in u})}
+    for group, members in (("read", [i for i, u in enumerate(unread) if not u]),
+                           ("unread", [i for i, u in enumerate(unread) if u])):
+        by = [prompted_by[i] for i in members]
+        out[group] = {"n": len(members), "top1": ref.fidelity(by, None, features[members]) if members else None}
+        for name, f in references.items():
+            out[group][name] = ref.fidelity(by, None, f[[i % len(f) for i in members]]) if members else None
+    return out
 
 
 def settings_tag(args, steps: int | None) -> str:
@@ -116,7 +138,7 @@ def evaluate(args) -> dict:
                      "purity": args.purity, "note": note},
         "n_generated": n_gen, "n_real": real_stats["n_real"],
         "fid_floor": {"fid": real_stats["floor"], "n": real_stats["n_floor"], "images": real_stats["floor_split"]},
-        "reference_top1": {"real": real_stats["real_top1"], "reconstructed": ref.fidelity(held_out, recon)},
+        "reference_top1": {"real": real_stats["real_top1"], "reconstructed": None},
         "clip_score_note": f"{args.clip_model} weights {args.clip_weights}" if args.clip_weights else CLIP_NOTE,
         "forms": {},
     }
@@ -125,7 +147,13 @@ def evaluate(args) -> dict:
         from training.clip_score import load_clip
 
         clip = load_clip(args.clip_model, args.clip_weights, device)
+    references = {}  # probe features of the held-out images and of their reconstructions, when there is a probe
+    if ref.probe() is not None:
+        references = {"real": probe_features(stack(held_out), device=device),
+                      "reconstructed": probe_features(recon, device=device)}
+        results["reference_top1"]["reconstructed"] = ref.fidelity(held_out, None, references["reconstructed"])
     pictures = {}
+    vocabulary = train_vocabulary(ref.samples)
     for form in forms_to_run(args.prompts_from, cfg.condition):
         prompts = prompts_for(prompted_by, form, cfg)
         pipe.generate(prompts[:1], sampling)  # warm-up: first-call costs (kernels, text tower) stay out of images/s
@@ -135,10 +163,15 @@ def evaluate(args) -> dict:
         seconds = time.perf_counter() - start
         feats = inception_features(images, args.inception_batch, device, progress=f"FID: {n_gen} {form} images")
         fid = fid_from_features(real_stats["features"], feats)
-        fidelity = ref.fidelity(prompted_by, images) if cfg.condition != "none" else None
+        fidelity, by_words = None, None
+        if cfg.condition != "none" and ref.probe() is not None:
+            features = probe_features(images, device=device)
+            fidelity = ref.fidelity(prompted_by, images, features)
+            if cfg.condition == "text":
+                by_words = fidelity_by_words(ref, prompted_by, prompts, features, vocabulary, references)
         results["forms"][form] = {"fid": fid, "n_generated": n_gen, "n_real": real_stats["n_real"], "top1": fidelity,
-                                  "images_per_s": n_gen / seconds, "seconds": seconds, "example_prompts": prompts[:4],
-                                  "clip_score": None}
+                                  "top1_by_words": by_words, "images_per_s": n_gen / seconds, "seconds": seconds,
+                                  "example_prompts": prompts[:4], "clip_score": None}
         if clip is not None and cfg.condition == "text":
             from training.clip_score import clip_score
 
@@ -194,6 +227,12 @@ def metrics_of(results: dict, tag: str) -> dict[str, float]:
         m[f"eval/{tag}/{form}/clip_score"] = r["clip_score"]
         for label, t in (r["top1"] or {}).items():
             m[f"eval/{tag}/{form}/top1_{label}"] = t["top1"]
+        for group in ("read", "unread"):
+            g = (r.get("top1_by_words") or {}).get(group) or {}
+            if g:
+                m[f"eval/{tag}/{form}/{group}_words/n"] = g["n"]
+            for label, t in (g.get("top1") or {}).items():
+                m[f"eval/{tag}/{form}/{group}_words/top1_{label}"] = t["top1"]
     if results["fid_floor"]["fid"] is not None:
         m[f"eval/{tag}/fid_floor"] = results["fid_floor"]["fid"]
     for which, top in results["reference_top1"].items():
@@ -250,6 +289,13 @@ def print_table(r: dict) -> None:
     for form, f in r["forms"].items():
         print(f"{'generated, ' + form + ' prompts':<26} {f['n_generated']:>5}  {f['fid']:>7.1f}  {floor_text:>24}  "
               f"{_pct(f['top1'], 'subcategory'):>12}  {_pct(f['top1'], 'category'):>9}  {f['images_per_s']:>8.2f}")
+        for group, label in (("read", "  every word in training"), ("unread", "  a word never in training")):
+            g = (f.get("top1_by_words") or {}).get(group)
+            if g and g["n"]:
+                print(f"{label:<26} {g['n']:>5}  {'':>7}  {'':>24}  {_pct(g['top1'], 'subcategory'):>12}  "
+                      f"{_pct(g['top1'], 'category'):>9}  (real {_pct(g.get('real'), 'subcategory')} / "
+                      f"{_pct(g.get('real'), 'category')}, reconstructed {_pct(g.get('reconstructed'), 'subcategory')}"
+                      f" / {_pct(g.get('reconstructed'), 'category')})")
     for which, label in (("real", "real held-out images"), ("reconstructed", "tokenizer reconstructions")):
         t = r["reference_top1"][which]
         print(f"{label:<26} {r['n_real']:>5}  {'':>7}  {'':>24}  {_pct(t, 'subcategory'):>12}  {_pct(t, 'category'):>9}")
@@ -258,6 +304,11 @@ def print_table(r: dict) -> None:
         rates = " / ".join(f"{k} {100 * v['chance']:.1f}% / {100 * v['majority']:.1f}% ({v['classes']} classes)"
                            for k, v in t.items())
         print(f"chance / majority class: {rates}")
+    for form, f in r["forms"].items():
+        words = (f.get("top1_by_words") or {}).get("unread_words")
+        if words:
+            print(f"{form} prompts' words that no train-split caption has ({len(words)}): {', '.join(words[:12])}"
+                  + (", ..." if len(words) > 12 else ""))
     clip = {f: v["clip_score"] for f, v in r["forms"].items() if v["clip_score"] is not None}
     print("CLIP score: " + (", ".join(f"{f} {v:.2f} (N={r['n_generated']})" for f, v in clip.items()) + f" "
                             f"({r['clip_score_note']})" if clip else r["clip_score_note"]))
