@@ -78,6 +78,10 @@ def test_cli_groups_by_concept_size_and_draws_prompts_beside_their_data(data_and
         expected[group_name(n)][1] += 1
     groups = {g["group"]: g for g in result["groups"]}
     assert len(expected) >= 2 and groups["held-out"]["images"] == 20
+    # the toy set's held-out captions are patterns the training split has: every word read, none unread
+    assert groups["held-out, every word in training"]["images"] == 20
+    assert groups["held-out, every word in training"]["typed"] == groups["held-out"]["typed"]
+    assert "held-out, a word never in training" not in groups
     for name, (images, count) in expected.items():
         row = groups[f"train, concepts of {name} image{'s' * (name != '1')}"]
         assert (row["images"], row["concepts"]) == (images, count)
@@ -91,7 +95,25 @@ def test_cli_groups_by_concept_size_and_draws_prompts_beside_their_data(data_and
     assert main(["--model", str(model), "--data", str(data), "--max-samples", "30", "--out", str(tmp_path / "c")]) == 0
     assert "train: read the first 30 of 120 samples" in capsys.readouterr().out
     capped = json.loads((tmp_path / "c" / "diagnose.json").read_text())
-    assert sum(g["images"] for g in capped["groups"] if g["group"] != "held-out") == 30
+    assert sum(g["images"] for g in capped["groups"] if g["group"].startswith("train")) == 30
+
+
+def test_held_out_worth_apart_for_typed_captions_with_a_word_no_training_caption_has(data_and_model):
+    from data_pipeline.shards import open_manifest
+    from training.diagnose import worth_table
+    from vqd.models import load_model
+
+    data, folder = data_and_model
+    model = load_model(folder).eval()
+    manifest = open_manifest(data)
+    train, held_out = read_split(manifest, "train", "concept"), read_split(manifest, "test", "concept", limit=8)
+    for s in held_out[:3]:
+        s.captions[1] = f"zebra {s.captions[1]}"  # a word no training caption has
+    rows = {r["group"]: r for r in worth_table(model, train, held_out, limit=100)}
+    unread, read = rows["held-out, a word never in training"], rows["held-out, every word in training"]
+    assert (unread["images"], read["images"], rows["held-out"]["images"]) == (3, 5, 8)
+    assert unread["typed"] == caption_worth(model, held_out[:3], {"typed": 1})["typed"]
+    assert read["template"] == caption_worth(model, held_out[3:], {"template": 0})["template"]
 
 
 def test_cli_refuses_a_data_set_another_tokenizer_encoded(data_and_model, tmp_path, capsys):

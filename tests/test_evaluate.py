@@ -342,6 +342,9 @@ def test_grid_rows_hold_real_reconstruction_then_each_form():
         assert torch.equal(row[3], to_uint8(pictures["typed"][0][i:i + 1])[0])
         assert captions[4 * i:4 * i + 4] == [f"real: {SHAPES[i]}", "its reconstruction",
                                              f"template: prompt {i}", f"typed: prompt {i}"]
+    # with the training captions' words, the reconstruction's caption names the prompts' words none has
+    _, captions = grid_cells(held_out, recon, pictures, vocabulary={"prompt", "0"})
+    assert captions[1] == "its reconstruction" and captions[5] == "its reconstruction; never in training: 1"
 
 
 def test_image_grid_places_each_image_in_raster_order_and_pads_with_white():

@@ -11,7 +11,9 @@ data shows the caption's concept, and what its tokenizer can show for a prompt.
    val/condition_gain, at the one step where it matters most). Training images are grouped by how many
    training images their concept (the .json field --concept-key names, default `concept`) has; the
    held-out split is a group of its own. A model that has learnt its captions shows the worth in every group; one that
-   needs many views of a concept shows it only where the data repeats the concept.
+   needs many views of a concept shows it only where the data repeats the concept. The held-out split is
+   also split by its typed caption: every word in some training caption, or a word in none (a word the
+   model has never seen drawn, which only a text tower trained elsewhere, as the paper's CLIP, can know).
 2. For each --prompt: the first image of the data set (training split first) whose caption, or one of its
    caption forms, is the prompt (case aside), decoded from its stored token ids, which is the tokenizer's
    reconstruction and the most any model on that tokenizer can draw, beside the model's own pictures.
@@ -105,14 +107,23 @@ def caption_worth(model, samples: list[Sample], forms: dict[str, int], batch: in
 
 def worth_table(model, train: list[Sample], held_out: list[Sample], limit: int) -> list[dict]:
     """caption_worth per concept-size group of the training split (at most `limit` images each), then of
-    the held-out split; the template (.txt) and the typed form (the first caption form) each."""
+    the held-out split, whole and apart by whether every word of its typed caption is in a training
+    caption; the template (.txt) and the typed form (the first caption form) each."""
+    from training.eval_reference import caption_words
+
     sizes = collections.Counter(s.concept for s in train)
     groups: dict[str, list[Sample]] = collections.defaultdict(list)
     for s in sorted(train, key=lambda s: sizes[s.concept]):
         groups[group_name(sizes[s.concept])].append(s)
     named = [(f"train, concepts of {name} image{'s' * (name != '1')}", g) for name, g in groups.items()]
+    vocabulary = {w for s in train for c in s.captions for w in caption_words(c)}
+    known = [all(w in vocabulary for w in caption_words(s.captions[1])) for s in held_out]
+    read = [s for s, k in zip(held_out, known) if k]
+    unread = [s for s, k in zip(held_out, known) if not k]
+    named += [("held-out", held_out), ("held-out, every word in training", read),
+              ("held-out, a word never in training", unread)]
     rows = []
-    for name, group in named + [("held-out", held_out)]:
+    for name, group in named:
         if not group:
             continue
         picked = [group[i] for i in np.linspace(0, len(group) - 1, min(limit, len(group))).astype(int)]

@@ -12,8 +12,8 @@ prompted with the image's class, an unconditional one with nothing. Per prompt f
     real-vs-real floor at the same N (as many real images of the other split against the same ones);
   - prompt fidelity: the top-1 of a linear probe trained on the real train-split images (training/probe.py)
     predicting each picture's category and subcategory, against the probe's top-1 on the real held-out
-    images, on the tokenizer's reconstructions of them (the most a model decoding through it can show),
-    chance and the majority-class rate; and the same apart for the prompts whose every word is in a
+    images, on the tokenizer's reconstructions of them (what the probe reads through the tokenizer's blur;
+    pictures drawn as a prompt's typical look can score above it), chance and the majority-class rate; and the same apart for the prompts whose every word is in a
     train-split caption and for those with a word none has (a model that learnt its words from this data
     set cannot know what such a word looks like; the paper's CLIP tower can), each beside the real
     images' and the reconstructions' top-1 on the same prompts, with the unread words listed;
@@ -183,17 +183,20 @@ def evaluate(args) -> dict:
     results["json"] = str(out / f"{tag}.json")
     results["grid"] = str(out / f"{tag}_grid.png") if args.grid else None
     if args.grid:
-        write_grid(Path(results["grid"]), held_out, recon, pictures)
+        write_grid(Path(results["grid"]), held_out, recon, pictures, vocabulary)
     Path(results["json"]).write_text(json.dumps(results, indent=1) + "\n")
     log_to_mlflow(Path(args.model), results, tag)
     return results
 
 
-def grid_cells(held_out: list[RealSample], recon: torch.Tensor, pictures: dict) -> tuple[torch.Tensor, list[str]]:
+def grid_cells(held_out: list[RealSample], recon: torch.Tensor, pictures: dict,
+               vocabulary: set[str] | None = None) -> tuple[torch.Tensor, list[str]]:
     """One row of cells a held-out image: the real picture, the tokenizer's reconstruction of it, then one
     picture per prompt form -> uint8 [rows * (2 + forms), H, W, 3] and a caption each. The reconstruction
     tells the two limits apart: where it shows the object and the model's pictures do not, the denoiser
-    has not learnt the prompt; where it does not, no denoiser on this tokenizer can draw it."""
+    has not learnt the prompt; where it does not, no denoiser on this tokenizer can draw it. Its caption
+    names the prompts' words that no train-split caption has (`vocabulary`), which no model trained on
+    this data set has seen drawn."""
     from vqd.pipeline import to_uint8
 
     n = min(len(p[0]) for p in pictures.values())
@@ -201,19 +204,22 @@ def grid_cells(held_out: list[RealSample], recon: torch.Tensor, pictures: dict) 
     for i in range(n):
         s = held_out[i % len(held_out)]
         name = (s.meta.get("captions") or [s.caption])[0]
+        unread = sorted({w for _, prompts in pictures.values() for w in caption_words(prompts[i])
+                         if vocabulary is not None and w not in vocabulary})
         cells += [s.image.permute(1, 2, 0), to_uint8(recon[i % len(held_out)][None])[0]]
-        captions += [f"real: {name}", "its reconstruction"]
+        captions += [f"real: {name}", "its reconstruction" + (f"; never in training: {', '.join(unread)}" if unread else "")]
         for form, (images, prompts) in pictures.items():
             cells.append(to_uint8(images[i:i + 1])[0])
             captions.append(f"{form}: {prompts[i] or '(no prompt)'}")
     return torch.stack(cells), captions
 
 
-def write_grid(path: Path, held_out: list[RealSample], recon: torch.Tensor, pictures: dict) -> None:
+def write_grid(path: Path, held_out: list[RealSample], recon: torch.Tensor, pictures: dict,
+               vocabulary: set[str] | None = None) -> None:
     """The PNG of grid_cells, two held-out images a row when there are at most two prompt forms."""
     from training.grid import captioned_grid
 
-    cells, captions = grid_cells(held_out, recon, pictures)
+    cells, captions = grid_cells(held_out, recon, pictures, vocabulary)
     per_row = (2 + len(pictures)) * (2 if len(pictures) < 3 else 1)
     captioned_grid(cells.numpy(), captions, ncols=per_row).save(path)
 
