@@ -188,7 +188,8 @@ def test_evaluate_cli_end_to_end(tmp_path, monkeypatch, tiny_clip):
         assert words["unread"]["n"] == 6 and words["unread"]["top1"] == form["top1"]
         assert words["unread"]["real"] == out["reference_top1"]["real"]
         assert words["unread"]["reconstructed"] == out["reference_top1"]["reconstructed"]
-        assert len(words["unread_words"]) == 6 and set(shown) <= set(words["unread_words"]) <= {str(u) for u in range(40, 48)}
+        assert len(words["unread_words"]) == 6
+        assert set(shown) <= set(words["unread_words"]) <= {str(u) for u in range(40, 48)}
     metrics = client.get_run(run_id).data.metrics
     assert metrics["eval/test_n6_steps3_r0.86_g1_seed0/typed/fid"] == pytest.approx(out["forms"]["typed"]["fid"])
     assert metrics["eval/test_n6_steps3_r0.86_g1_seed0/typed/unread_words/n"] == 6

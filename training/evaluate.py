@@ -13,10 +13,11 @@ prompted with the image's class, an unconditional one with nothing. Per prompt f
   - prompt fidelity: the top-1 of a linear probe trained on the real train-split images (training/probe.py)
     predicting each picture's category and subcategory, against the probe's top-1 on the real held-out
     images, on the tokenizer's reconstructions of them (what the probe reads through the tokenizer's blur;
-    pictures drawn as a prompt's typical look can score above it), chance and the majority-class rate; and the same apart for the prompts whose every word is in a
-    train-split caption and for those with a word none has (a model that learnt its words from this data
-    set cannot know what such a word looks like; the paper's CLIP tower can), each beside the real
-    images' and the reconstructions' top-1 on the same prompts, with the unread words listed;
+    pictures drawn as a prompt's typical look can score above it), chance and the majority-class rate;
+    and the same apart for the prompts whose every word is in a train-split caption and for those with a
+    word none has (a model that learnt its words from this data set cannot know what such a word looks
+    like; the paper's CLIP tower can), each beside the real images' and the reconstructions' top-1 on the
+    same prompts, with the unread words listed;
   - throughput: images/s of sampling + decoding.
 A VQ-AR folder (model.kind vq-ar, the Table 3 baseline) is scored the same way: it draws its h*w tokens one
 by one with a KV cache at temperature 1, keeping the top-r of each next-token distribution (r = --truncation);
@@ -207,7 +208,8 @@ def grid_cells(held_out: list[RealSample], recon: torch.Tensor, pictures: dict,
         unread = sorted({w for _, prompts in pictures.values() for w in caption_words(prompts[i])
                          if vocabulary is not None and w not in vocabulary})
         cells += [s.image.permute(1, 2, 0), to_uint8(recon[i % len(held_out)][None])[0]]
-        captions += [f"real: {name}", "its reconstruction" + (f"; never in training: {', '.join(unread)}" if unread else "")]
+        never = f"; never in training: {', '.join(unread)}" if unread else ""
+        captions += [f"real: {name}", f"its reconstruction{never}"]
         for form, (images, prompts) in pictures.items():
             cells.append(to_uint8(images[i:i + 1])[0])
             captions.append(f"{form}: {prompts[i] or '(no prompt)'}")
