@@ -168,3 +168,23 @@ def test_auto_precision_never_picks_emulated_bf16():
     env = {**__import__("os").environ, "ATEN_CPU_CAPABILITY": "avx2", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["fp32", "bf16"]  # an explicit choice is kept
+
+
+def test_adamw_is_fused_on_cpu_and_steps_as_the_written_out_update():
+    """build_optimizer's fused kernel, one AdamW step with decay, against the update written out by hand."""
+    import torch
+
+    from training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    w0, grad = layer.weight.detach().clone(), torch.randn(4, 8)
+    optim = OptimConfig(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=0, schedule="constant")
+    opt, _ = build_optimizer(layer, optim, total_steps=10, device=torch.device("cpu"))
+    assert opt.defaults["fused"] is True
+    layer.weight.grad, layer.bias.grad = grad.clone(), torch.zeros(4)
+    opt.step()
+    m, v = (1 - 0.9) * grad, (1 - 0.95) * grad ** 2
+    m_hat, v_hat = m / (1 - 0.9), v / (1 - 0.95)
+    want = w0 * (1 - 1e-2 * 0.1) - 1e-2 * m_hat / (v_hat.sqrt() + optim.eps)
+    assert torch.allclose(layer.weight.detach(), want, atol=1e-6)

@@ -57,7 +57,9 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(module: torch.nn.Module, optim: OptimConfig, total_steps: int,
                     device: torch.device) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable parameters of `module` (fused on CUDA) and its LambdaLR schedule."""
+    """AdamW over the trainable parameters of `module` (fused on CUDA and CPU) and its LambdaLR schedule."""
+    # fused: one pass over each tensor instead of one per operation; on a CPU the text tower's step (6.7M
+    # parameters, one thread) took 5 ms against 17 for the default foreach kernels
     opt = torch.optim.AdamW(param_groups(module, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                            fused=device.type == "cuda")
+                            fused=device.type in ("cuda", "cpu"))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(optim, total_steps))
