@@ -58,8 +58,8 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(module: torch.nn.Module, optim: OptimConfig, total_steps: int,
                     device: torch.device) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the trainable parameters of `module` (fused on CUDA and CPU) and its LambdaLR schedule."""
-    # fused: one pass over each tensor instead of one per operation; on a CPU the text tower's step (6.7M
-    # parameters, one thread) took 5 ms against 17 for the default foreach kernels
+    # fused: one pass over each tensor instead of one per operation. The text tower's step (6.7M parameters,
+    # one thread, AMD EPYC): 5 ms against 17 for the default foreach kernels with AVX-512, 6 against 19 with AVX2
     opt = torch.optim.AdamW(param_groups(module, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
                             fused=device.type in ("cuda", "cpu"))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(optim, total_steps))
