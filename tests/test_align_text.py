@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 
 from launch import REPO
 from token_data import write_token_dataset
-from training.align_text import AlignRunConfig, caption_hits, main, tower_config, tower_run_id
+from training.align_text import AlignRunConfig, caption_hits, main, tower_config
 from training.config import load_config
 from training.data import open_dataset
 from training.diffusion_config import DiffusionRunConfig, build_model_config
+from training.monitor import tower_run_id
 from vqd.text import TextEncoder, tokenize
 
 

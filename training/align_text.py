@@ -57,13 +57,11 @@ from training.checkpoint import export_dir  # noqa: E402
 from training.config import OptimConfig, TrackingConfig, TrainConfig, load_config, split_cli  # noqa: E402
 from training.data import TokenDataConfig, open_dataset, split_shards, token_loader  # noqa: E402
 from training.metrics import MetricWindow  # noqa: E402
+from training.monitor import TOWER_FILE  # noqa: E402
 from training.optim import build_optimizer, set_total_steps  # noqa: E402
 from training.tracking import start_run  # noqa: E402
 from vqd.network import MODEL_SIZES  # noqa: E402
 from vqd.text import TextEncoder, TextEncoderConfig, fit_context, tokenize, with_caption_mean  # noqa: E402
-
-TOWER_FILE = "text.safetensors"
-
 
 @dataclass
 class TowerSection:
@@ -203,15 +201,6 @@ def retrieval(aligner: Aligner, held: dict[str, Any]) -> dict[str, float]:
         scores = aligner.caption_vectors(held[f"{kind}_ids"].to(device)) @ images.T
         out.update({f"val/{kind}_{name}": v for name, v in caption_hits(scores, held[kind]).items()})
     return out
-
-
-def tower_run_id(pretrained: str | None) -> str:
-    """The MLflow run that wrote the tower file `pretrained` (from the align.json beside it); '' for any other
-    weights, or when that run was not tracked."""
-    record = Path(pretrained or "").parent / "align.json"
-    if not pretrained or Path(pretrained).name != TOWER_FILE or not record.is_file():
-        return ""
-    return str(json.loads(record.read_text()).get("mlflow_run_id") or "")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@ loss, and grids of pictures drawn for fixed prompts from the exported weights.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,18 @@ from data_pipeline.shards import iter_samples
 from training.data import split_shards, token_loader
 from training.distributed import DistInfo
 from training.tracking import Tracker, start_run
+
+
+TOWER_FILE = "text.safetensors"  # training/align_text.py's output, with align.json beside it
+
+
+def tower_run_id(pretrained: str | None) -> str:
+    """The MLflow run that wrote the tower file `pretrained` (from the align.json beside it); '' for any other
+    weights, or when that run was not tracked."""
+    record = Path(pretrained or "").parent / "align.json"
+    if not pretrained or Path(pretrained).name != TOWER_FILE or not record.is_file():
+        return ""
+    return str(json.loads(record.read_text()).get("mlflow_run_id") or "")
 
 
 def start_tracking(cfg, run_dir: Path, info: DistInfo, model_cfg, base_run: str, program: str) -> Tracker:

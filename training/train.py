@@ -47,7 +47,6 @@ if __package__ in (None, ""):  # `python training/train.py` / deepspeed launcher
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from training.align_text import tower_run_id  # noqa: E402
 from training.budget import StepBudget  # noqa: E402
 from training.checkpoint import export_dir, load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
 from training.config import load_config, split_cli  # noqa: E402
@@ -57,7 +56,7 @@ from training.distributed import barrier, cleanup, init_distributed  # noqa: E40
 from training.ema import EMA, full_weights  # noqa: E402
 from training.export import export_model, resolve_init_from, tokenizer_folder  # noqa: E402
 from training.metrics import MetricWindow, measured_matmul_flops  # noqa: E402
-from training.monitor import fixed_prompts, sample_grid, start_tracking, validation_loss  # noqa: E402
+from training.monitor import fixed_prompts, sample_grid, start_tracking, tower_run_id, validation_loss  # noqa: E402
 from training.ar_objective import NextToken, ar_micro_step  # noqa: E402
 from training.objective import Denoising, micro_step, step_generator  # noqa: E402
 from training.optim import build_optimizer, set_total_steps  # noqa: E402
