@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.claims import CLAIMS, Row, overall
+from claims import CLAIMS, Row, overall
 
 FORM_ORDER = ("typed", "template", "class", "none")  # the form a verdict reads: as a person types it, if present
 
@@ -71,7 +71,7 @@ def fmt(x: float | None, pct: bool = False, digits: int = 1) -> str:
 
 def table(plan, rows: list[Row], loaded: dict, threads: int) -> list[str]:
     """A markdown table: one line per row and prompt form."""
-    from benchmarks.paper_claims import shown
+    from paper_claims import shown
 
     lines = ["| setting | prompts | FID | FID floor (real vs real) | N | subcategory top-1 | category top-1 | "
              "images/s | seed | command |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -92,7 +92,7 @@ def table(plan, rows: list[Row], loaded: dict, threads: int) -> list[str]:
 
 def models(plan, rows: list[Row], timings: dict) -> list[str]:
     """The training command of every model a claim's rows use, with its wall time when known."""
-    from benchmarks.paper_claims import shown
+    from paper_claims import shown
 
     names = list(dict.fromkeys(row.eval.run for row in rows))
     lines = ["", "Models:"]

@@ -19,16 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from data_pipeline.encode import ShardEncoder
+from vqd.images import load_image
+from vqd.shards import iter_samples, read_tar
+from vqd.vqvae import VQVAE, VQVAEConfig, load_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def make_tokenizer(folder: Path) -> None:
     import torch
     import yaml
 
-    from vqd.vqvae import VQVAE, VQVAEConfig
 
     torch.manual_seed(0)
     VQVAE(VQVAEConfig.from_dict(yaml.safe_load((REPO / "configs" / "vqvae_f8_8192.yaml").read_text())["model"])).save(folder)
@@ -44,7 +46,6 @@ def encode_child(tokenizer: str, tar: str, out: str, precision: str, batch_size:
     if importlib.util.find_spec("ray") is None:  # a GPU box without Ray: the actor class needs only this of it
         sys.modules["ray"] = types.SimpleNamespace(is_initialized=lambda: False)
 
-    from data_pipeline.encode import ShardEncoder
     from pipeline import peak_rss_mb
 
     enc = ShardEncoder(tokenizer, out, batch_size, gpu_precision=precision)
@@ -62,10 +63,6 @@ def agreement(tokenizer: Path, tar: Path, part: Path, n: int) -> float:
     """Fraction of the ids in `part` (the stage's GPU encoding) equal to a CPU fp32 encoding of the same n images."""
     import numpy as np
     import torch
-
-    from data_pipeline.images import load_image
-    from data_pipeline.shards import iter_samples, read_tar
-    from vqd.vqvae import load_tokenizer
 
     images = {}
     for r in read_tar(tar):
@@ -90,7 +87,6 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "encode_gpu.json"))
     args = p.parse_args()
     import torch
-
     from pipeline import download_tar
 
     runs = []

@@ -31,23 +31,29 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads must sleep
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
+import argparse
+import dataclasses
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+from training.core.config import load_config, read_yaml_with_base
+from training.diffusion.config import DiffusionRunConfig, build_model_config
+from training.diffusion.data import open_dataset
+from training.evaluate import settings_tag
+from vqd.models import MODEL_KINDS
+from vqd.network import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # ahead of benchmarks/, whose training.py would shadow the training package
 
-from benchmarks.claims import CLAIMS, Eval, Run  # noqa: E402
-from benchmarks.claims_report import write_results  # noqa: E402
+from claims import CLAIMS, Eval, Run
+from claims_report import write_results
 
 TRACKING_KEYS = ("--tracking.",)  # left out of a run's identity: turning MLflow off does not retrain
 
@@ -105,8 +111,6 @@ class Plan:
 
     def eval_json(self, ev: Eval) -> Path:
         """Where training/evaluate.py writes this evaluation's results (its own naming)."""
-        from training.evaluate import settings_tag
-
         tag = settings_tag(SimpleNamespace(split="test", n=self.n, truncation=ev.truncation, guidance=ev.guidance,
                                            purity=ev.purity, seed=self.args.seed + ev.seed_offset), ev.steps)
         return self.eval_dir(ev) / f"{tag}.json"
@@ -132,12 +136,6 @@ def equal_size_ar(config: str, overrides: list[str]) -> tuple[float, dict[str, i
     """VQ-AR's MLP ratio that gives the base model's parameter count (text tower aside), and both counts."""
     import torch
 
-    from training.config import load_config
-    from training.data import open_dataset
-    from training.diffusion_config import DiffusionRunConfig, build_model_config
-    from vqd.models import MODEL_KINDS
-    from vqd.network import count_parameters
-
     def count(extra: list[str]) -> tuple[int, int]:
         cfg = load_config(DiffusionRunConfig, config, overrides + extra)
         model_cfg = build_model_config(cfg, open_dataset(cfg.data), ("a",) if cfg.model.condition == "class" else ())
@@ -155,8 +153,6 @@ def equal_size_ar(config: str, overrides: list[str]) -> tuple[float, dict[str, i
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """The runs and evaluations of the chosen claims, from the two configs and the flags (paths: repo root)."""
-    from training.config import read_yaml_with_base
-
     configs = {"base": args.base_config, "finetune": args.finetune_config}
     raw = {k: read_yaml_with_base(v) for k, v in configs.items()}
     scaled = {k: max(1, round(r["train"]["steps"] * args.steps_scale)) for k, r in raw.items()}

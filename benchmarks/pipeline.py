@@ -26,8 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from data_pipeline.build import build
+from data_pipeline.common import done_shards, init_ray
+from data_pipeline.encode import ShardEncoder
+from vqd.shards import tar_writer
+from vqd.vqvae import VQVAE, VQVAEConfig
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 ROWS_PER_FILE = 1_000_000
@@ -74,9 +79,6 @@ def synthetic_laion(folder: Path, rows: int, seed: int = 0) -> Path:
 
 def build_child(metadata: str, out: str, num_cpus: int) -> None:
     """In a fresh process: the metadata and filter stages of laion-cartoon; prints one JSON line."""
-    from data_pipeline.build import build
-    from data_pipeline.common import init_ray
-
     init_ray(num_cpus=num_cpus)
     before = peak_rss_mb()
     report = build("laion-cartoon", out=out, metadata=metadata, stages=["metadata", "filter"])
@@ -118,7 +120,6 @@ def download_tar(folder: Path, shard: int, samples: int, size: int = 256) -> Pat
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from data_pipeline.shards import tar_writer
 
     rng = np.random.default_rng(shard)
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,10 +143,6 @@ def encode_rss(sizes: list[int], batch_size: int) -> list[dict]:
     """Peak RSS of one encode actor per download shard size (256 px images, random f8 tokenizer)."""
     import ray
     import torch
-
-    from data_pipeline.common import init_ray
-    from data_pipeline.encode import ShardEncoder
-    from vqd.vqvae import VQVAE, VQVAEConfig
 
     class MeasuredEncoder(ShardEncoder):
         def peak_rss_mb(self) -> float:
@@ -183,11 +180,6 @@ def emoji_speed(num_cpus: int, limit: int, tokenizer: str | None, batch_size: in
     import ray
     import torch
     import yaml
-
-    from data_pipeline.build import build
-    from data_pipeline.common import done_shards
-    from data_pipeline.encode import ShardEncoder
-    from vqd.vqvae import VQVAE, VQVAEConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

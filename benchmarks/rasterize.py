@@ -18,19 +18,16 @@ import io
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data_pipeline.openmoji_source import PNG_SIZE, render_png, svg_folder
 
 
 def resvg_png(svg: Path, size: int) -> bytes:
-    from data_pipeline.openmoji_source import render_png
-
     return render_png(svg, size)
 
 
@@ -54,8 +51,6 @@ def on_white(png: bytes, size: int | None = None) -> np.ndarray:
 
 
 def main() -> None:
-    from data_pipeline.openmoji_source import PNG_SIZE, svg_folder
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--every", type=int, default=20, help="take every k-th SVG in name order")
     p.add_argument("--out", default="benchmarks/results/rasterize.json")

@@ -24,13 +24,13 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
-from vqd.ar import VQARConfig, VQARModel  # noqa: E402
-from vqd.diffusion import sample_categorical  # noqa: E402
-from vqd.models import VQDiffusionConfig, VQDiffusionModel, count_parameters  # noqa: E402
-from vqd.network import AR_SIZE_OF  # noqa: E402
-from vqd.sampling import SamplingConfig, guided_log_p_x0, sample_tokens, truncate  # noqa: E402
+from vqd.ar import VQARConfig, VQARModel
+from vqd.diffusion import sample_categorical
+from vqd.models import VQDiffusionConfig, VQDiffusionModel, count_parameters
+from vqd.network import AR_SIZE_OF
+from vqd.sampling import SamplingConfig, guided_log_p_x0, sample_tokens, truncate
 
 
 def timed(fn, device: str) -> float:

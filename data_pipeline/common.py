@@ -3,8 +3,7 @@ and the redaction of anything published.
 
 A stage writes into `<out>/<stage>/`; `_DONE.json` (its statistics) is written last, so a stage with a
 marker is complete and a stage without one is resumed where its files stop. Every file is written through
-`atomic_write`: a unique temporary name, fsync, rename, fsync of the folder, so a crash (or a power cut)
-leaves either the old file or the new one, never half of one.
+vqd.io's `atomic_write`, so a crash (or a power cut) leaves either the old file or the new one.
 """
 
 from __future__ import annotations
@@ -13,12 +12,15 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
+
+import data_pipeline
+import vqd
+from vqd.io import atomic_write, atomic_write_json
 
 STAGES = ("metadata", "filter", "download", "encode", "validate")
 SUCCESS = "success"  # img2dataset's status of a downloaded row
@@ -27,45 +29,6 @@ LOCK = ".lock"
 # OpenCV (img2dataset's decoder) refuses images above this many pixels: a backstop behind the PIL header check
 PIXEL_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[Path]:
-    """Yields a unique temporary path beside `path`; if the block succeeds, the file is fsynced and renamed over
-    `path` (durably), otherwise removed. The one way this project writes a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """JSON with sorted keys (deterministic bytes)."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def atomic_write_parquet(path: Path, table) -> None:
@@ -125,7 +88,7 @@ def build_lock(out: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def redact(path: str, keep_query: bool = False) -> str:
+def redact_url(path: str, keep_query: bool = False) -> str:
     """A path fit to publish: URLs lose credentials (user:password@) and, unless keep_query, their query string
     and fragment (pre-signed URLs carry their secret there); local paths are kept."""
     parts = urlsplit(path)
@@ -151,9 +114,6 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
         return
     if address:  # `ray start` clusters authenticate drivers with the token in ~/.ray/auth_token (cluster/ray_head.sh)
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-    import data_pipeline
-    import vqd
-
     env = dict(WORKER_ENV)
     env[PIXEL_ENV] = os.environ.get(PIXEL_ENV, str(2**27))
     modules = [str(Path(data_pipeline.__file__).parent), str(Path(vqd.__file__).parent)]

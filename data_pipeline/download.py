@@ -41,16 +41,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) phones home otherwise
-from img2dataset import downloader as i2d_downloader  # noqa: E402
-from img2dataset.downloader import Downloader  # noqa: E402
-from img2dataset.resizer import Resizer  # noqa: E402
+from img2dataset import downloader as i2d_downloader
+from img2dataset.downloader import Downloader
+from img2dataset.resizer import Resizer
 
-from data_pipeline.common import SUCCESS, atomic_write_json, atomic_write_parquet, ray_map  # noqa: E402
-from data_pipeline.fetch import FetchPolicy, fetch_with_retry, is_transient  # noqa: E402
-from data_pipeline.filters import filter_parts  # noqa: E402
-from data_pipeline.images import TooManyPixels, open_image  # noqa: E402
-from data_pipeline.recipe import FOLDER_KINDS, LOCAL_KINDS, Recipe  # noqa: E402
-from data_pipeline.staging import STAGING, claim_download, publish_shard  # noqa: E402
+from data_pipeline import emoji_source, openmoji_source
+from data_pipeline.common import SUCCESS, atomic_write_parquet, ray_map
+from data_pipeline.emoji_source import serve_folder
+from data_pipeline.fetch import FetchPolicy, fetch_with_retry, is_transient
+from data_pipeline.filters import filter_parts
+from data_pipeline.recipe import FOLDER_KINDS, LOCAL_KINDS, Recipe
+from data_pipeline.staging import STAGING, claim_download, publish_shard
+from vqd.images import TooManyPixels, open_image
+from vqd.io import atomic_write_json
 
 KEEP_COLUMNS = ("uid", "split", "source_url", "width", "height", "similarity", "punsafe", "pwatermark", "nsfw", "language",
                 "captions", "category", "subcategory", "key")  # other caption forms, class labels, the concept
@@ -129,6 +132,16 @@ class SafeDownloader(Downloader):
             shutil.rmtree(attempt, ignore_errors=True)
 
 
+def local_images(kind: str, urls: list[str], out: Path) -> Optional[tuple[str, Path]]:
+    """(URL scheme, folder to serve on 127.0.0.1) for the emoji styles, whose images are on this machine."""
+    if kind == "emoji":
+        return emoji_source.SCHEME, emoji_source.asset_folder()
+    if kind == "openmoji":
+        return openmoji_source.SCHEME, openmoji_source.rasterize([u[len(openmoji_source.SCHEME):] for u in urls],
+                                                                  out / "rasterized")
+    return None
+
+
 def failure_reason(status: str, message: Optional[str]) -> str:
     """img2dataset status + error message -> a short reason name (deterministic: no URLs or ports)."""
     text = message or ""
@@ -159,7 +172,6 @@ def _local_server(recipe: Recipe, out: Path) -> Iterator[Optional[tuple[str, str
     if recipe.source.kind not in LOCAL_KINDS:
         yield None
         return
-    from data_pipeline.emoji_source import local_images, serve_folder
 
     urls = [u for p in filter_parts(out) for u in pq.read_table(p, columns=["url"])["url"].to_pylist()]  # thousands
     scheme, images = local_images(recipe.source.kind, urls, out)

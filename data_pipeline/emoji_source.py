@@ -162,17 +162,6 @@ def emoji_rows(items: list[tuple[str, str]]) -> pa.Table:
                      "category": cols["category"], "subcategory": cols["subcategory"]})
 
 
-def local_images(kind: str, urls: list[str], out: Path) -> Optional[tuple[str, Path]]:
-    """(URL scheme, folder to serve on 127.0.0.1) for the emoji styles, whose images are on this machine."""
-    if kind == "emoji":
-        return SCHEME, asset_folder()
-    if kind == "openmoji":
-        from data_pipeline.openmoji_source import SCHEME as OPENMOJI, rasterize
-
-        return OPENMOJI, rasterize([u[len(OPENMOJI):] for u in urls], out / "rasterized")
-    return None
-
-
 def emoji_table() -> pa.Table:
     """One row per Twemoji PNG that has a name (see emoji_rows for the columns)."""
     return emoji_rows([(SCHEME + png.name, png.stem) for png in sorted(asset_folder().glob("*.png"))])

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.common import SUCCESS, atomic_write, atomic_write_json, done_shards, redact
-from data_pipeline.images import load_image
+from data_pipeline.common import SUCCESS, done_shards, redact_url
 from data_pipeline.recipe import TRAIN_VQVAE_HINT, Recipe
-from data_pipeline.shards import read_tar, sample_record, tar_writer
+from vqd.images import load_image, record_image
+from vqd.io import WEIGHTS_NAME, atomic_write, atomic_write_json, file_sha256
+from vqd.shards import read_tar, sample_record, tar_writer
+from vqd.text import tokenize
+from vqd.vqvae import load_tokenizer
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 META_KEEP = ("uid", "split", "source_url", "original_width", "original_height", "sha256",
              "source_width", "source_height", "similarity", "punsafe", "pwatermark", "nsfw", "language",
              "captions", "category", "subcategory", "concept")
@@ -31,9 +33,6 @@ META_KEEP = ("uid", "split", "source_url", "original_width", "original_height", 
 
 def tokenizer_info(folder: Path) -> dict:
     """What the manifest records about the tokenizer: folder, sha256 of its weights, codebook and grid."""
-    from vqd.io import WEIGHTS_NAME, file_sha256
-    from vqd.vqvae import load_tokenizer
-
     if not (folder / WEIGHTS_NAME).is_file():
         raise ValueError(
             f"tokenizer folder {str(folder)!r} does not exist or has no {WEIGHTS_NAME}: train one with "
@@ -46,8 +45,6 @@ def tokenizer_info(folder: Path) -> dict:
 
 def text_ids(captions: list[str]):
     """CLIP BPE ids [B, 77] (vqd.text.tokenize: open_clip's vocabulary, offline)."""
-    from vqd.text import tokenize
-
     return tokenize(captions)
 
 
@@ -55,7 +52,7 @@ def sample_meta(meta: dict) -> dict:
     """The kept fields of img2dataset's .json; URLs lose any credentials (user:password@)."""
     kept = {k: meta[k] for k in META_KEEP if meta.get(k) is not None}
     if "source_url" in kept:
-        kept["source_url"] = redact(kept["source_url"], keep_query=True)
+        kept["source_url"] = redact_url(kept["source_url"], keep_query=True)
     return kept
 
 
@@ -65,7 +62,6 @@ class ShardEncoder:
     def __init__(self, tokenizer: str, out_folder: str, batch_size: int, threads: int = 1, gpu_precision: str = "fp32"):
         import torch
 
-        from vqd.vqvae import load_tokenizer
 
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,7 +128,7 @@ class ShardEncoder:
 
     def _decode(self, record: dict, failed: dict[str, int]):
         """(key, split, image, caption, meta) of one downloaded sample, or None (counted in `failed`)."""
-        image = next((record[e] for e in IMAGE_EXTS if e in record), None)
+        image = record_image(record)
         try:
             meta = json.loads(record["json"])
             caption = record["txt"].decode("utf-8")

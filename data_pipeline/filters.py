@@ -19,8 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_pipeline.common import atomic_write, atomic_write_parquet, ray_map
+from data_pipeline.common import atomic_write_parquet, ray_map
 from data_pipeline.recipe import FilterSpec, Recipe
+from vqd.io import atomic_write
 
 BUCKET_ROWS = 1 << 20  # input rows per de-duplication bucket (kept rows per bucket are at most this, on average)
 SHUFFLE = "_shuffle"

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.common import atomic_write_json, fsync_dir, ray_map, redact
+from data_pipeline.common import ray_map, redact_url
 from data_pipeline.recipe import Recipe, recipe_dict, recipe_hash
-from data_pipeline.shards import FORMAT, MANIFEST, iter_samples, open_manifest, read_tar, write_shard
+from vqd.io import atomic_write_json, fsync_dir
+from vqd.shards import FORMAT, MANIFEST, iter_samples, open_manifest, read_tar, write_shard
 
 TEXT_TOKENIZER = {"name": "open_clip SimpleTokenizer (CLIP BPE)", "context_length": 77, "vocab_size": 49408}
 SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+-(?:[0-9a-f]{8}-)?[0-9]{6}\.tar$")  # this or an earlier layout's shard
@@ -116,7 +117,7 @@ def write_dataset(recipe: Recipe, out: Path, tokenizer: dict, statistics: dict) 
     statistics["accounting"] = accounting(statistics)
     config = recipe_dict(recipe)
     config.pop("out")
-    config["source"]["path"] = redact(config["source"]["path"])
+    config["source"]["path"] = redact_url(config["source"]["path"])
     manifest = {
         "format": FORMAT,
         "recipe": {"name": recipe.name, "sha256": recipe_hash(recipe), "config": config},

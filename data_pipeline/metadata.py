@@ -27,9 +27,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from data_pipeline.common import atomic_write_json, atomic_write_parquet, ray_map, redact
-from data_pipeline.images import is_heldout
+from data_pipeline.common import atomic_write_parquet, ray_map, redact_url
+from data_pipeline.emoji_source import emoji_table
+from data_pipeline.openmoji_source import openmoji_table
 from data_pipeline.recipe import FOLDER_KINDS, Recipe
+from vqd.images import is_heldout
+from vqd.io import atomic_write_json
 
 PART_ROWS = 1 << 20  # rows per metadata part: what one filter task holds in memory
 BATCH_ROWS = 1 << 16  # rows per read from a source file
@@ -225,12 +228,8 @@ def source_tables(recipe: Recipe, metadata: Optional[str]) -> list[tuple[str, ca
     """(name, loader) per source file; a loader returns a table or an iterator of batches (run on Ray workers)."""
     s = recipe.source
     if s.kind == "emoji":
-        from data_pipeline.emoji_source import emoji_table
-
         return [("twemoji", emoji_table)]
     if s.kind == "openmoji":
-        from data_pipeline.openmoji_source import openmoji_table
-
         return [("openmoji", openmoji_table)]
     if s.kind in FOLDER_KINDS:
         root = Path(metadata or s.path).expanduser()
@@ -247,8 +246,8 @@ def listing(recipe: Recipe, metadata: Optional[str], names: list[str]) -> dict:
         fs, _, (p,) = fsspec.get_fs_token_paths(name)
         return int(fs.size(p))
 
-    return {"source": redact(metadata or recipe.source.path or recipe.source.kind),
-            "files": [[redact(n), size(n)] for n in names]}
+    return {"source": redact_url(metadata or recipe.source.path or recipe.source.kind),
+            "files": [[redact_url(n), size(n)] for n in names]}
 
 
 def check_listing(folder: Path, plan: dict) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from data_pipeline.common import atomic_write
 from data_pipeline.emoji_source import emoji_rows
+from vqd.io import atomic_write
 
 SCHEME = "openmoji://"
 PNG_SIZE = 72  # Twemoji's asset size: both styles reach img2dataset's resize at the same resolution

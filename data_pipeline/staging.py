@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from data_pipeline.common import atomic_write_text, fsync_dir
+from vqd.io import atomic_write_text, fsync_dir
 
 STAGING = "_staging"  # in download/: shard attempts, OWNER (the token of the run that may publish) and .lock
 OWNER = "OWNER"  # not *.json: img2dataset takes every download/*.json for a finished shard's statistics

@@ -48,7 +48,7 @@ SAMPLING=(--steps 25 --purity --guidance 2 --truncation 0.5)
 mkdir -p out
 start=$SECONDS
 stage() { printf '\n=== %s  (%ds so far)\n' "$1" $((SECONDS - start)); }
-# the run's newest checkpoint is the last step it planned for these train.steps (training/checkpoint.py)
+# the run's newest checkpoint is the last step it planned for these train.steps (training/core/checkpoint.py)
 trained() { python -c 'import glob, json, os, sys
 found = sorted(glob.glob(sys.argv[1] + "/checkpoints/step_" + "[0-9]" * 8 + "/complete"))
 step, steps = (int(open(found[-1]).read()) if found else -1), int(sys.argv[2])

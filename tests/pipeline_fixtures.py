@@ -22,6 +22,7 @@ import yaml
 from PIL import Image
 
 from data_pipeline.emoji_source import serving
+from vqd.vqvae import VQVAE, VQVAEConfig
 
 
 def tiny_png(seed: int, size: int = 40) -> bytes:
@@ -183,7 +184,6 @@ def tiny_tokenizer(folder: Path, image_size: int = 16, codes: int = 32, seed: in
     """A randomly initialised f2 VQ-VAE (8 x 8 grid) saved as a tokenizer folder."""
     import torch
 
-    from vqd.vqvae import VQVAE, VQVAEConfig
 
     torch.manual_seed(seed)
     cfg = VQVAEConfig(image_size=image_size, ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8,

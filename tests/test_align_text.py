@@ -7,15 +7,17 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from launch import REPO
+from safetensors.torch import load_file
 from token_data import write_token_dataset
-from training.align_text import AlignRunConfig, caption_hits, main, tower_config
-from training.config import load_config
-from training.data import open_dataset
-from training.diffusion_config import DiffusionRunConfig, build_model_config
-from training.monitor import tower_run_id
+
+from training.align_text import main
+from training.core.config import load_config
+from training.diffusion.config import DiffusionRunConfig, build_model_config
+from training.diffusion.data import open_dataset
+from training.text.align import AlignRunConfig, caption_hits, tower_config
+from training.tracking.lineage import tower_run_id
+from vqd.models import VQDiffusionModel
 from vqd.text import TextEncoder, tokenize
 
 
@@ -73,8 +75,6 @@ def test_only_the_words_the_data_shows_move(aligned):
 
 
 def test_the_diffusion_trainer_reads_the_tower_through_text_pretrained(aligned):
-    from vqd.models import VQDiffusionModel
-
     data, run = aligned
     tower = run / "export/text.safetensors"
     cfg = load_config(DiffusionRunConfig, REPO / "configs/emoji_base.yaml",

@@ -9,17 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch import REPO, launcher_env
-from token_data import K, PATTERNS, write_token_dataset, write_tokenizer
+from token_data import PATTERNS, K, write_token_dataset, write_tokenizer
+
+from training.core.config import load_config
+from training.diffusion.ar_objective import NextToken, ar_micro_step
+from training.diffusion.config import DiffusionRunConfig, build_model_config
+from training.evaluate import main as evaluate_main
+from vqd.ar import VQARConfig, VQARModel
+from vqd.models import VQDiffusionModel
+from vqd.network import count_parameters
+from vqd.pipeline import TextToImage
+from vqd.sampling import SamplingConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:model.size")
 
 
 def ar_config(*overrides: str):
-    from training.config import load_config
-    from training.diffusion_config import DiffusionRunConfig
-
     return load_config(DiffusionRunConfig, REPO / "configs/emoji_base.yaml",
                        ["--model.kind=vq-ar", "--text.pretrained=null", *overrides])
 
@@ -28,11 +34,6 @@ MANIFEST = {"tokenizer": {"num_codes": K, "grid": [4, 4]}}
 
 
 def test_vq_ar_config_builds_the_equal_size_baseline():
-    from training.diffusion_config import build_model_config
-    from vqd.ar import VQARConfig, VQARModel
-    from vqd.models import VQDiffusionModel
-    from vqd.network import count_parameters
-
     ar_cfg = build_model_config(ar_config("--model.size=VQ-AR-tiny"), MANIFEST)
     assert isinstance(ar_cfg, VQARConfig) and ar_cfg.mlp_ratio == 6.75 and ar_cfg.num_codes == K
     # VQ-AR-tiny is tiny's equal; the recipe's pooled condition and grid convolutions add weights VQ-AR has no
@@ -61,9 +62,6 @@ def test_vq_ar_config_builds_the_equal_size_baseline():
 
 
 def test_next_token_step_is_the_cross_entropy_and_exports_by_name():
-    from training.ar_objective import NextToken, ar_micro_step
-    from vqd.ar import VQARConfig, VQARModel
-
     torch.manual_seed(0)
     model = VQARModel(VQARConfig(num_codes=K, grid=(4, 4), size="micro"))
     frozen = NextToken(model)
@@ -94,8 +92,6 @@ class _Engine:
 
 
 def ar_folder(path: Path) -> Path:
-    from vqd.ar import VQARConfig, VQARModel
-
     torch.manual_seed(0)
     VQARModel(VQARConfig(num_codes=K, grid=(4, 4), size="micro")).save(path)
     write_tokenizer(path / "tokenizer")
@@ -103,9 +99,6 @@ def ar_folder(path: Path) -> Path:
 
 
 def test_text_to_image_samples_a_vq_ar_folder_with_top_r(tmp_path):
-    from vqd.pipeline import TextToImage
-    from vqd.sampling import SamplingConfig
-
     pipe = TextToImage.from_folder(ar_folder(tmp_path / "ar"))
     assert pipe.autoregressive and pipe.num_timesteps is None
     captions = ["red stripes", "green border", "blue checkerboard"]
@@ -130,9 +123,6 @@ def test_text_to_image_samples_a_vq_ar_folder_with_top_r(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_train_vq_ar_learns_the_toy_set_and_its_export_evaluates(tmp_path):
-    from training.evaluate import main as evaluate_main
-    from vqd.pipeline import TextToImage
-
     data = write_token_dataset(tmp_path / "toy", train=200, test=40, per_shard=25, images=True)
     run = tmp_path / "run"
     cmd = [sys.executable, "training/train.py", "--config", "configs/emoji_base.yaml", f"--data.path={data}",

@@ -10,8 +10,9 @@ import socket
 import subprocess
 
 import pytest
-
 from launch import REPO, launcher_env
+
+from training.core.distributed import cleanup, init_distributed
 
 
 def test_hostfile_example_is_what_deepspeed_parses():
@@ -75,7 +76,7 @@ SCONTROL = '''#!/usr/bin/env bash
 '''
 PROBE = '''import os, sys
 sys.path.insert(0, os.getcwd())
-from training.distributed import all_reduce_mean, barrier, cleanup, init_distributed
+from training.core.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 info = init_distributed()
 mean = all_reduce_mean({"rank": float(info.rank)}, info.device)["rank"]
 print(f"probe rank={info.rank} world={info.world_size} local={info.local_rank}/{info.local_world_size} "
@@ -127,7 +128,6 @@ def test_one_rank_in_process_leaves_no_rendezvous_variables_behind(monkeypatch):
     rendezvous; cleanup() must take them back, or every program the caller launches later inherits them."""
     import torch.distributed as dist
 
-    from training.distributed import cleanup, init_distributed
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)

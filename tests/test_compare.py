@@ -8,9 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+from launch import REPO
 from PIL import Image
 
-from launch import REPO
+from training.compare import compare, main
+from training.core.config import TrackingConfig
+from training.tracking.tracker import Tracker
 
 BASE_LOSS = [4.0, 3.0, 2.5, 2.6, 2.2]      # best 2.2 = final
 TUNED_LOSS = [2.1, 1.9, 2.0]               # best 1.9, final 2.0
@@ -18,9 +21,6 @@ OTHER_LOSS = [5.0, 4.5, 4.4, 4.3, 4.35]    # best 4.3, final 4.35
 
 
 def make_run(uri, tmp_path, name, lr, losses, parent="", sps=100.0, val_vlb=None):
-    from training.config import TrackingConfig
-    from training.tracking import Tracker
-
     tracker = Tracker(TrackingConfig(uri=uri, experiment="cmp", run_name=name, parent_run_id=parent), tmp_path / name)
     run_id = tracker.start({"optim": {"lr": lr, "betas": [0.9, 0.96]}, "model": {"size": "micro"},
                             "train": {"run_dir": str(tmp_path / name)}})
@@ -43,8 +43,6 @@ def store(tmp_path_factory):
 
 
 def test_table_curves_and_lineage_of_every_run(tmp_path, store):
-    from training.compare import compare
-
     uri, ids = store
     report = compare(uri, "cmp", None, tmp_path / "out", ["loss", "lr"])
     assert report["runs"] == [ids["base"], ids["tuned"], ids["other"]]  # oldest first
@@ -80,8 +78,6 @@ def test_table_curves_and_lineage_of_every_run(tmp_path, store):
 
 
 def test_command_line_picks_runs_by_id_or_name_and_names_what_is_wrong(tmp_path, store, capsys):
-    from training.compare import main
-
     uri, ids = store
     cmd = [sys.executable, "training/compare.py", "--experiment", "cmp", "--uri", uri, "--out", str(tmp_path / "o"),
            "--runs", "tuned", ids["other"]]

@@ -1,4 +1,4 @@
-"""training.config: base inheritance, typed overrides, unknown keys, wrong types, derived deepspeed section."""
+"""training.core.config: base inheritance, typed overrides, unknown keys, wrong types, derived deepspeed section."""
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -6,8 +6,17 @@ from typing import Any
 import pytest
 import yaml
 
-from training.config import (OptimConfig, TrackingConfig, TrainConfig, config_to_dict, load_config, parse_overrides,
-                             save_config, split_cli)
+from training.core.config import (
+    OptimConfig,
+    TrackingConfig,
+    TrainConfig,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+    save_config,
+    split_cli,
+)
+from training.core.optim import build_optimizer
 from vqd.vqvae import VQVAEConfig
 
 
@@ -164,7 +173,7 @@ def test_auto_precision_never_picks_emulated_bf16():
     import subprocess
     import sys
 
-    code = "from training.config import resolve_precision; print(resolve_precision('auto'), resolve_precision('bf16'))"
+    code = "from training.core.config import resolve_precision; print(resolve_precision('auto'), resolve_precision('bf16'))"
     env = {**__import__("os").environ, "ATEN_CPU_CAPABILITY": "avx2", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["fp32", "bf16"]  # an explicit choice is kept
@@ -174,7 +183,6 @@ def test_adamw_is_fused_on_cpu_and_steps_as_the_written_out_update():
     """build_optimizer's fused kernel, one AdamW step with decay, against the update written out by hand."""
     import torch
 
-    from training.optim import build_optimizer
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(8, 4)

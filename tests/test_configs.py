@@ -11,14 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from launch import REPO, launch, launcher_env
 from token_data import write_token_dataset
-from training.align_text import AlignRunConfig
-from training.config import load_config
-from training.data import open_dataset
-from training.diffusion_config import DiffusionRunConfig, build_model_config
-from training.train_vqvae import VQVAERunConfig
+
+from training.core.config import load_config
+from training.diffusion.config import DiffusionRunConfig, build_model_config
+from training.diffusion.data import open_dataset
+from training.text.align import AlignRunConfig
+from training.tokenizer.config import VQVAERunConfig
+from vqd.models import VQDiffusionModel, load_model
+from vqd.network import openai_vit_b_32
+from vqd.text import TextEncoder
 
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 FINETUNES = [c for c in CONFIGS if c.startswith("finetune_")]
@@ -52,8 +55,6 @@ def toy(tmp_path_factory) -> Path:
 
 
 def test_paper_config_without_clip_weights_refuses_to_start(toy):
-    from vqd.models import VQDiffusionModel
-
     cfg = load_config(DiffusionRunConfig, REPO / "configs/base_cc.yaml", [f"--data.path={toy}", "--data.more_paths=[]"])
     model_cfg = build_model_config(cfg, open_dataset(cfg.data))
     assert model_cfg.text.pretrained == "openai" and model_cfg.text.activation == "quick_gelu"
@@ -65,9 +66,6 @@ def test_paper_config_without_clip_weights_refuses_to_start(toy):
 def clip_file(tmp_path_factory) -> Path:
     """A ViT-B/32 text tower's weights (random: the architecture and names are what the configs need)."""
     from safetensors.torch import save_file
-
-    from vqd.network import openai_vit_b_32
-    from vqd.text import TextEncoder
 
     path = tmp_path_factory.mktemp("clip") / "open_clip_model.safetensors"
     tower = TextEncoder(openai_vit_b_32(), load_weights=False)
@@ -86,7 +84,6 @@ def test_paper_configs_train_the_base_then_every_fine_tune(tmp_path, toy, clip_f
     base = tmp_path / "base"
     out = launch("training/train.py", ["--config", "configs/base_cc.yaml", *shrink, f"--train.run_dir={base}"], ranks=2)
     assert "done: 2 steps" in out.stdout
-    from vqd.models import load_model
 
     model = load_model(base / "export")
     assert model.config.size == "VQD-B" and model.config.text.width == 512 and model.text_encoder is not None

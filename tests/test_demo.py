@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from launch import REPO, launcher_env
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
 from token_data import GRID, K, write_token_dataset, write_tokenizer
-from training.diagnose import caption_worth, group_name, main, read_split
-from vqd.models import VQDiffusionConfig, VQDiffusionModel
+
+from training.diagnose import caption_worth, group_name, main, read_split, worth_table
+from vqd.models import VQDiffusionConfig, VQDiffusionModel, load_model
+from vqd.shards import open_manifest
 from vqd.text import tokenize
 
 
@@ -33,9 +34,6 @@ def test_group_names_cover_every_size_once():
 
 
 def test_caption_worth_is_the_null_minus_caption_cross_entropy_at_the_last_step(data_and_model):
-    from data_pipeline.shards import open_manifest
-    from vqd.models import load_model
-
     data, folder = data_and_model
     model = load_model(folder).eval()
     samples = read_split(open_manifest(data), "test", "concept", limit=7)
@@ -99,10 +97,6 @@ def test_cli_groups_by_concept_size_and_draws_prompts_beside_their_data(data_and
 
 
 def test_held_out_worth_apart_for_typed_captions_with_a_word_no_training_caption_has(data_and_model):
-    from data_pipeline.shards import open_manifest
-    from training.diagnose import worth_table
-    from vqd.models import load_model
-
     data, folder = data_and_model
     model = load_model(folder).eval()
     manifest = open_manifest(data)

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from brute_force import brute_posterior, code_step_matrices, paper_step_matrices, product
+
 from vqd.diffusion import MaskAndReplaceDiffusion, TimestepSampler, log_onehot, multinomial_kl, sample_categorical
 
 

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipeline.build import build
+from data_pipeline.common import init_ray
 from data_pipeline.emoji_source import emoji_table
 from data_pipeline.metadata import hash_split
 from data_pipeline.openmoji_source import openmoji_table, rasterize
+from vqd.shards import iter_samples, open_manifest
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +87,6 @@ def test_rasterize_renders_once_and_names_a_missing_svg(tmp_path):
 @pytest.mark.slow
 def test_openmoji_recipe_every_stage(tmp_path):
     import ray
-
-    from data_pipeline.build import build
-    from data_pipeline.common import init_ray
-    from data_pipeline.shards import iter_samples, open_manifest
     from pipeline_fixtures import tiny_tokenizer
 
     limit = 40

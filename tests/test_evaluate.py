@@ -12,7 +12,16 @@ import scipy.linalg
 import torch
 from PIL import Image, ImageDraw
 
-from training.fid import fid_from_features, frechet_distance, gaussian_stats, inception_features, resize_like_tf1
+from training.evaluate import fidelity_by_words, forms_to_run, grid_cells, main, prompts_for
+from training.evaluation import probe
+from training.evaluation import reference as eval_reference
+from training.evaluation.clip_score import clip_score, load_clip
+from training.evaluation.fid import fid_from_features, frechet_distance, gaussian_stats, inception_features, resize_like_tf1
+from training.evaluation.grid import image_grid
+from training.evaluation.probe import LinearProbe, probe_features, top1
+from training.evaluation.reference import RealSample, Reference, caption_words, train_vocabulary
+from vqd.models import VQDiffusionConfig, VQDiffusionModel
+from vqd.pipeline import to_uint8
 
 SHAPES = ("square", "disc", "triangle", "bar")
 
@@ -93,8 +102,6 @@ def test_inception_features_match_fid_helper_and_identical_sets_score_zero():
 
 
 def test_probe_learns_shapes_and_not_shuffled_labels():
-    from training.probe import LinearProbe, probe_features, top1
-
     rng = np.random.default_rng(1)
     labels = [SHAPES[i % 4] for i in range(96)]
     images = torch.from_numpy(np.stack([shape_image(s, rng) for s in labels])).permute(0, 3, 1, 2)
@@ -108,8 +115,6 @@ def test_probe_learns_shapes_and_not_shuffled_labels():
 
 
 def test_probe_round_trips_through_safetensors(tmp_path):
-    from training.probe import LinearProbe
-
     feats = np.random.default_rng(3).normal(size=(40, 8)).astype(np.float32)
     labels = {"a": [str(i % 3) for i in range(40)], "b": ["x" if f[0] > 0 else "y" for f in feats]}
     probe = LinearProbe.fit(feats, labels)
@@ -144,7 +149,7 @@ def write_download(folder: Path, per_split: dict[str, int], seed: int = 0) -> No
 
 def micro_model(folder: Path) -> Path:
     from pipeline_fixtures import tiny_tokenizer
-    from vqd.models import VQDiffusionConfig, VQDiffusionModel
+
 
     tok = tiny_tokenizer(folder / "tokenizer", image_size=16, codes=32)
     torch.manual_seed(0)
@@ -155,9 +160,6 @@ def micro_model(folder: Path) -> Path:
 @pytest.mark.slow
 def test_evaluate_cli_end_to_end(tmp_path, monkeypatch, tiny_clip):
     from mlflow.tracking import MlflowClient
-
-    from training import eval_reference, probe
-    from training.evaluate import main
 
     model, data = tmp_path / "model", tmp_path / "data"
     micro_model(model)
@@ -223,9 +225,6 @@ def test_evaluate_cli_end_to_end(tmp_path, monkeypatch, tiny_clip):
 def test_prompt_forms_for_each_condition():
     from types import SimpleNamespace
 
-    from training.eval_reference import RealSample
-    from training.evaluate import forms_to_run, prompts_for
-
     samples = [RealSample(Path("unused.tar"), s, f"an emoji of {s}",
                           {"captions": [s, f"{s} emoji"], "subcategory": s, "category": "shape"}) for s in SHAPES]
     text = SimpleNamespace(condition="text", classes=())
@@ -242,8 +241,6 @@ def test_prompt_forms_for_each_condition():
 
 
 def test_train_vocabulary_holds_every_caption_form_of_the_train_split_only():
-    from training.eval_reference import RealSample, caption_words, train_vocabulary
-
     def sample(split, txt, captions):
         return RealSample(Path("unused.tar"), txt, txt, {"split": split, "captions": captions})
 
@@ -255,10 +252,6 @@ def test_train_vocabulary_holds_every_caption_form_of_the_train_split_only():
 
 
 def test_fidelity_split_by_whether_the_prompts_words_were_read():
-    from training.eval_reference import Reference, RealSample
-    from training.evaluate import fidelity_by_words
-    from training.probe import LinearProbe
-
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 8)).astype(np.float32) * 5
     train = np.concatenate([centres[i] + 0.1 * rng.normal(size=(20, 8)) for i in range(4)]).astype(np.float32)
@@ -300,7 +293,6 @@ def test_clip_score_against_open_clips_own_preprocessing(tiny_clip, tmp_path):
     import open_clip
     from safetensors.torch import save_file
 
-    from training.clip_score import clip_score, load_clip
 
     reference, weights = tiny_clip
     model = load_clip("vqd-test-tiny-clip", str(weights))
@@ -322,10 +314,6 @@ def test_clip_score_against_open_clips_own_preprocessing(tiny_clip, tmp_path):
 
 
 def test_grid_rows_hold_real_reconstruction_then_each_form():
-    from training.eval_reference import RealSample
-    from training.evaluate import grid_cells
-    from vqd.pipeline import to_uint8
-
     g = torch.Generator().manual_seed(0)
     held_out = [RealSample(Path("unused.tar"), s, f"an emoji of {s}", {"captions": [s]}) for s in SHAPES[:3]]
     for s in held_out:
@@ -349,8 +337,6 @@ def test_grid_rows_hold_real_reconstruction_then_each_form():
 
 
 def test_image_grid_places_each_image_in_raster_order_and_pads_with_white():
-    from training.grid import image_grid
-
     images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 2, 3, 3).contiguous()  # image i is all i
     grid = image_grid(images, ncols=2)  # 3 rows of 2: the sixth cell is padding
     assert grid.shape == (3 * 2, 2 * 3, 3) and grid.dtype == np.uint8

@@ -9,7 +9,6 @@ from safetensors.torch import load_file, save_file
 
 from vqd.ar import VQARConfig, VQARModel
 from vqd.diffusion import MaskAndReplaceDiffusion
-from vqd.network import AR_SIZE_OF
 from vqd.models import (
     MODEL_SIZES,
     VQDiffusionConfig,
@@ -17,6 +16,7 @@ from vqd.models import (
     count_parameters,
     load_model,
 )
+from vqd.network import AR_SIZE_OF
 from vqd.text import TextEncoder, TextEncoderConfig, tokenize
 
 CAPTIONS = ["a yellow bird with black wings", "a small cartoon cat"]

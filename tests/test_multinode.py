@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from launch import REPO, free_port, launch, launcher_env
+from safetensors.torch import load_file
 from token_data import write_token_dataset
 
 TRAIN = "training/train.py"
@@ -160,7 +159,7 @@ def test_a_dead_node_takes_the_job_down_with_a_clear_error(tmp_path, toy, nodes)
 HANG = """
 import os, signal, sys, time
 import torch, torch.distributed as dist
-from training.distributed import init_distributed
+from training.core.distributed import init_distributed
 info = init_distributed(use_deepspeed=True)
 group = dist.new_group([0, 1])  # made after init with no timeout of its own, as DeepSpeed makes its groups
 x = torch.ones(4)

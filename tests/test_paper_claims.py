@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from launch import REPO
 from token_data import write_token_dataset
 
@@ -42,7 +41,7 @@ def driver_args(configs, tmp_path, *extra):
 
 
 def test_dry_run_plans_every_claim_with_one_n_and_seed(toy_configs, tmp_path, capsys):
-    from benchmarks.paper_claims import main
+    from paper_claims import main
 
     assert main(driver_args(toy_configs, tmp_path, "--dry-run", "--seed", "3", "--steps-scale", "0.5")) == 0
     out = capsys.readouterr().out
@@ -66,8 +65,8 @@ def test_dry_run_plans_every_claim_with_one_n_and_seed(toy_configs, tmp_path, ca
 
 
 def test_verdicts_follow_the_noise_margins():
-    from benchmarks.claims import CLAIMS, Comparison, overall
-    from benchmarks.claims_report import Noise
+    from claims import CLAIMS, Comparison, overall
+    from claims_report import Noise
 
     noise = Noise(sampling_sd=1.0, training_delta=3.0, same=3 * math.sqrt(2), between=6.0)
 
@@ -104,7 +103,7 @@ def test_verdicts_follow_the_noise_margins():
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_driver_trains_evaluates_and_writes_results_then_reuses_them(toy_configs, tmp_path):
-    from benchmarks.paper_claims import main
+    from paper_claims import main
 
     # claims 1, 4 and 7: the timed rows that run alone, VQ-AR, a fine-tune that waits for its base, an
     # evaluation on the second data set, class and unconditional models (the dry run plans all seven)

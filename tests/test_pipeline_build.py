@@ -18,14 +18,30 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from pipeline_fixtures import (
+    bad_server,
+    bomb_png,
+    folder_dataset,
+    remote_metadata,
+    tiny_jpeg,
+    tiny_png,
+    tiny_tokenizer,
+    truncated_jpeg,
+    write_recipe,
+)
 
+import data_pipeline.build as build_module
+import data_pipeline.manifest as manifest_module
 from data_pipeline.build import build
 from data_pipeline.common import init_ray
+from data_pipeline.download import run_download
+from data_pipeline.emoji_source import emoji_table
 from data_pipeline.filters import filter_parts
 from data_pipeline.metadata import hash_split
-from data_pipeline.shards import ShardDataset, iter_samples, iter_shard, open_manifest
-from pipeline_fixtures import (bad_server, bomb_png, folder_dataset, remote_metadata, tiny_jpeg, tiny_png,
-                               tiny_tokenizer, truncated_jpeg, write_recipe)
+from data_pipeline.recipe import LOCAL_KINDS, load_recipe
+from vqd.shards import ShardDataset, iter_samples, iter_shard, open_manifest
+from vqd.text import tokenize
+from vqd.vqvae import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,9 +108,6 @@ def _dropped(acc: dict) -> int:
 @pytest.mark.slow
 def test_every_row_is_accounted_for_on_a_hostile_server(ray_session, tokenizer, tmp_path):
     """Every input row ends as a sample or a drop counted under its reason, and the manifest says so."""
-    from vqd.text import tokenize
-    from vqd.vqvae import load_tokenizer
-
     files = {f"g{i}.png": tiny_png(i) for i in range(16)}
     files.update({"junk.bin": b"<html>surprise</html>", "trunc.jpg": truncated_jpeg(), "bomb.png": bomb_png()})
     with bad_server(files, pause=4.0, flaky_failures=1) as base:
@@ -224,7 +237,6 @@ def test_killed_build_resumes_to_the_same_manifest(ray_session, tokenizer, tmp_p
     assert b["statistics"]["download"] == {"attempted": 25, "downloaded": 24, "failed": {"http_404": 1}, "missing": 0}
 
     # a finished build is read back without starting Ray (a second run of the demo costs no cluster start-up)
-    import data_pipeline.build as build_module
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started for a build whose stages were all done")
@@ -236,8 +248,6 @@ def test_killed_build_resumes_to_the_same_manifest(ray_session, tokenizer, tmp_p
 
 @pytest.mark.slow
 def test_emoji_images_first_then_encode(ray_session, tokenizer, tmp_path):
-    from data_pipeline.emoji_source import emoji_table
-
     out = tmp_path / "emoji"
     report = build("emoji", out=str(out), stages=["metadata", "filter", "download"], overrides={"source.limit": 60})
     assert report["stages"]["download"]["stats"]["downloaded"] == 60
@@ -259,7 +269,6 @@ def test_emoji_images_first_then_encode(ray_session, tokenizer, tmp_path):
     assert manifest["tokenizer"]["grid"] == [8, 8] and manifest["statistics"]["encode"]["encoded"] == 60
 
     # re-encoding with another tokenizer: a crash before the new manifest leaves the old dataset whole ...
-    import data_pipeline.manifest as manifest_module
 
     other = tiny_tokenizer(tmp_path / "other", codes=16, seed=1)
     real = manifest_module.atomic_write_json
@@ -287,9 +296,6 @@ def test_emoji_images_first_then_encode(ray_session, tokenizer, tmp_path):
 
 def test_download_without_ray_uses_multiprocessing(tmp_path):
     """img2dataset's multiprocessing distributor (Ray not required) writes the same kind of shards."""
-    from data_pipeline.download import run_download
-    from data_pipeline.recipe import load_recipe
-
     files = {f"g{i}.png": tiny_png(200 + i) for i in range(3)}
     with bad_server(files) as base:
         recipe = load_recipe(str(write_recipe(tmp_path / "mp.yaml", tmp_path / "unused.csv",
@@ -313,9 +319,6 @@ def test_download_without_ray_uses_multiprocessing(tmp_path):
 def test_a_late_shard_of_an_earlier_run_never_replaces_the_resumed_one(tmp_path):
     """A worker of an earlier download still writing a shard (a killed build's Ray workers outlive its process
     group by seconds) while a new run downloads the same shard: what the new run published stays, whole."""
-    from data_pipeline.download import run_download
-    from data_pipeline.recipe import load_recipe
-
     files = {f"g{i}.png": tiny_png(400 + i) for i in range(4)}
     arrived, release = threading.Event(), threading.Event()
     out = tmp_path / "out"
@@ -355,8 +358,6 @@ def test_a_late_shard_of_an_earlier_run_never_replaces_the_resumed_one(tmp_path)
 
 def _shipped() -> list[str]:
     """Shipped recipes over tables or local folders (the emoji styles, served locally, have their own tests)."""
-    from data_pipeline.recipe import LOCAL_KINDS, load_recipe
-
     names = sorted(p.stem for p in (REPO / "configs" / "data").glob("*.yaml"))
     return [n for n in names if load_recipe(n).source.kind not in LOCAL_KINDS]
 
@@ -369,8 +370,6 @@ SHIPPED = _shipped()
 def test_every_shipped_recipe_runs_every_stage(ray_session, tokenizer, tmp_path, name):
     """Each shipped recipe, on a few rows in its own source format (its column names and order, or its folder
     layout), through metadata, filter, download (local server or file://), encode and validate."""
-    from data_pipeline.recipe import load_recipe
-
     recipe = load_recipe(name)
     files = {f"i{i}.jpg": tiny_jpeg(i) for i in range(4)}
     overrides = {"download.timeout": 5, "download.thread_count": 4}
@@ -392,8 +391,6 @@ def test_every_shipped_recipe_runs_every_stage(ray_session, tokenizer, tmp_path,
 @pytest.mark.slow
 def test_a_table_source_may_not_reach_private_hosts(ray_session, tmp_path):
     """Without download.allow_private_hosts, URLs on 127.0.0.1 (and file://) are refused and counted."""
-    from data_pipeline.recipe import load_recipe
-
     with bad_server({f"i{i}.jpg": tiny_jpeg(i) for i in range(4)}) as base:
         source, kept = remote_metadata(load_recipe("laion-icon"), base, tmp_path / "metadata")
         report = build("laion-icon", out=str(tmp_path / "out"), metadata=str(source),
@@ -405,8 +402,6 @@ def test_a_table_source_may_not_reach_private_hosts(ray_session, tmp_path):
 @pytest.mark.slow
 def test_a_presigned_metadata_url_is_never_published(ray_session, tokenizer, tmp_path):
     """--metadata with credentials and a signature in its query string: read over HTTP, recorded nowhere."""
-    from data_pipeline.recipe import load_recipe
-
     with bad_server({f"i{i}.jpg": tiny_jpeg(i) for i in range(4)}) as base:
         local, kept = remote_metadata(load_recipe("laion-cartoon"), base, tmp_path / "metadata")
         with bad_server({"part-0.parquet": local.read_bytes()}) as meta_host:

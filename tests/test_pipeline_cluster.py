@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from pipeline_fixtures import bad_server, tiny_png, tiny_tokenizer, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,18 +14,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from pipeline_fixtures import bad_server, bomb_png, tiny_png, truncated_jpeg, write_recipe
 
-from data_pipeline.common import atomic_write, build_lock, redact
+from data_pipeline.common import build_lock, redact_url
 from data_pipeline.download import SafeResizer, failure_reason
 from data_pipeline.emoji_source import emoji_table
 from data_pipeline.fetch import FetchError, FetchPolicy, fetch, fetch_with_retry
 from data_pipeline.filters import apply_rules, dedup_bucket, filter_part
-from data_pipeline.images import is_heldout
 from data_pipeline.manifest import accounting, plan_shards
 from data_pipeline.metadata import check_listing, check_reachable, folder_table, hash_split, table_batches
 from data_pipeline.recipe import RECIPE_DIR, FilterSpec, load_recipe, recipe_hash
-from data_pipeline.shards import MANIFEST, ShardDataset, check_compatible, open_manifest, sample_record, write_shard
-from pipeline_fixtures import bad_server, bomb_png, tiny_png, truncated_jpeg, write_recipe
+from vqd.images import is_heldout
+from vqd.io import atomic_write
+from vqd.shards import MANIFEST, ShardDataset, check_compatible, open_manifest, sample_record, write_shard
 
 
 def test_every_shipped_recipe_loads():
@@ -349,10 +350,10 @@ def test_file_urls_only_under_the_local_folder_root(tmp_path):
 
 
 def test_published_paths_lose_credentials_and_query():
-    assert redact("s3://AKIA:secret@bucket/meta.parquet?X-Amz-Signature=abc#x") == "s3://bucket/meta.parquet"
-    assert redact("https://user:pw@host:8443/m.parquet?token=t") == "https://host:8443/m.parquet"
-    assert redact("https://user:pw@host/i.jpg?w=500", keep_query=True) == "https://host/i.jpg?w=500"
-    assert redact("/data/laion/part-0.parquet") == "/data/laion/part-0.parquet"
+    assert redact_url("s3://AKIA:secret@bucket/meta.parquet?X-Amz-Signature=abc#x") == "s3://bucket/meta.parquet"
+    assert redact_url("https://user:pw@host:8443/m.parquet?token=t") == "https://host:8443/m.parquet"
+    assert redact_url("https://user:pw@host/i.jpg?w=500", keep_query=True) == "https://host/i.jpg?w=500"
+    assert redact_url("/data/laion/part-0.parquet") == "/data/laion/part-0.parquet"
 
 
 def test_atomic_write_leaves_no_half_file_and_the_lock_refuses_a_second_build(tmp_path):

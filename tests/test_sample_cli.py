@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from token_data import K, write_tokenizer
+
 from training.sample import main as sample_main
 from vqd.models import VQDiffusionConfig, VQDiffusionModel
 from vqd.pipeline import TextToImage

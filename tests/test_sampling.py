@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
-
 from brute_force import paper_step_matrices, product
+
 from vqd.diffusion import MaskAndReplaceDiffusion
-from vqd.sampling import SamplingConfig, guided_log_p_x0, level_schedule, sample_tokens, truncate
+from vqd.models import VQDiffusionConfig, VQDiffusionModel
+from vqd.sampling import SamplingConfig, guided_log_p_x0, level_schedule, sample_captions, sample_tokens, truncate
 
 P = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
 
@@ -298,11 +299,8 @@ def test_bad_sampling_arguments(kwargs, match):
 
 
 def test_sample_captions_with_a_real_model_batches_and_reproduces():
-    from vqd.models import VQDiffusionConfig, VQDiffusionModel
-
     torch.manual_seed(0)
     model = VQDiffusionModel(VQDiffusionConfig(num_codes=16, grid=(2, 3), size="micro", num_timesteps=10)).eval()
-    from vqd.sampling import sample_captions
 
     captions = ["a red apple", "a cat", "a dog on a bike"]
     cfg = SamplingConfig(steps=4, guidance_scale=2.0, truncation=0.9)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vqd.models import VQDiffusionConfig, VQDiffusionModel
 from vqd.text import (
     TextEncoder,
     TextEncoderConfig,
@@ -188,7 +189,6 @@ def test_every_source_of_pretrained_weights_gives_the_same_features(tower_in_eve
 def test_missing_weights_fail_naming_how_to_supply_them(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from vqd.models import VQDiffusionConfig, VQDiffusionModel
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     cfg = VQDiffusionConfig(num_codes=2887, grid=(32, 32), size="VQD-S")

@@ -11,10 +11,10 @@ import warnings
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-
 from mlflow_server import MlflowServer
-from training.config import TrackingConfig
-from training.tracking import UNSENT_FILE, Tracker
+
+from training.core.config import TrackingConfig
+from training.tracking.tracker import UNSENT_FILE, Tracker
 
 
 def losses(client, run_id) -> list[tuple[int, float]]:

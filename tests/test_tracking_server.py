@@ -5,10 +5,11 @@ import socket
 from pathlib import Path
 
 import pytest
-
 from launch import launch
 from mlflow_server import mlflow_server  # noqa: F401  (the fixture)
 from token_data import write_token_dataset
+
+from training.compare import compare
 
 TRAIN = "training/train.py"
 
@@ -82,7 +83,6 @@ def test_training_over_http_reads_back_through_the_rest_client(tmp_path, mlflow_
     assert [m.step for m in client.get_metric_history(tuned_id, "loss")] == [1, 2]
 
     # compare.py on the same server: the two runs side by side, the fine-tune under its base, the server's address
-    from training.compare import compare
 
     report = compare(mlflow_server.uri, "server", None, tmp_path / "compare", ["loss", "val/vlb"])
     assert report["runs"] == [base_id, tuned_id]

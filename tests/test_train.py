@@ -11,10 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from launch import REPO, deepspeed_cmd, launch, launcher_env
+from safetensors.torch import load_file
 from token_data import PATTERNS, write_token_dataset
+
+from training.core.budget import StepBudget, plan_end
+from training.core.config import OptimConfig, load_config
+from training.core.ema import EMA
+from training.core.export import resolve_init_from
+from training.core.metrics import denoiser_flops_per_sample
+from training.core.optim import LRSchedule, build_optimizer, set_total_steps
+from training.diffusion.config import DiffusionRunConfig, build_model_config
+from training.diffusion.data import TokenDataConfig, open_dataset
+from training.diffusion.objective import Denoising
+from vqd.models import VQDiffusionConfig, VQDiffusionModel, load_model
+from vqd.pipeline import TextToImage
+from vqd.sampling import SamplingConfig, sample_captions
+from vqd.text import tokenize
 
 TRAIN = "training/train.py"
 
@@ -36,9 +49,6 @@ def args(data: Path, run: Path, db: Path, *extra: str) -> list[str]:
 
 
 def test_bad_config_is_refused_naming_the_key():
-    from training.config import load_config
-    from training.diffusion_config import DiffusionRunConfig
-
     base = REPO / "configs/emoji_base.yaml"
     for override, match in [("--train.stepz=3", "train.stepz"), ("--model.condition=image", "condition"),
                             ("--data.drop_text=1.5", "data.drop_text"), ("--model.size=huge", "size"),
@@ -49,10 +59,6 @@ def test_bad_config_is_refused_naming_the_key():
 
 
 def test_fine_tune_must_keep_the_base_architecture(toy):
-    from training.config import load_config
-    from training.data import TokenDataConfig, open_dataset
-    from training.diffusion_config import DiffusionRunConfig, build_model_config
-
     manifest = open_dataset(TokenDataConfig(path=str(toy)))
     cfg = load_config(DiffusionRunConfig, REPO / "configs/emoji_base.yaml", ["--model.size=micro"])
     base = build_model_config(cfg, manifest).to_dict()
@@ -65,9 +71,6 @@ def test_fine_tune_must_keep_the_base_architecture(toy):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    from training.config import OptimConfig
-    from training.optim import LRSchedule
-
     f = LRSchedule(OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), total_steps=110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
@@ -76,8 +79,6 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_time_budget_plans_the_end_the_budget_reaches():
-    from training.budget import plan_end
-
     assert plan_end(step=10, steps=1000, budget_s=60, spent_s=20, seconds_per_step=0.5) == 90
     assert plan_end(step=10, steps=50, budget_s=60, spent_s=20, seconds_per_step=0.5) == 50  # train.steps first
     assert plan_end(step=10, steps=1000, budget_s=60, spent_s=61, seconds_per_step=0.5) == 10  # time is up
@@ -86,10 +87,6 @@ def test_time_budget_plans_the_end_the_budget_reaches():
 def test_time_budget_ends_the_loop_in_time_with_its_lr_decay_complete():
     """A loop of 20 ms steps under a 1.2 s budget: it plans ~60 steps, ends in time, its cosine decay done."""
     import time
-
-    from training.budget import StepBudget
-    from training.config import OptimConfig
-    from training.optim import build_optimizer, set_total_steps
 
     module = torch.nn.Linear(2, 2)
     optim = OptimConfig(lr=1.0, warmup_steps=5, schedule="cosine", min_lr_ratio=0.1)
@@ -116,8 +113,6 @@ def test_time_budget_ends_the_loop_in_time_with_its_lr_decay_complete():
 
 
 def test_ema_tracks_the_weights_with_warm_up():
-    from training.ema import EMA
-
     p = torch.nn.Parameter(torch.zeros(3))
     ema = EMA({"p": p}, decay=0.9)
     expected = torch.zeros(3)
@@ -131,8 +126,6 @@ def test_ema_tracks_the_weights_with_warm_up():
 
 
 def test_flops_count_matches_a_hand_count():
-    from training.metrics import denoiser_flops_per_sample
-
     # one block, width 2, 1 image token, 1 text token of width 2, mlp 1, K = 1: count every matmul by hand
     # self-attn qkv+out 4*c*c, scores+sum 2*n*c, cross q+out 2*c*c, scores+sum 2*L*c, mlp 2*r*c*c -> MACs per token
     macs_token = 4 * 4 + 2 * 1 * 2 + 2 * 4 + 2 * 1 * 2 + 2 * 1 * 4
@@ -177,9 +170,6 @@ def test_two_ranks_zero2_learn_log_and_export(tmp_path, toy):
     assert "export/model.safetensors" in {a.path for a in client.list_artifacts(rid, "export")}
 
     # the export samples on its own: model, text tower, tokenizer; and it learned the captions' patterns
-    from vqd.pipeline import TextToImage
-    from vqd.sampling import SamplingConfig, sample_captions
-
     pipe = TextToImage.from_folder(run / "export")
     captions = list(PATTERNS)
     tokens = sample_captions(pipe.model, captions * 8, SamplingConfig(steps=10, truncation=1.0),
@@ -241,9 +231,6 @@ def test_zero3_export_samples_like_zero0_and_fine_tunes_start_from_it(tmp_path, 
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].numel() for k in a)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
 
-    from vqd.models import load_model
-    from vqd.sampling import SamplingConfig, sample_captions
-
     tokens = [sample_captions(load_model(exports[s]), list(PATTERNS), SamplingConfig(steps=10),
                               generator=torch.Generator().manual_seed(1)) for s in (0, 3)]
     assert (tokens[0] == tokens[1]).float().mean() > 0.95
@@ -262,7 +249,6 @@ def test_zero3_export_samples_like_zero0_and_fine_tunes_start_from_it(tmp_path, 
     assert run.data.tags["mlflow.parentRunId"] == base_run.info.run_id
     assert run.data.params["train.init_from"] == init_from
     # the folder form names the same parent, through the export's provenance
-    from training.export import resolve_init_from
 
     assert resolve_init_from(str(base / "export"), f"sqlite:///{db}", tmp_path) == (base / "export",
                                                                                      base_run.info.run_id)
@@ -281,9 +267,6 @@ def test_bad_config_fails_before_any_rank_works(tmp_path, toy):
 
 
 def test_text_tower_trains_only_when_asked():
-    from training.objective import Denoising
-    from vqd.models import VQDiffusionConfig, VQDiffusionModel
-
     model = VQDiffusionModel(VQDiffusionConfig(num_codes=8, grid=(4, 4), size="micro", num_timesteps=10))
     frozen = Denoising(model)
     assert not any(n.startswith("text_encoder") for n, p in frozen.named_parameters() if p.requires_grad)
@@ -299,10 +282,6 @@ def test_text_tower_trains_only_when_asked():
 def test_the_engine_sees_the_condition_the_model_samples_with(train_text):
     """Training (a frozen tower's features, or the tower run inside the engine) and sampling
     (model.encode_text) hand the denoiser the same condition, the pooled caption row included."""
-    from training.objective import Denoising
-    from vqd.models import VQDiffusionConfig, VQDiffusionModel
-    from vqd.text import tokenize
-
     torch.manual_seed(0)
     model = VQDiffusionModel(VQDiffusionConfig(num_codes=8, grid=(4, 4), size="micro", num_timesteps=10,
                                                pooled_condition=True)).eval()

@@ -4,9 +4,10 @@ import collections
 
 import pytest
 import torch
-
 from token_data import FORMS, write_token_dataset
-from training.data import TokenDataConfig, TokenStream, class_names, open_dataset, split_shards, token_loader
+
+from training.diffusion.data import TokenDataConfig, TokenStream, class_names, open_dataset, split_shards, token_loader
+from vqd.shards import iter_samples
 from vqd.text import tokenize
 
 
@@ -83,8 +84,6 @@ def skewed(tmp_path_factory):
 
 def concept_of(manifest, split: str) -> dict[str, str]:
     """sample key -> its .json concept, read straight from the shards."""
-    from data_pipeline.shards import iter_samples
-
     return {s["key"]: s["json"]["concept"] for path, _ in split_shards(manifest, split) for s in iter_samples(path)}
 
 

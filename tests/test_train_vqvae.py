@@ -6,11 +6,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from launch import launch
+from PIL import Image
 from tiny_images import png_bytes, truncated_tar, write_dataset, write_tar
-from training.data_images import ImageDataConfig, ImageStream, load_image
+
+from training.core.checkpoint import rng_state, set_rng_state
+from training.core.config import load_config
+from training.core.distributed import read_env
+from training.tokenizer.config import LossConfig, VQVAERunConfig
+from training.tokenizer.data import ImageDataConfig, ImageStream, image_loader, load_image
+from training.tokenizer.objective import TokenizerObjective
+from training.tracking.redaction import redact_params
+from vqd.autoencoder import hinge_d_loss
+from vqd.vqvae import VQVAE, VQVAEConfig, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,8 +134,6 @@ def test_ranks_get_disjoint_shards_and_skip_resumes_the_stream(tmp_path):
 
 
 def test_resume_with_loader_workers_continues_the_round_robin(tmp_path):
-    from training.data_images import image_loader
-
     write_dataset(tmp_path, n_tars=4, per_tar=12, size=8)
     cfg = ImageDataConfig(source=str(tmp_path), holdout=0.0, shuffle_buffer=4)
     full = [x for _, (x, _) in zip(range(14), image_loader(cfg, 8, 3, num_workers=2, seed=1))]
@@ -136,9 +142,6 @@ def test_resume_with_loader_workers_continues_the_round_robin(tmp_path):
 
 
 def test_config_rejects_bad_tokenizer_settings(tmp_path):
-    from training.config import load_config
-    from training.train_vqvae import VQVAERunConfig
-
     with pytest.raises(ValueError, match="image_size 30 is not divisible by the downsampling factor 8"):
         load_config(VQVAERunConfig, REPO / "configs/vqvae_emoji.yaml", ["--model.image_size=30"])
     with pytest.raises(ValueError, match="gumbel"):
@@ -194,7 +197,6 @@ def test_deepspeed_two_cpu_ranks_train_resume_export(tmp_path):
     assert any(a.endswith("step_00000006.png") for a in artifacts)
 
     # the export folder is a tokenizer folder, pruned to the used codes
-    from vqd.vqvae import load_tokenizer
 
     tok = load_tokenizer(run / "export")
     assert tok.grid == (8, 8) and 1 <= tok.num_codes <= 32 and tok.config["used_codes"] == tok.num_codes
@@ -213,10 +215,6 @@ def test_deepspeed_two_cpu_ranks_train_resume_export(tmp_path):
 # ---- GAN objective, tracking, checkpoint RNG, launcher environments ----
 
 def test_gan_term_switches_on_at_disc_start_with_adaptive_weight():
-    from training.train_vqvae import LossConfig, TokenizerObjective
-    from vqd.autoencoder import hinge_d_loss
-    from vqd.vqvae import VQVAE, VQVAEConfig
-
     torch.manual_seed(0)
     vq = VQVAE(VQVAEConfig(image_size=16, ch=32, ch_mult=(1, 2), z_channels=8, embed_dim=4, num_embeddings=16,
                            restart_after=0))
@@ -251,7 +249,6 @@ def test_gan_term_switches_on_at_disc_start_with_adaptive_weight():
 def test_rng_state_round_trip(tmp_path):
     import random
 
-    from training.checkpoint import rng_state, set_rng_state
 
     torch.manual_seed(3)
     state = rng_state()
@@ -269,8 +266,6 @@ def test_rng_state_round_trip(tmp_path):
      (9, 16, 1, 8)),
 ])
 def test_distributed_env_is_read_from_any_launcher(monkeypatch, env, expected):
-    from training.distributed import read_env
-
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
               "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(k, raising=False)
@@ -280,12 +275,10 @@ def test_distributed_env_is_read_from_any_launcher(monkeypatch, env, expected):
 
 
 def test_params_are_redacted_before_they_reach_mlflow():
-    from training.redaction import redact
-
     params = {"tracking.uri": "postgresql://bob:hunter2@db:5432/mlflow", "data.path": "s3://b/x?X-Amz-Signature=abc&n=1",
               "deepspeed.api_key": "zzz", "store.access_token": "t", "db.password": "p", "data.tokenizer": "runs/tok",
               "data.label_key": "subcategory", "train.steps": 3, "tracking.token": ""}
-    out = redact(params)
+    out = redact_params(params)
     assert out["tracking.uri"] == "postgresql://bob:***@db:5432/mlflow"
     assert out["data.path"] == "s3://b/x?X-Amz-Signature=***&n=1"
     assert out["deepspeed.api_key"] == out["store.access_token"] == out["db.password"] == "***"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vqd.taming import TAMING_CONFIGS, infer_taming_config, load_taming_checkpoint
-from vqd.vqvae import (VQVAE, VectorQuantizer, VQVAEConfig, count_code_usage, load_tokenizer)
+from vqd.vqvae import VQVAE, VectorQuantizer, VQVAEConfig, count_code_usage, load_tokenizer
 
 TINY = dict(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, embed_dim=4, num_embeddings=16)
 

@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqd.io import file_sha256
+from vqd.text import tokenize
+from vqd.vqvae import VQVAE, VQVAEConfig
+
 K, GRID = 8, (4, 4)
 N = GRID[0] * GRID[1]
 _row, _col = np.meshgrid(np.arange(GRID[0]), np.arange(GRID[1]), indexing="ij")
@@ -59,8 +63,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_tokenizer(folder: Path, seed: int = 0) -> Path:
     """A random VQ-VAE whose ids are this data set's: 16 px images, f4 -> 4 x 4 grid, K = 8."""
-    from vqd.vqvae import VQVAE, VQVAEConfig
-
     torch.manual_seed(seed)
     VQVAE(VQVAEConfig(image_size=16, ch=16, ch_mult=(1, 2, 2), z_channels=8, embed_dim=4, num_embeddings=K,
                       norm_groups=8)).save(folder)
@@ -72,9 +74,6 @@ def write_token_dataset(folder: Path, train: int = 200, test: int = 40, per_shar
                         frequency: tuple[float, ...] = (1, 1, 1, 1)) -> Path:
     """Write the data set (and its tokenizer in folder/tokenizer; with `images`, download/00000.tar too); each
     sample's pattern is drawn with probability proportional to its `frequency` (PATTERNS order)."""
-    from vqd.io import file_sha256
-    from vqd.text import tokenize
-
     folder.mkdir(parents=True, exist_ok=True)
     tok_dir = write_tokenizer(folder / "tokenizer")
     rng = np.random.default_rng(seed)

@@ -25,11 +25,8 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python training/compare.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlflow.entities import Run  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
 # the first a run logged is shown beside it in the tree (a text tower's run: its held-out text -> image top-1)
 LINEAGE_METRICS = ("val/vlb", "val/typed_top1", "loss")

@@ -27,18 +27,24 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads must sleep
 
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import collections
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-if __package__ in (None, ""):  # `python training/diagnose.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from training.diffusion.data import split_shards
+from training.evaluation.grid import captioned_grid
+from training.evaluation.reference import caption_words
+from vqd.io import WEIGHTS_NAME, file_sha256
+from vqd.pipeline import TOKENIZER_DIR, TextToImage, to_uint8
+from vqd.sampling import SamplingConfig
+from vqd.shards import iter_samples, open_manifest
+from vqd.text import tokenize
 
 # Upper bounds of the concept-size groups: 1 image, 2-4, 5-9, 10-24, 25 or more (the emoji set: lone concepts,
 # five or six skin-tone variants, 26 couples' combinations).
@@ -56,9 +62,6 @@ def read_split(manifest: dict, split: str, key: str, limit: int = 0) -> list[Sam
     """The samples of one split of a token data set in manifest order: all, or the first `limit` (a web-scale
     split is counted on a prefix of its shards rather than read whole)."""
     from itertools import islice
-
-    from data_pipeline.shards import iter_samples
-    from training.data import split_shards
 
     samples = (Sample(s["vq"].astype(np.int64), [s["txt"], *map(str, s["json"].get("captions") or [])],
                       str(s["json"].get(key, s["txt"]))) for path, _ in split_shards(manifest, split)
@@ -81,8 +84,6 @@ def caption_worth(model, samples: list[Sample], forms: dict[str, int], batch: in
     """Per named caption form (index into Sample.captions, 0: the .txt): the x0 cross-entropy at t = T-1 (all
     [MASK]) with that caption and with the null condition (computed once for all forms), in nats per token;
     their difference; top-1 token accuracy with the caption."""
-    from vqd.text import tokenize
-
     diffusion = model.diffusion
     caption_nll, top1 = dict.fromkeys(forms, 0.0), dict.fromkeys(forms, 0.0)
     null_nll, tokens = 0.0, 0
@@ -109,8 +110,6 @@ def worth_table(model, train: list[Sample], held_out: list[Sample], limit: int) 
     """caption_worth per concept-size group of the training split (at most `limit` images each), then of
     the held-out split, whole and apart by whether every word of its typed caption is in a training
     caption; the template (.txt) and the typed form (the first caption form) each."""
-    from training.eval_reference import caption_words
-
     sizes = collections.Counter(s.concept for s in train)
     groups: dict[str, list[Sample]] = collections.defaultdict(list)
     for s in sorted(train, key=lambda s: sizes[s.concept]):
@@ -146,8 +145,6 @@ def find_prompt(prompt: str, splits: dict[str, list[Sample]]) -> tuple[str, Samp
 def prompt_grid(pipe, prompts: list[str], splits: dict[str, list[Sample]], sampling, per_prompt: int, seed: int):
     """A row a prompt: the data's image of it as its tokens decode (or a blank cell), then the model's
     pictures -> (uint8 [rows * (1 + per_prompt), H, W, 3], captions, {prompt: where it was found})."""
-    from vqd.pipeline import to_uint8
-
     generator = torch.Generator(pipe.device).manual_seed(seed)
     pictures = to_uint8(pipe.generate([p for p in prompts for _ in range(per_prompt)], sampling, generator=generator))
     cells, captions, found = [], [], {}
@@ -197,11 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="folder for diagnose.json and diagnose.png (default <model>/diagnose)")
     args = p.parse_args(argv)
-    from data_pipeline.shards import open_manifest
-    from training.grid import captioned_grid
-    from vqd.pipeline import TextToImage
-    from vqd.sampling import SamplingConfig
-
     try:
         manifest = open_manifest(args.data)
         pipe = TextToImage.from_folder(args.model, device=args.device)
@@ -212,9 +204,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.model} is not a text-conditioned VQ-Diffusion model: there is no caption to weigh",
               file=sys.stderr)
         return 2
-    from vqd.io import WEIGHTS_NAME, file_sha256
-    from vqd.pipeline import TOKENIZER_DIR
-
     own = file_sha256(Path(args.model) / TOKENIZER_DIR / WEIGHTS_NAME)
     if own != manifest["tokenizer"]["sha256"]:  # the same ids would mean other pictures
         print(f"error: {args.data} was encoded by tokenizer {manifest['tokenizer']['sha256'][:12]}, the model decodes "

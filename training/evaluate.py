@@ -8,9 +8,9 @@ For each held-out image (the first N of the split, in a fixed order) the model d
 that image's prompt, in the data set's caption template (`template`: the sample's .txt) and as a person
 types it (`typed`: the first of the .json's `captions`, the emoji name); a class-conditional model is
 prompted with the image's class, an unconditional one with nothing. Per prompt form:
-  - FID against the N real held-out images (TF-Inception pool3, training/fid.py), printed beside the
+  - FID against the N real held-out images (TF-Inception pool3, training/evaluation/fid.py), printed beside the
     real-vs-real floor at the same N (as many real images of the other split against the same ones);
-  - prompt fidelity: the top-1 of a linear probe trained on the real train-split images (training/probe.py)
+  - prompt fidelity: the top-1 of a linear probe trained on the real train-split images (training/evaluation/probe.py)
     predicting each picture's category and subcategory, against the probe's top-1 on the real held-out
     images, on the tokenizer's reconstructions of them (what the probe reads through the tokenizer's blur;
     pictures drawn as a prompt's typical look can score above it), chance and the majority-class rate;
@@ -38,21 +38,23 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads must sleep
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
 
-if __package__ in (None, ""):  # `python training/evaluate.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from training.eval_reference import Reference, RealSample, caption_words, select, stack, train_vocabulary  # noqa: E402
-from training.fid import fid_from_features, inception_features  # noqa: E402
-from training.probe import probe_features  # noqa: E402
+from training.core.export import read_provenance
+from training.evaluation.clip_score import clip_score, load_clip
+from training.evaluation.fid import fid_from_features, inception_features
+from training.evaluation.grid import captioned_grid
+from training.evaluation.probe import probe_features
+from training.evaluation.reference import RealSample, Reference, caption_words, select, stack, train_vocabulary
+from vqd.pipeline import TextToImage, to_uint8
+from vqd.sampling import SamplingConfig
 
 CLIP_NOTE = "not computed: no CLIP image-text weights configured (--clip-model ARCH --clip-weights FILE)"
 
@@ -110,9 +112,6 @@ def settings_tag(args, steps: int | None) -> str:
 
 def evaluate(args) -> dict:
     """Run the evaluation described by the parsed command line; returns the results dict (also written as JSON)."""
-    from vqd.pipeline import TextToImage
-    from vqd.sampling import SamplingConfig
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = TextToImage.from_folder(args.model, device=device)
     cfg = pipe.model.config
@@ -145,8 +144,6 @@ def evaluate(args) -> dict:
     }
     clip = None
     if args.clip_weights:
-        from training.clip_score import load_clip
-
         clip = load_clip(args.clip_model, args.clip_weights, device)
     references = {}  # probe features of the held-out images and of their reconstructions, when there is a probe
     if ref.probe() is not None:
@@ -174,8 +171,6 @@ def evaluate(args) -> dict:
                                   "top1_by_words": by_words, "images_per_s": n_gen / seconds, "seconds": seconds,
                                   "example_prompts": prompts[:4], "clip_score": None}
         if clip is not None and cfg.condition == "text":
-            from training.clip_score import clip_score
-
             results["forms"][form]["clip_score"] = clip_score(clip, args.clip_model, images, prompts)
         pictures[form] = (images[:args.grid], prompts[:args.grid])
     out = Path(args.out or Path(args.model) / "eval")
@@ -198,8 +193,6 @@ def grid_cells(held_out: list[RealSample], recon: torch.Tensor, pictures: dict,
     has not learnt the prompt; where it does not, no denoiser on this tokenizer can draw it. Its caption
     names the prompts' words that no train-split caption has (`vocabulary`), which no model trained on
     this data set has seen drawn."""
-    from vqd.pipeline import to_uint8
-
     n = min(len(p[0]) for p in pictures.values())
     cells, captions = [], []
     for i in range(n):
@@ -219,8 +212,6 @@ def grid_cells(held_out: list[RealSample], recon: torch.Tensor, pictures: dict,
 def write_grid(path: Path, held_out: list[RealSample], recon: torch.Tensor, pictures: dict,
                vocabulary: set[str] | None = None) -> None:
     """The PNG of grid_cells, two held-out images a row when there are at most two prompt forms."""
-    from training.grid import captioned_grid
-
     cells, captions = grid_cells(held_out, recon, pictures, vocabulary)
     per_row = (2 + len(pictures)) * (2 if len(pictures) < 3 else 1)
     captioned_grid(cells.numpy(), captions, ncols=per_row).save(path)
@@ -251,8 +242,6 @@ def metrics_of(results: dict, tag: str) -> dict[str, float]:
 
 def log_to_mlflow(model: Path, results: dict, tag: str) -> None:
     """Metrics, the JSON and the grid into the MLflow run named by the model's provenance.json (never fatal)."""
-    from training.export import read_provenance
-
     prov = read_provenance(model)
     run_id, uri = prov.get("mlflow_run_id"), prov.get("tracking_uri")
     if not run_id or not uri:

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from vqd.pipeline import TextToImage, to_uint8  # noqa: E402
-from vqd.sampling import SamplingConfig  # noqa: E402
+from training.evaluation.grid import captioned_grid
+from training.tokenizer.data import load_image
+from vqd.pipeline import TextToImage, to_uint8
+from vqd.sampling import SamplingConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,8 +66,6 @@ def read_prompts(args: argparse.Namespace, condition: str) -> list[str]:
 
 def load_rgb(path: str, size: int) -> torch.Tensor:
     """An image file -> float [3, size, size] in [-1, 1] (alpha on white, centre crop, bicubic)."""
-    from training.data_images import load_image
-
     return load_image(Path(path).read_bytes(), size)
 
 
@@ -101,7 +98,6 @@ def main(argv: list[str] | None = None) -> None:
                 Image.fromarray(image.numpy()).save(out / f"{start + i:04d}.png")
         print(f"{len(prompts)} images in {out}")
         return
-    from training.grid import captioned_grid
 
     prompts = [p for p in prompts for _ in range(args.per_prompt)]
     labels = prompts if pipe.model.config.condition != "none" else ["(unconditional)"] * len(prompts)

@@ -21,7 +21,7 @@ Commands (from the repository root):
     ... --train.resume=auto                            # newest complete checkpoint of train.run_dir
     ... --train.steps=20000 --optim.lr=1e-4 --deepspeed.zero_optimization.stage=3
 
-  the paper's Table 3 baseline on the same data, optimizer, EMA and export (training/ar_objective.py):
+  the paper's Table 3 baseline on the same data, optimizer, EMA and export (training/diffusion/ar_objective.py):
     python training/train.py --config configs/emoji_base.yaml --model.kind=vq-ar --model.size=VQ-AR-tiny
 
 Outputs in train.run_dir: checkpoints/step_*/ (resume: weights, optimizer, EMA, timestep-sampler
@@ -36,36 +36,33 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads must sleep
 
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import time
+from pathlib import Path
 
-if __package__ in (None, ""):  # `python training/train.py` / deepspeed launcher: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from training.budget import StepBudget  # noqa: E402
-from training.checkpoint import export_dir, load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
-from training.config import load_config, split_cli  # noqa: E402
-from training.data import class_names, open_dataset, token_loader  # noqa: E402
-from training.diffusion_config import DiffusionRunConfig, build_model_config, flops_per_sample  # noqa: E402
-from training.distributed import barrier, cleanup, init_distributed  # noqa: E402
-from training.ema import EMA, full_weights  # noqa: E402
-from training.export import export_model, resolve_init_from, tokenizer_folder  # noqa: E402
-from training.metrics import MetricWindow, measured_matmul_flops  # noqa: E402
-from training.monitor import fixed_prompts, sample_grid, start_tracking, tower_run_id, validation_loss  # noqa: E402
-from training.ar_objective import NextToken, ar_micro_step  # noqa: E402
-from training.objective import Denoising, micro_step, step_generator  # noqa: E402
-from training.optim import build_optimizer, set_total_steps  # noqa: E402
-from training.tracking import tracking_uri  # noqa: E402
-from vqd.diffusion import TimestepSampler  # noqa: E402
-from vqd.io import load_folder, load_state_dict_strict  # noqa: E402
-from vqd.ar import VQARModel  # noqa: E402
-from vqd.models import MODEL_KINDS  # noqa: E402
-from vqd.vqvae import load_tokenizer  # noqa: E402
+from training.core.budget import StepBudget
+from training.core.checkpoint import export_dir, load_checkpoint, resolve_resume, save_checkpoint
+from training.core.config import load_config, split_cli
+from training.core.distributed import barrier, cleanup, init_distributed
+from training.core.ema import EMA, full_weights
+from training.core.export import export_model, resolve_init_from, tokenizer_folder
+from training.core.metrics import MetricWindow, measured_matmul_flops
+from training.core.optim import build_optimizer, set_total_steps
+from training.diffusion.ar_objective import NextToken, ar_micro_step
+from training.diffusion.config import DiffusionRunConfig, build_model_config, flops_per_sample
+from training.diffusion.data import class_names, open_dataset, token_loader
+from training.diffusion.monitor import fixed_prompts, sample_grid, validation_loss
+from training.diffusion.objective import Denoising, micro_step, step_generator
+from training.tracking.lineage import start_tracking, tower_run_id
+from training.tracking.tracker import tracking_uri
+from vqd.ar import VQARModel
+from vqd.diffusion import TimestepSampler
+from vqd.io import load_folder, load_state_dict_strict
+from vqd.models import MODEL_KINDS
+from vqd.vqvae import load_tokenizer
 
 
 def gradient_norm(engine, trainable: dict) -> float | None:

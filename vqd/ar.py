@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vqd.network import ComposedModel, NetworkConfig
-from vqd.text import TextEncoder
+from vqd.text import TextEncoder, tokenize
 from vqd.transformer import KVCache, TokenGridTransformer, TransformerConfig, check_ids, check_text
 
 
@@ -148,8 +148,6 @@ class VQARModel(ComposedModel):
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Captions -> frozen text features [B, 77, D] on the model's device."""
-        from vqd.text import tokenize
-
         device = next(self.transformer.parameters()).device
         return self.encode_text(tokenize(list(prompts), self.config.text.context_length).to(device))
 

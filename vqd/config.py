@@ -1,7 +1,7 @@
 """Typed configs from plain data: the one builder behind every config dataclass in the project.
 
 Model configs (vqd.models, vqd.ar), the tokenizer's (vqd.vqvae), the training programs' run configs
-(training.config) and the data pipeline's recipes (data_pipeline.recipe) are dataclasses built from YAML
+(training.core.config) and the data pipeline's recipes (data_pipeline.recipe) are dataclasses built from YAML
 through `from_dict`, and written back with `to_dict`. An unknown key or a value of the wrong type is a
 ValueError that names the dotted key (`train.steps: expected int, got 'ten'`), so a typo never silently
 falls back to a default.

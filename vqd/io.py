@@ -1,15 +1,22 @@
-"""A trained model is a folder: `config.yaml` (what to build) + `model.safetensors` (the weights).
+"""Files on disk: a trained model is a folder, `config.yaml` (what to build) + `model.safetensors` (the weights),
+and every file and folder the project writes is published atomically.
 
-Every vqd model (denoiser, VQ-AR baseline, tokenizer) is saved and loaded through these two
-functions, so the folder format is one thing. Nothing here unpickles: safetensors and YAML only.
+Every vqd model (denoiser, VQ-AR baseline, tokenizer) is saved and loaded through save_folder / load_folder,
+so the folder format is one thing. Nothing here unpickles: safetensors and YAML only. `atomic_write` is the one
+way the project writes a file (data stages, checkpoints, exports, caches): a unique temporary name, fsync,
+rename, fsync of the folder, so a crash leaves the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import secrets
+import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import yaml
@@ -19,18 +26,69 @@ CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a unique temporary path beside `path`; if the block succeeds, the file is fsynced and renamed over
+    `path` (durably), otherwise removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """JSON with sorted keys (deterministic bytes)."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def publish_folder(staged: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Rename the complete folder `staged` to `folder`: an existing `folder` is first moved aside and removed,
+    so a reader finds the old folder or the new one, never a folder rewritten in place."""
+    staged, folder = Path(staged), Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        aside = folder.with_name(folder.name + ".replaced")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    os.replace(staged, folder)
+    fsync_dir(folder.parent)
+    return folder
+
+
 def save_folder(folder: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Path:
     """Write `config.yaml` and `model.safetensors` into `folder` (created if needed), atomically per file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared or non-contiguous storage; a saved model is a plain copy.
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    tmp = folder / (WEIGHTS_NAME + ".tmp")
-    save_file(plain, str(tmp))
-    os.replace(tmp, folder / WEIGHTS_NAME)
-    tmp = folder / (CONFIG_NAME + ".tmp")
-    tmp.write_text(yaml.safe_dump(_plain_yaml(dict(config)), sort_keys=False))
-    os.replace(tmp, folder / CONFIG_NAME)
+    with atomic_write(folder / WEIGHTS_NAME) as tmp:
+        save_file(plain, str(tmp))
+    atomic_write_text(folder / CONFIG_NAME, yaml.safe_dump(_plain_yaml(dict(config)), sort_keys=False))
     return folder
 
 

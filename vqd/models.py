@@ -16,10 +16,11 @@ import torch
 import torch.nn as nn
 
 from vqd.ar import VQARModel
+from vqd.diffusion import MaskAndReplaceDiffusion
+from vqd.io import load_folder
 from vqd.network import MODEL_SIZES, ComposedModel, ModelSize, NetworkConfig, count_parameters  # noqa: F401
-from vqd.text import TextEncoder, with_caption_mean
+from vqd.text import TextEncoder, tokenize, with_caption_mean
 from vqd.transformer import Denoiser, TransformerConfig, check_text
-
 
 CONDITIONS = ("text", "class", "none")
 
@@ -87,7 +88,6 @@ class VQDiffusionModel(ComposedModel):
 
     def __init__(self, config: VQDiffusionConfig, load_text_weights: bool = True):
         super().__init__()
-        from vqd.diffusion import MaskAndReplaceDiffusion
 
         self.config = config
         dim = config.text.width
@@ -153,8 +153,6 @@ class VQDiffusionModel(ComposedModel):
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> condition features [B, L, D]: captions (text), class names (class), ignored (none)."""
-        from vqd.text import tokenize
-
         device = self.null_text.device
         if self.config.condition == "text":
             return self.encode_text(tokenize(list(prompts), self.config.text.context_length).to(device))
@@ -190,8 +188,6 @@ MODEL_KINDS: dict[str, type[ComposedModel]] = {VQDiffusionConfig.KIND: VQDiffusi
 
 def load_model(folder: str | os.PathLike) -> nn.Module:
     """Load any vqd model folder, dispatching on config.yaml's `kind`."""
-    from vqd.io import load_folder
-
     config, tensors = load_folder(folder)
     kind = config.get("kind")
     where = f"model folder {str(folder)!r}"

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from vqd.config import from_dict, to_dict
+from vqd.io import load_folder, load_state_dict_strict, save_folder
 from vqd.text import TextEncoder, TextEncoderConfig
 
 
@@ -148,23 +149,17 @@ class ComposedModel(nn.Module):
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write config.yaml + model.safetensors (every weight, the frozen text tower's included)."""
-        from vqd.io import save_folder
-
         save_folder(folder, self.config.to_dict(), self.state_dict())
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike):
         """Load a saved model (eval mode); a wrong kind, missing or mis-shaped tensors raise ValueError."""
-        from vqd.io import load_folder
-
         config, tensors = load_folder(folder)
         return cls.from_loaded(config, tensors, where=f"model folder {str(folder)!r}")
 
     @classmethod
     def from_loaded(cls, config: dict, tensors: dict[str, torch.Tensor], where: str = "model"):
         """Build from a config dict and tensors already read (see load_model)."""
-        from vqd.io import load_state_dict_strict
-
         # The folder carries the text tower's weights: never fetch cfg.text.pretrained again.
         model = cls(cls.CONFIG.from_dict(config), load_text_weights=False)
         load_state_dict_strict(model, tensors, where=where)

@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vqd.clip_weights import read_text_weights
+from vqd.io import installed_package_folder, load_state_dict_strict
+
 CONTEXT_LENGTH = 77
 VOCAB_SIZE = 49408  # 49152 BPE merges + 256 byte tokens; <start_of_text> = 49406, <end_of_text> = 49407
 
@@ -80,7 +83,6 @@ def _bpe_module():
     rank's data worker), and the tokenizer needs none of them. Its BPE vocabulary sits beside it."""
     import importlib.util
 
-    from vqd.io import installed_package_folder
 
     package = installed_package_folder("open_clip")
     if package is None:
@@ -190,8 +192,6 @@ class TextEncoder(nn.Module):
         # parameters) needs none.
         state = None
         if load_weights and cfg.pretrained and torch.empty(0).device.type != "meta":
-            from vqd.clip_weights import read_text_weights
-
             state = read_text_weights(cfg)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
@@ -234,8 +234,6 @@ class TextEncoder(nn.Module):
 
     def load_tower_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load open_clip/OpenAI CLIP weights (full model or text tower; prefixes stripped) by name."""
-        from vqd.io import load_state_dict_strict
-
         own = set(self.state_dict())
         for prefix in ("", "text.", "module.", "model.", "module.text.", "model.text."):
             found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in own}

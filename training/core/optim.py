@@ -9,15 +9,16 @@ continues exactly.
 from __future__ import annotations
 
 import math
+
 import torch
 
-from training.config import OptimConfig
+from training.core.config import OptimConfig
 
 
 class LRSchedule:
     """step -> factor of optim.lr: warm-up, then the decay `optim.schedule` names, ending at `total_steps`.
 
-    An object rather than a closure so that a run fitted to a time budget (training/budget.py) can move its
+    An object rather than a closure so that a run fitted to a time budget (training/core/budget.py) can move its
     end while it runs; LambdaLR keeps its attributes in the scheduler's state.
     """
 

@@ -15,9 +15,9 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from training.config import OptimConfig, TrackingConfig, TrainConfig
-from training.data import TokenDataConfig
-from training.metrics import denoiser_flops_per_sample, text_tower_flops_per_sample
+from training.core.config import OptimConfig, TrackingConfig, TrainConfig
+from training.core.metrics import denoiser_flops_per_sample, text_tower_flops_per_sample
+from training.diffusion.data import TokenDataConfig
 from vqd.ar import VQARConfig
 from vqd.models import VQDiffusionConfig
 from vqd.network import AR_SIZE_OF

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
 TIMEOUT_ENV = "VQD_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 # what gloo and NCCL say when a peer is gone or silent (they raise plain RuntimeErrors as often as DistErrors)

@@ -2,7 +2,7 @@
 {key}.jpg/.png + {key}.txt + {key}.json) or from a folder of image files.
 
 Robust by construction: an unreadable or truncated image, non-image bytes, or a corrupt / truncated tar is
-skipped and counted (never a crash). Each image goes through data_pipeline.images.load_image, the function
+skipped and counted (never a crash). Each image goes through vqd.images.load_image, the function
 the data pipeline's encode stage uses too (alpha on white, shorter side resized to `size`, centre or random
 crop, float [3, size, size] in [-1, 1]), so a tokenizer encodes images exactly as it was trained on them.
 
@@ -26,11 +26,9 @@ from typing import Iterator
 
 import torch
 
-from data_pipeline.images import is_heldout, load_image
-from data_pipeline.shards import read_tar
+from vqd.images import is_heldout, is_image_file, load_image, record_image
 from vqd.io import installed_package_folder
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+from vqd.shards import read_tar
 
 
 @dataclass
@@ -61,7 +59,7 @@ def list_sources(source: str) -> tuple[str, list[str]]:
         tars = sorted(str(t) for t in p.glob("*.tar"))
         if tars:
             return "tars", tars
-        files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+        files = sorted(str(f) for f in p.rglob("*") if is_image_file(f) and f.is_file())
         if not files:
             raise ValueError(f"data.source folder {source!r} holds no .tar and no image files")
         return "folder", files
@@ -70,7 +68,7 @@ def list_sources(source: str) -> tuple[str, list[str]]:
         raise ValueError(f"data.source {source!r} matches no file")
     if all(x.endswith(".tar") for x in paths):
         return "tars", paths
-    return "folder", [x for x in paths if Path(x).suffix.lower() in IMAGE_EXTS]
+    return "folder", [x for x in paths if is_image_file(x)]
 
 
 def resolve_pkg(source: str) -> str:
@@ -88,7 +86,7 @@ def iter_tar_images(path: str, counts: Counter) -> Iterator[tuple[str, bytes, st
     """(key, image bytes, split from its .json or None) from one tar; a corrupt tar stops here and is counted."""
     try:
         for sample in read_tar(path):
-            image = next((sample[e[1:]] for e in IMAGE_EXTS if e[1:] in sample), None)
+            image = record_image(sample)
             if image is not None:
                 yield sample["__key__"], image, _split_of(sample["json"]) if "json" in sample else None
     except Exception as e:  # noqa: BLE001 - tarfile, OSError, zlib...: whatever broke the tar, the rest of it is skipped

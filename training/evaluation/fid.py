@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqd.io import installed_package_folder
+from vqd.io import file_sha256, installed_package_folder
 
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
@@ -45,8 +45,6 @@ def inception_path() -> Path:
 @functools.cache
 def load_inception(device: str = "cpu") -> torch.jit.ScriptModule:
     """The sha256-checked TF-Inception, in eval mode on `device` (loaded once per process and device)."""
-    from vqd.io import file_sha256
-
     path = inception_path()
     digest = file_sha256(path)
     if digest != INCEPTION_SHA256:

@@ -8,7 +8,7 @@ its captions and .json per call, plus the pixels of N + N + probe images). Cache
 the image size and N:
   - the FID reference: Inception statistics of N real images of the split, and the real-vs-real floor
     (N other real images, from the other split(s), against the same statistics);
-  - the fidelity probe, trained on the train split's images (at most PROBE_TRAIN_MAX; training/probe.py);
+  - the fidelity probe, trained on the train split's images (at most PROBE_TRAIN_MAX; training/evaluation/probe.py);
   - the probe's top-1 on the N real reference images (what a generator that drew the real image scores).
 """
 
@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.encode import IMAGE_EXTS
-from training.fid import INCEPTION_SHA256, fid_from_features, inception_features
-from training.probe import LinearProbe, chance_rates, probe_features, top1
+from training.evaluation.fid import INCEPTION_SHA256, fid_from_features, inception_features
+from training.evaluation.probe import LinearProbe, chance_rates, probe_features, top1
+from vqd.images import load_image, record_image
+from vqd.io import file_sha256
+from vqd.shards import read_tar
 
 CACHE_DIR = "eval_cache"
 CACHE_VERSION = 3  # bump when what a cache file holds changes meaning (3: the probe's L-BFGS tolerance)
@@ -48,9 +50,6 @@ def index_real_images(data: Path) -> tuple[list[RealSample], str]:
     (sha256 over the tars)."""
     from tqdm import tqdm
 
-    from data_pipeline.shards import read_tar
-    from vqd.io import file_sha256
-
     tars = sorted((data / "download").glob("*.tar"))
     if not tars:
         raise ValueError(f"data folder {str(data)!r} has no download/*.tar (the real images): build it with "
@@ -60,7 +59,7 @@ def index_real_images(data: Path) -> tuple[list[RealSample], str]:
     for path in tqdm(tars, desc="real images: index", unit="tar"):
         digest.update(bytes.fromhex(file_sha256(path)))
         for record in read_tar(path):
-            if "json" in record and "txt" in record and any(e in record for e in IMAGE_EXTS):
+            if "json" in record and "txt" in record and record_image(record) is not None:
                 samples.append(RealSample(path, record["__key__"], record["txt"].decode("utf-8"),
                                           json.loads(record["json"])))
     samples.sort(key=lambda s: s.meta.get("uid", 0))
@@ -69,9 +68,6 @@ def index_real_images(data: Path) -> tuple[list[RealSample], str]:
 
 def decode_images(samples: list[RealSample], size: int) -> None:
     """Decode the images of `samples` that are not yet (the encode stage's preprocessing), one pass per tar."""
-    from data_pipeline.images import load_image
-    from data_pipeline.shards import read_tar
-
     wanted: dict[Path, dict[str, RealSample]] = {}
     for s in samples:
         if s.image is None:
@@ -80,7 +76,7 @@ def decode_images(samples: list[RealSample], size: int) -> None:
         for record in read_tar(tar):
             s = by_key.get(record["__key__"])
             if s is not None:
-                data = next(record[e] for e in IMAGE_EXTS if e in record)
+                data = record_image(record)
                 s.image = ((load_image(data, size) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 

@@ -4,7 +4,7 @@ The paper's Table 3 baseline is trained by the same program, on the same batches
 EMA, checkpoints and export as VQ-Diffusion; only the objective differs: next-token cross-entropy over the
 image tokens in raster order (teacher forcing, vqd/ar.py), in nats per token. There is no timestep, so no
 timestep sampler, and no null condition, so no caption dropout (data.drop_text does not apply). As in
-training/objective.py, the frozen text tower stays outside the engine unless model.train_text trains it.
+training/diffusion/objective.py, the frozen text tower stays outside the engine unless model.train_text trains it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training.diffusion.data import token_loader
 from vqd.ar import VQARModel
 
 
@@ -55,8 +56,6 @@ def ar_micro_step(engine, model: VQARModel, batch: dict, device: torch.device):
 @torch.no_grad()
 def ar_validation_loss(engine, model: VQARModel, manifest: dict, cfg, info, batches: int = 4) -> dict[str, float]:
     """Held-out next-token cross-entropy (nats per token) over `batches` fixed batches per rank."""
-    from training.data import token_loader
-
     loader = token_loader(manifest, cfg.data, cfg.train.micro_batch_size, seed=12345, rank=info.rank,
                           world_size=info.world_size, num_workers=0, split=cfg.data.eval_split,
                           context_length=model.config.text.context_length)

@@ -28,8 +28,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from training.config import save_config
-from training.distributed import barrier
+from training.core.config import save_config
+from training.core.distributed import barrier
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 DONE_FILE = "complete"  # written last: a checkpoint without it was interrupted and is never resumed from

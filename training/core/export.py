@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vqd.io import WEIGHTS_NAME, file_sha256, load_folder
+from vqd.io import WEIGHTS_NAME, file_sha256, load_folder, save_folder
 from vqd.pipeline import TOKENIZER_DIR
 
 PROVENANCE = "provenance.json"
@@ -52,7 +52,6 @@ def export_model(model, trained: dict[str, torch.Tensor], folder: str | os.PathL
         raise ValueError(f"export: trained tensors {unknown[:4]} are not in the model")
     state.update(trained)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent if folder.parent.exists() else None))
-    from vqd.io import save_folder
 
     save_folder(tmp, model.config.to_dict(), state)
     if tokenizer is not None:

@@ -1,41 +1,22 @@
-"""What the diffusion trainer reports besides the loss: the MLflow run it writes to, a held-out validation
-loss, and grids of pictures drawn for fixed prompts from the exported weights."""
+"""What the diffusion trainer reports besides the loss: a held-out validation loss, and grids of pictures drawn
+for fixed prompts from the exported weights."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_pipeline.shards import iter_samples
-from training.data import split_shards, token_loader
-from training.distributed import DistInfo
-from training.tracking import Tracker, start_run
-
-
-TOWER_FILE = "text.safetensors"  # training/align_text.py's output, with align.json beside it
-
-
-def tower_run_id(pretrained: str | None) -> str:
-    """The MLflow run that wrote the tower file `pretrained` (from the align.json beside it); '' for any other
-    weights, or when that run was not tracked."""
-    record = Path(pretrained or "").parent / "align.json"
-    if not pretrained or Path(pretrained).name != TOWER_FILE or not record.is_file():
-        return ""
-    return str(json.loads(record.read_text()).get("mlflow_run_id") or "")
-
-
-def start_tracking(cfg, run_dir: Path, info: DistInfo, model_cfg, base_run: str, program: str) -> Tracker:
-    """Rank 0: the resolved config and the MLflow run, with `base_run` (the run whose output this one starts from:
-    a fine-tune's base, or the run that aligned a base model's text tower) as parent."""
-    if base_run and not cfg.tracking.parent_run_id:
-        cfg.tracking.parent_run_id = base_run
-    resolved = {k: v for k, v in model_cfg.to_dict().items() if k not in ("classes", "text")}
-    resolved["classes"] = len(model_cfg.classes)
-    return start_run(cfg, run_dir, info.is_main, program, params={"model_resolved": resolved},
-                     tags={"world_size": str(info.world_size), "condition": model_cfg.condition})
+from training.core.distributed import DistInfo
+from training.diffusion.ar_objective import ar_validation_loss
+from training.diffusion.data import split_shards, token_loader
+from training.diffusion.objective import step_generator
+from training.evaluation.grid import captioned_grid
+from vqd.ar import VQARModel
+from vqd.pipeline import TextToImage, to_uint8
+from vqd.sampling import SamplingConfig
+from vqd.shards import iter_samples
 
 
 def fixed_prompts(cfg, manifest: dict, model_cfg) -> list[str]:
@@ -60,10 +41,6 @@ def sample_grid(export: Path, cfg, prompts: list[str], info: DistInfo) -> np.nda
     """Rank 0: pictures for `prompts` from the model folder `export`, captions under them, as uint8 [H, W, 3]."""
     if not info.is_main or not (export / "tokenizer").is_dir():
         return None
-    from training.grid import captioned_grid
-    from vqd.pipeline import TextToImage, to_uint8
-    from vqd.sampling import SamplingConfig
-
     pipe = TextToImage.from_folder(export, device=info.device)
     if pipe.autoregressive:  # h*w steps, no null condition to guide with
         sampling = SamplingConfig(truncation=cfg.sample.truncation)
@@ -85,12 +62,7 @@ def validation_loss(engine, model, manifest: dict, cfg, info: DistInfo, batches:
     is learning an unconditional model, whatever its loss does.
     A VQ-AR model reports its held-out next-token cross-entropy instead (val/nll).
     """
-    from training.objective import step_generator
-    from vqd.ar import VQARModel
-
     if isinstance(model, VQARModel):
-        from training.ar_objective import ar_validation_loss
-
         return ar_validation_loss(engine, model, manifest, cfg, info, batches)
 
     diffusion, T = model.diffusion, model.diffusion.num_timesteps

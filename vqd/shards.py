@@ -23,6 +23,8 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from vqd.io import atomic_write, file_sha256
+
 MANIFEST = "manifest.json"
 FORMAT = "vqd-shards/1"
 REQUIRED = ("format", "recipe", "tokenizer", "text_tokenizer", "splits", "statistics")
@@ -73,8 +75,6 @@ class _Hashing:
 
 def write_shard(path: Path, records: Iterable[dict]) -> dict:
     """Write records to `path` (atomically); returns {'samples', 'bytes', 'sha256'}."""
-    from data_pipeline.common import atomic_write
-
     count = 0
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         sink = _Hashing(f)
@@ -89,8 +89,6 @@ def write_shard(path: Path, records: Iterable[dict]) -> dict:
 def open_manifest(folder, verify_sha256: bool = False) -> dict:
     """Read and check <folder>/manifest.json: keys, format, every shard present with its recorded size
     (and sha256 on request); adds 'folder'."""
-    from vqd.io import file_sha256
-
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():

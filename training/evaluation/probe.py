@@ -5,7 +5,7 @@ TRAIN-split images of a data set to predict each label (emoji: category and subc
 to images generated from held-out prompts: top-1 against the prompt's label, read beside the probe's
 top-1 on the real held-out images themselves, chance and the majority-class rate.
 
-Features: the FID Inception (training/fid.py) without its fixed 8 x 8 final pool, on images resized to
+Features: the FID Inception (training/evaluation/fid.py) without its fixed 8 x 8 final pool, on images resized to
 107 x 107 and averaged over the remaining 2 x 2 map: 2,048-d at 1/8 of the cost of a 299-pixel pass
 (the train split is featurised once per data set). On the emoji set's held-out concepts a probe on
 75-pixel features scored 66-68% subcategory top-1, on 107-pixel features 72%, and a small CNN trained
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.fid import load_inception, resize_like_tf1
+from training.evaluation.fid import load_inception, resize_like_tf1
 
 PROBE_SIZE = 107
 

@@ -1,6 +1,6 @@
-"""What the tokenizer trainer (training/data_images.py) and the encode stage share, so that a tokenizer sees
-at encoding time exactly what it saw in training: how a stored image becomes a model input, and which
-keys are held out.
+"""Images as every part of the project reads them (the encode stage, the tokenizer trainer, evaluation, the
+prompt page), so that a tokenizer sees at encoding time exactly what it saw in training: which stored files
+are images, how a stored image becomes a model input, and which keys are held out.
 
 An image: decoded with a pixel cap read from its header (before any pixel is decoded), alpha (RGBA, LA,
 palette transparency) composited on white, shorter side resized to `size` (bicubic), then a centre crop
@@ -17,11 +17,22 @@ import numpy as np
 from PIL import Image, ImageFile
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail (and be counted), not decode half-grey
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")  # a webdataset record's image keys, a file's suffixes
 MAX_PIXELS = 4096 * 4096  # default cap: a 12 MP photo passes; 89.5 MP (PIL's own) is far beyond a 256 px pipeline
 
 
 class TooManyPixels(ValueError):
     """An image whose header declares more pixels than allowed (a decompression bomb, or just too big)."""
+
+
+def is_image_file(path) -> bool:
+    """True for a file name with one of IMAGE_EXTS as its suffix (any case)."""
+    return str(path).rsplit(".", 1)[-1].lower() in IMAGE_EXTS and "." in str(path)
+
+
+def record_image(record: dict) -> bytes | None:
+    """The encoded image of a webdataset record (img2dataset's {key}.jpg / .png / ...), or None when it has none."""
+    return next((record[ext] for ext in IMAGE_EXTS if ext in record), None)
 
 
 def is_heldout(key: str, fraction: float) -> bool:

@@ -34,7 +34,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data_pipeline.shards import iter_samples, open_manifest
+from vqd.shards import iter_samples, open_manifest
 from vqd.text import CONTEXT_LENGTH, fit_context, tokenize
 
 

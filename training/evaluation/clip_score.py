@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vqd.clip_weights import read_weights_file
+
 
 def load_clip(arch: str, weights: str, device: str = "cpu") -> torch.nn.Module:
     """open_clip architecture `arch` with every tensor from the file `weights` (strict), in eval mode."""
@@ -21,7 +23,6 @@ def load_clip(arch: str, weights: str, device: str = "cpu") -> torch.nn.Module:
 
     import open_clip
 
-    from vqd.clip_weights import read_weights_file
 
     if open_clip.get_model_config(arch) is None:
         raise ValueError(f"--clip-model: open_clip has no architecture {arch!r} (e.g. ViT-B-32, ViT-L-14)")

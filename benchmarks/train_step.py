@@ -1,12 +1,12 @@
 """Training speed and memory: the real training step (DeepSpeed engine, frozen text tower, diffusion loss) on
 synthetic tokens, across precision, ZeRO stage and world size.
 
-    python benchmarks/training.py                          # CPU: configs/emoji_base.yaml's model, world 1 and 2
-    python benchmarks/training.py --device cuda --config configs/base_cc.yaml --batch 16 --worlds 1
+    python benchmarks/train_step.py                          # CPU: configs/emoji_base.yaml's model, world 1 and 2
+    python benchmarks/train_step.py --device cuda --config configs/base_cc.yaml --batch 16 --worlds 1
 
 Per row: tokens/s and samples/s over all ranks; model FLOP/s as a fraction of this machine's measured matmul
 rate in the same dtype with the same threads (MFU: 3x the denoiser's forward FLOPs plus the frozen tower's
-forward, see training/metrics.py); the optimizer state each rank holds (Adam's two moments plus fp32 master
+forward, see training/core/metrics.py); the optimizer state each rank holds (Adam's two moments plus fp32 master
 weights where the engine keeps them: ZeRO-1/2/3 partition it, so a rank holds ~1/world); peak RSS per rank
 (CPU) or peak allocated GPU memory. bf16 rows run only where the hardware has bf16 natively. Token ids are
 random: speed does not depend on them. Each configuration is a separate `deepspeed` launch.
@@ -20,28 +20,26 @@ import os
 import platform
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from training.core.config import load_config, native_bf16
+from training.core.distributed import init_distributed
+from training.core.metrics import measured_matmul_flops
+from training.core.optim import build_optimizer
+from training.diffusion.config import DiffusionRunConfig, build_model_config, flops_per_sample
+from training.diffusion.objective import Denoising, micro_step, step_generator
+from vqd.diffusion import TimestepSampler
+from vqd.models import VQDiffusionModel
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def worker(args: argparse.Namespace) -> None:
     """One rank of one configuration: build the run's model and engine, time `--steps` optimizer steps."""
     import torch
-
-    from training.config import load_config
-    from training.diffusion_config import DiffusionRunConfig, build_model_config, flops_per_sample
-    from training.distributed import init_distributed
-    from training.metrics import measured_matmul_flops
-    from training.objective import Denoising, micro_step, step_generator
-    from training.optim import build_optimizer
-    from vqd.diffusion import TimestepSampler
-    from vqd.models import VQDiffusionModel
 
     overrides = [f"--train.precision={args.precision}", f"--train.micro_batch_size={args.batch}",
                  f"--deepspeed.zero_optimization.stage={args.zero}", "--train.compile=false", *args.override]
@@ -122,7 +120,6 @@ def free_port() -> int:
 def run_all(args: argparse.Namespace) -> None:
     import torch
 
-    from training.config import native_bf16
 
     precisions = [p for p in args.precisions if p == "fp32" or native_bf16()]
     rows, threads = [], args.threads or max(1, (os.cpu_count() or 2))

@@ -20,7 +20,7 @@ URI_QUERY_SECRET = re.compile(r"(?P<name>[?&][^=&]*(?:key|token|signature|passwo
                               re.IGNORECASE)
 
 
-def redact(params: dict[str, Any]) -> dict[str, Any]:
+def redact_params(params: dict[str, Any]) -> dict[str, Any]:
     """Params safe to publish: values of keys named like key/token/password/secret become '***', and
     passwords and signed query parameters inside URIs are masked (user:***@host, ?X-Amz-Signature=***)."""
     out = {}

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from training import unsent
-from training.config import TrackingConfig, flatten
-from training.redaction import redact
+from training.core.config import TrackingConfig, config_to_dict, flatten, save_config
+from training.tracking import unsent
+from training.tracking.redaction import redact_params
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 UNSENT_FILE = unsent.FILE  # what could not be sent, one JSON object a line; sent when a run starts here
@@ -94,7 +94,7 @@ class Tracker:
         if self.active:
             from mlflow.entities import Param
 
-            flat = [Param(k, str(v)[:6000]) for k, v in redact(flatten(params)).items()]
+            flat = [Param(k, str(v)[:6000]) for k, v in redact_params(flatten(params)).items()]
             for i in range(0, len(flat), PARAMS_PER_BATCH):
                 self._queue(("params", flat[i:i + PARAMS_PER_BATCH]))
 
@@ -362,8 +362,6 @@ def start_run(cfg: Any, run_dir: str | Path, is_main: bool, program: str, tags: 
               params: dict[str, Any] | None = None) -> Tracker:
     """Rank 0 saves the resolved config beside the run and opens (or, on resume, reopens) its MLflow run with
     the flattened config (plus `params`) as params; other ranks get an inactive tracker."""
-    from training.config import config_to_dict, save_config
-
     run_dir = Path(run_dir)
     tracker = Tracker(cfg.tracking, run_dir, is_main)
     if is_main:
