@@ -186,9 +186,20 @@ class VQDiffusionModel(ComposedModel):
 MODEL_KINDS: dict[str, type[ComposedModel]] = {VQDiffusionConfig.KIND: VQDiffusionModel, VQARModel.CONFIG.KIND: VQARModel}
 
 
+def read_model_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, tensors) of a vqd model folder, or of a released model folder (diffusers' VQ-Diffusion
+    pipeline layout, vqd/released/), converted: what a fine-tune starts from and load_model builds."""
+    from vqd.released import is_released, read_released  # vqd.released builds on this module
+
+    if is_released(folder):
+        released = read_released(folder)
+        return released.config.to_dict(), released.tensors
+    return load_folder(folder)
+
+
 def load_model(folder: str | os.PathLike) -> nn.Module:
-    """Load any vqd model folder, dispatching on config.yaml's `kind`."""
-    config, tensors = load_folder(folder)
+    """Load any vqd model folder (or a released one, see read_model_folder), dispatching on the config's `kind`."""
+    config, tensors = read_model_folder(folder)
     kind = config.get("kind")
     where = f"model folder {str(folder)!r}"
     if kind not in MODEL_KINDS:

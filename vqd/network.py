@@ -14,6 +14,9 @@ K = 2887 image codes (2886 used VQGAN codes plus id 0, where its remapping sends
 - VQ-AR-S / VQ-AR-B, the Table 3 baseline at equal size: the same depth, width and heads, causal and
   without the timestep's AdaLN layers; their parameters go back into a wider MLP (ratio 6.25 and 6):
   34.7M (-0.8%) and 384.9M (-1.0%). The paper does not say how its VQ-AR matched the sizes.
+- ITHQ: the released model most users start from (microsoft/VQ-Diffusion configs/ithq.yaml, diffusers'
+  microsoft/vq-diffusion-ithq): n_layer 36, n_embd 1408, n_head 16, mlp_hidden_times 4, on its own VQ-VAE's
+  K = 4096 codes and a 32 x 32 grid: 1,359.3M parameters. The size a fine-tune of it names (vqd/released/).
 The paper presets condition on OpenAI's CLIP ViT-B/32 text tower, as the released code does (QuickGELU,
 open_clip tag "openai"); its weights must be on disk (vqd/clip_weights.py). The CPU sizes are ours: a
 small seeded tower with CLIP's vocabulary and context.
@@ -57,6 +60,7 @@ MODEL_SIZES: dict[str, ModelSize] = {
     "VQD-B": ModelSize(depth=19, width=1024, heads=16),  # 388.8M (paper: 370M)
     "VQ-AR-S": ModelSize(depth=18, width=288, heads=9, mlp_ratio=6.25),  # 34.7M, VQD-S's size
     "VQ-AR-B": ModelSize(depth=19, width=1024, heads=16, mlp_ratio=6),  # 384.9M, VQD-B's size
+    "ITHQ": ModelSize(depth=36, width=1408, heads=16),  # 1,359.3M at K = 4096: the released ITHQ model
     # CPU sizes (ours): an 8 x 8 grid trains in minutes; small text tower, same vocabulary and context.
     "tiny": ModelSize(depth=4, width=128, heads=4, text=TextEncoderConfig(width=128, layers=2, heads=2)),  # 1.69M
     "VQ-AR-tiny": ModelSize(depth=4, width=128, heads=4, mlp_ratio=6.75,

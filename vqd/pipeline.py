@@ -2,7 +2,9 @@
 decodes its ids.
 
 An exported model folder samples on its own: config.yaml + model.safetensors (the network, the frozen text
-tower, the null text) and tokenizer/ (the VQ-VAE folder whose codes the model was trained on).
+tower, the null text) and tokenizer/ (the VQ-VAE folder whose codes the model was trained on). A released model
+folder (diffusers' VQ-Diffusion pipeline layout, e.g. microsoft/vq-diffusion-ithq) loads the same way, converted
+in memory (vqd/released/).
 
     pipe = TextToImage.from_folder("runs/emoji_base/export")
     images = pipe.generate(["red heart", "house"], SamplingConfig(steps=25))   # float [2, 3, H, W] in [-1, 1]
@@ -22,6 +24,7 @@ import torch
 
 from vqd.ar import VQARModel
 from vqd.models import VQDiffusionModel, load_model
+from vqd.released import is_released, read_released
 from vqd.sampling import SamplingConfig, sample_captions, sample_tokens
 from vqd.vqvae import VQVAE, load_tokenizer
 
@@ -39,8 +42,11 @@ class TextToImage:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "TextToImage":
-        """Load `folder` (a model folder holding tokenizer/)."""
+        """Load `folder` (a model folder holding tokenizer/, or a released model folder)."""
         folder = Path(folder)
+        if is_released(folder):
+            released = read_released(folder)
+            return cls(released.model().to(device), released.tokenizer.to(device))
         if not (folder / TOKENIZER_DIR).is_dir():
             raise ValueError(f"model folder {str(folder)!r} has no {TOKENIZER_DIR}/ folder: it cannot decode its "
                              "token ids into images (export it with training/train.py, which copies the tokenizer)")
