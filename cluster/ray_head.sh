@@ -5,15 +5,29 @@
 #   python data_pipeline/build.py laion-cartoon --address HEAD_IP:6379 --out /shared/data/laion-cartoon
 # The output folder must be on a filesystem every node sees (NFS, Lustre...): img2dataset's Ray workers
 # write download shards there, encode actors and shard writers read them.
-# Environment: RAY_PORT (6379), NUM_CPUS (all), NUM_GPUS. Further arguments go to `ray start`
-# (e.g. --block to stay in the foreground, as under SLURM or a process supervisor).
+# Authentication: a token shared by every node and driver (cluster/ray_token.sh makes ~/.ray/auth_token when
+# missing); RAY_AUTH_MODE=disabled starts a head without one (anyone who reaches its port can run code on it).
+# Workers and build.py ask the head which it is and follow it.
+# Environment: RAY_PORT (6379), NUM_CPUS (all), NUM_GPUS, RAY_AUTH_MODE (token). Further arguments go to
+# `ray start` (e.g. --block to stay in the foreground, as under SLURM or a process supervisor).
 set -euo pipefail
-# Ray >= 2.5x: nodes and drivers of a cluster authenticate with one token (~/.ray/auth_token, or RAY_AUTH_TOKEN /
-# RAY_AUTH_TOKEN_PATH): copy the same token to every node; `ray get-auth-token --generate` makes one.
+HERE="$(cd "$(dirname "$0")" && pwd)"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+case "$RAY_AUTH_MODE" in
+  token) token="$("$HERE/ray_token.sh")" ;;
+  disabled) token="" ;;
+  *) echo "error: RAY_AUTH_MODE=$RAY_AUTH_MODE: expected token (the default) or disabled" >&2; exit 2 ;;
+esac
 PORT="${RAY_PORT:-6379}"
 NUM_CPUS="${NUM_CPUS:-$(nproc)}"
+stop="cluster/ray_stop.sh"
+for arg in "$@"; do
+  case "$arg" in --temp-dir=*) stop="cluster/ray_stop.sh $arg" ;; esac
+done
+address="$(hostname -I | awk '{print $1}'):$PORT"
+echo "Ray head at $address, authentication: ${token:+token in }${token:-disabled}"
+echo "  join workers:  cluster/ray_worker.sh $address"
+echo "  build:         python data_pipeline/build.py <recipe> --address $address --out /shared/data/<recipe>"
+echo "  stop:          $stop"
 ray start --head --port="$PORT" --num-cpus="$NUM_CPUS" ${NUM_GPUS:+--num-gpus="$NUM_GPUS"} \
   --include-dashboard=false --disable-usage-stats "$@"
-echo "Ray head up. Join workers with:  cluster/ray_worker.sh $(hostname -I | awk '{print $1}'):$PORT"
-echo "Build with:                      python data_pipeline/build.py <recipe> --address auto   (on the head)"

@@ -5,7 +5,8 @@
     python data_pipeline/build.py emoji --stages metadata,filter,download   # images only (train a tokenizer on
                                                                              # <out>/download/*.tar, then:)
     python data_pipeline/build.py emoji --stages encode,validate --tokenizer runs/vqvae_emoji/export
-    ray start --head && python data_pipeline/build.py cc3m --address auto   # on a cluster (cluster/)
+    python data_pipeline/build.py cc3m --address HEAD:6379 --out /shared/data/cc3m   # on a cluster (cluster/);
+                                                                 # RAY_ADDRESS=HEAD:6379 does the same
 
 Output folder (default data/<recipe>): manifest.json + {split}-{version}-000000.tar (what training reads),
 and the stage folders metadata/, filter/, download/, encode/ (each with _DONE.json when complete). A rerun
@@ -33,6 +34,7 @@ from data_pipeline.common import (
     init_ray,
     is_done,
     mark_done,
+    ray_summary,
     read_done,
     redact_url,
 )
@@ -98,11 +100,12 @@ def _build(recipe, out_dir: Path, tokenizer: Optional[str], metadata: Optional[s
         sha = tokenizer_info(tok)["sha256"]
         if is_done(out_dir, "encode") and read_done(out_dir, "encode")["tokenizer"]["sha256"] != sha:
             clear_done(out_dir, "encode", "validate")
+    ray_line = None
     if not all(is_done(out_dir, s) for s in stages):  # a finished build is read back without starting Ray
-        init_ray(address, num_cpus)
+        ray_line = ray_summary(init_ray(address, num_cpus))
     stats_path = out_dir / "build_stats.json"
     timings = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    report = {"out": str(out_dir), "manifest": None, "stages": {}}
+    report = {"out": str(out_dir), "manifest": None, "stages": {}, "ray": ray_line}
     for stage in stages:
         if is_done(out_dir, stage):
             report["stages"][stage] = {"status": "done before", "stats": read_done(out_dir, stage), "seconds": 0.0}
@@ -160,6 +163,8 @@ def print_summary(report: dict) -> None:
     print(f"{'stage':<{widths[0]}}  {'status':<{widths[1]}}  {'time':>{widths[2]}}  result")
     for stage, status, secs, line in rows:
         print(f"{stage:<{widths[0]}}  {status:<{widths[1]}}  {secs:>{widths[2]}}  {line}")
+    if report.get("ray"):
+        print(f"\nran on: {report['ray']}")
     print(f"\noutput folder: {report['out']}")
     if report["manifest"]:
         acc = json.loads(Path(report["manifest"]).read_text())["statistics"]["accounting"]
@@ -174,7 +179,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--tokenizer", help="trained tokenizer folder (overrides the recipe's `tokenizer`)")
     p.add_argument("--metadata", help="local copy of the recipe's metadata (file, folder or glob)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {','.join(STAGES)}")
-    p.add_argument("--address", help="Ray cluster address ('auto' after `ray start`); default: embedded Ray")
+    p.add_argument("--address", help="the Ray head's HOST:PORT (cluster/ray_head.sh), or 'auto' for the cluster `ray "
+                                     "start` left on this machine; default: RAY_ADDRESS, else Ray embedded here")
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
     p.add_argument("--retry-failed", action="store_true", help="download the rows that failed again")
     p.add_argument("--limit", type=int, help="keep only the first N metadata rows (demos, benchmarks)")

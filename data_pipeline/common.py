@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import data_pipeline
 import vqd
+from data_pipeline.ray_cluster import ClusterError, prepare_join, resolve_address
 from vqd.io import atomic_write, atomic_write_json
 
 STAGES = ("metadata", "filter", "download", "encode", "validate")
@@ -98,8 +99,10 @@ def redact_url(path: str, keep_query: bool = False) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, query, fragment))
 
 
-def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
-    """Start Ray embedded (no address) or join a cluster ('auto' after `ray start`); reuse a running session.
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> Optional[str]:
+    """Start Ray embedded, or join the cluster at `address` (else RAY_ADDRESS; 'auto' after `ray start`) with
+    the head's authentication mode; reuse a running session. Returns the GCS address joined (None: embedded or
+    reused). A cluster that cannot be joined is a ClusterError.
 
     Workers get data_pipeline and vqd as py_modules so a cluster needs no shared checkout.
     """
@@ -111,20 +114,34 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.data.DataContext.get_current().print_on_execution_start = False
     if ray.is_initialized():
-        return
-    if address:  # `ray start` clusters authenticate drivers with the token in ~/.ray/auth_token (cluster/ray_head.sh)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        return None
+    address = resolve_address(address)
+    if address:
+        address = prepare_join(address)
     env = dict(WORKER_ENV)
     env[PIXEL_ENV] = os.environ.get(PIXEL_ENV, str(2**27))
     modules = [str(Path(data_pipeline.__file__).parent), str(Path(vqd.__file__).parent)]
-    ray.init(
-        address=address or "local",  # "local": embedded, even when `ray start` left a cluster address behind
-        num_cpus=None if address else num_cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        runtime_env={"env_vars": env, "py_modules": modules},
-    )
+    try:
+        ray.init(
+            address=address or "local",  # "local": embedded, even when `ray start` left a cluster address behind
+            num_cpus=None if address else num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": env, "py_modules": modules},
+        )
+    except (ConnectionError, ray.exceptions.AuthenticationError) as err:  # the head went away since it was asked
+        raise ClusterError(f"joining the Ray cluster at {address} failed: {str(err).splitlines()[0]}") from None
+    return address
+
+
+def ray_summary(joined: Optional[str]) -> str:
+    """Where the work ran, in words: 'cluster at HOST:PORT: 2 node(s), 8 CPU(s)' or 'this machine: 4 CPU(s)'."""
+    import ray
+
+    if not joined:
+        return f"this machine: {cluster_cpus()} CPU(s)"
+    return f"cluster at {joined}: {sum(n['Alive'] for n in ray.nodes())} node(s), {cluster_cpus()} CPU(s)"
 
 
 def cluster_cpus() -> int:

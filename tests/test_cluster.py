@@ -1,15 +1,20 @@
 """cluster/: the examples read the way DeepSpeed reads them, and the launch scripts refuse a bad setup by name.
 
-The scripts' real runs are in test_multinode.py (train_node.sh) and test_tracking_server.py (mlflow_server.sh).
+The scripts' real runs are in test_multinode.py (train_node.sh), test_tracking_server.py (mlflow_server.sh) and
+test_pipeline_cluster.py (ray_head.sh, ray_worker.sh, ray_stop.sh).
 """
 
 import os
 import random
 import re
 import socket
+import stat
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from launch import REPO, launcher_env
 
 from training.core.distributed import cleanup, init_distributed
@@ -140,3 +145,62 @@ def test_one_rank_in_process_leaves_no_rendezvous_variables_behind(monkeypatch):
     assert not dist.is_initialized()
     assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"} & set(os.environ)
     assert os.environ["MASTER_ADDR"] == "127.0.0.1"
+
+
+# ---- the Ray scripts' token and their refusals (their real cluster runs are in test_pipeline_cluster.py)
+
+def ray_script(script: str, home, *args: str, **env: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in launcher_env().items() if not k.startswith("RAY_")}
+    return subprocess.run(["bash", f"cluster/{script}", *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**base, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                               **env})
+
+
+def test_ray_token_is_made_once_readable_by_its_owner_only(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    made = ray_script("ray_token.sh", home)
+    token = home / ".ray/auth_token"
+    assert made.returncode == 0 and made.stdout.strip() == str(token), made.stderr
+    assert "made a Ray token" in made.stderr and re.fullmatch(r"[0-9a-f]{64}", token.read_text().strip())
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+    secret = token.read_text()
+    again = ray_script("ray_token.sh", home)
+    assert again.returncode == 0 and again.stderr == "" and token.read_text() == secret  # kept, never replaced
+    token.chmod(0o644)  # as `ray get-auth-token --generate` leaves it under a common umask
+    narrowed = ray_script("ray_token.sh", home)
+    assert narrowed.returncode == 0 and "readable by its owner only" in narrowed.stderr
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == secret
+    # a token given another way is used as it is
+    assert ray_script("ray_token.sh", home, RAY_AUTH_TOKEN="x" * 64).stdout.strip() == "RAY_AUTH_TOKEN"
+    missing = ray_script("ray_token.sh", home, RAY_AUTH_TOKEN_PATH=str(tmp_path / "nope"))
+    assert missing.returncode == 2 and missing.stderr.startswith("error: RAY_AUTH_TOKEN_PATH=")
+    assert missing.stderr.count("\n") == 1
+
+
+def test_ray_scripts_refuse_a_bad_setting_in_one_line(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    head = ray_script("ray_head.sh", home, RAY_AUTH_MODE="on")
+    assert head.returncode == 2 and "RAY_AUTH_MODE=on: expected token (the default) or disabled" in head.stderr
+    stop = ray_script("ray_stop.sh", home, "--force")
+    assert stop.returncode == 2 and "usage: cluster/ray_stop.sh [--temp-dir=DIR]" in stop.stderr
+    # a folder no Ray node was started with: nothing to stop, and nothing of anyone else's is touched
+    stop = ray_script("ray_stop.sh", home, f"--temp-dir={tmp_path}/none")
+    assert stop.returncode == 0 and "no Ray processes started with" in stop.stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    worker = ray_script("ray_worker.sh", home, closed)
+    assert worker.returncode == 2 and worker.stderr.startswith(f"error: no Ray head answers at {closed}")
+    assert worker.stderr.count("\n") == 1
+
+
+def test_ray_cluster_yaml_is_what_the_ray_launcher_accepts_and_starts_the_scripts():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster/ray_cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    assert any("cluster/ray_head.sh" in c for c in config["head_start_ray_commands"])
+    assert any("cluster/ray_worker.sh $RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # every node gets the head's token

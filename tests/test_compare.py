@@ -3,6 +3,7 @@ the lineage tree and the browser command, through the module and through the com
 
 import json
 import re
+import socket
 import subprocess
 import sys
 
@@ -97,3 +98,22 @@ def test_command_line_picks_runs_by_id_or_name_and_names_what_is_wrong(tmp_path,
         with pytest.raises(SystemExit, match=re.escape(message)):
             main(args + bad)
     assert not (tmp_path / "typo.db").exists()
+
+
+def test_a_server_that_is_down_or_silent_is_one_line(tmp_path, monkeypatch):
+    # MLflow's client alone would retry each for minutes without a word; the check before it asks once
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        for uri, why in ((f"http://127.0.0.1:{port}", "connection refused"),
+                         (f"http://me:pw@127.0.0.1:{silent.getsockname()[1]}", "no answer within 5 s")):
+            with pytest.raises(SystemExit) as exit_:
+                main(["--experiment", "cmp", "--uri", uri, "--out", str(tmp_path / "o")])
+            message = str(exit_.value.code)
+            assert f"no MLflow server answers at {uri.replace(':pw@', ':***@')} ({why})" in message, message
+            assert "cluster/mlflow_server.sh" in message and "\n" not in message and "pw@" not in message
+    assert not (tmp_path / "o").exists()

@@ -3,8 +3,10 @@ own by cluster/train_node.sh (deepspeed --no_ssh --node_rank N), meet at 127.0.0
 that dies takes the job down with a clear error, and a rank that hangs is given up on after the collective timeout.
 """
 
+import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,11 +46,12 @@ class Nodes:
                     "NUM_GPUS": "1", "DS_ENV_FILE": str(tmp_path / "deepspeed_env")}
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, args: list[str]) -> None:
+    def start(self, args: list[str], cwds: tuple[Path, Path] = (REPO, REPO)) -> None:
+        """Both nodes, node r started from the folder cwds[r] (a node's own working folder)."""
         for rank in (0, 1):
             log = open(self.log_path(rank), "w")
-            self.procs.append(subprocess.Popen(["bash", "cluster/train_node.sh", str(rank), "127.0.0.1", TRAIN, *args],
-                                               cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            cmd = ["bash", str(REPO / "cluster/train_node.sh"), str(rank), "127.0.0.1", str(REPO / TRAIN), *args]
+            self.procs.append(subprocess.Popen(cmd, cwd=cwds[rank], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                                start_new_session=True))
 
     def log_path(self, rank: int) -> Path:
@@ -98,6 +101,7 @@ def test_two_nodes_train_as_one_job(tmp_path, toy, nodes):
     job.start(train_args(toy, tmp_path / "run", *steps))
     codes = [p.wait(timeout=600) for p in job.procs]
     assert codes == [0, 0], job.log(0)[-3000:] + job.log(1)[-3000:]
+    assert f"data: {toy.resolve()} (manifest sha256 " in job.log(0)  # rank 0 says which data, as an absolute path
 
     # one job: one MLflow run (found through the URI the env file gave every rank), one loss value per step
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
@@ -173,6 +177,32 @@ try:
 finally:
     print(f"rank {info.rank} waited {time.time() - started:.1f} s", flush=True)
 """
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_nodes_that_see_different_data_refuse_to_start(tmp_path, nodes):
+    # the paper configs' data.path is relative (data/cc3m): started from different folders, two nodes read two
+    # different builds at the same relative path. Both ranks compare what they read and refuse, naming the node
+    folders = (tmp_path / "node0", tmp_path / "node1")
+    for seed, folder in enumerate(folders):
+        write_token_dataset(folder / "data/toy", train=50, test=10, per_shard=25, seed=seed)
+    job = nodes({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/nodes.db", "VQD_DIST_TIMEOUT": "120"})
+    args = train_args(Path("data/toy"), tmp_path / "run", "--train.steps=2")
+    args[1] = str(REPO / args[1])  # the config by its absolute path: the nodes do not start in the repository
+    job.start(args, cwds=folders)
+    codes = [p.wait(timeout=400) for p in job.procs]
+    logs = job.log(0) + job.log(1)
+    assert codes[0] != 0 and codes[1] != 0, logs[-3000:]
+    host = socket.gethostname()
+    line = next((x for x in logs.splitlines() if "the ranks read different data: " in x and " reads " in x), None)
+    assert line is not None, logs[-3000:]
+    for rank, folder in enumerate(folders):
+        sha = hashlib.sha256((folder / "data/toy/manifest.json").read_bytes()).hexdigest()[:12]
+        assert f"{host} (rank {rank}) reads {folder / 'data/toy'} (manifest sha256 {sha})" in line, line
+    assert "on a filesystem every node sees" in line and "docs/cluster.md" in line
+    assert f"data: {folders[0] / 'data/toy'} (manifest sha256" in job.log(0)  # rank 0's own line, before the check
+    assert not (tmp_path / "run/checkpoints").exists()
 
 
 @pytest.mark.slow

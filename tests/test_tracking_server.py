@@ -10,6 +10,7 @@ from mlflow_server import mlflow_server  # noqa: F401  (the fixture)
 from token_data import write_token_dataset
 
 from training.compare import compare
+from training.tracking.server import require_server
 
 TRAIN = "training/train.py"
 
@@ -20,6 +21,7 @@ def test_server_answers_the_names_nodes_use_and_refuses_others(mlflow_server):  
     assert mlflow_server.answers(host=f"{socket.gethostname()}:{mlflow_server.port}")
     assert mlflow_server.answers(host=f"10.1.2.3:{mlflow_server.port}")
     assert not mlflow_server.answers(host=f"attacker.example.com:{mlflow_server.port}")
+    require_server(mlflow_server.uri)  # what compare.py asks first: a real server passes (its /health answers 200)
 
 
 def train_args(data, run, uri, *extra):

@@ -28,6 +28,8 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from training.tracking.server import require_server
+
 # the first a run logged is shown beside it in the tree (a text tower's run: its held-out text -> image top-1)
 LINEAGE_METRICS = ("val/vlb", "val/typed_top1", "loss")
 LOWER_IS_BETTER = re.compile(r"loss|vlb|aux|nll|bpd|fid|error|skipped")
@@ -204,6 +206,7 @@ def compare(uri: str, experiment: str, wanted: list[str] | None, out: Path, curv
     """Everything compare.py prints and writes; returns it as a dict (runs, params, metrics, lineage, files)."""
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise ValueError(f"no MLflow database at {uri[len('sqlite:///'):]!r} (--uri or $MLFLOW_TRACKING_URI)")
+    require_server(uri)
     client = MlflowClient(tracking_uri=uri)
     runs = load_runs(client, experiment, wanted)
     if not runs:

@@ -53,7 +53,7 @@ from training.core.metrics import MetricWindow, measured_matmul_flops
 from training.core.optim import build_optimizer, set_total_steps
 from training.diffusion.ar_objective import NextToken, ar_micro_step
 from training.diffusion.config import DiffusionRunConfig, build_model_config, flops_per_sample
-from training.diffusion.data import class_names, open_dataset, token_loader
+from training.diffusion.data import check_same_data, class_names, open_dataset, token_loader
 from training.diffusion.monitor import fixed_prompts, sample_grid, validation_loss
 from training.diffusion.objective import Denoising, micro_step, step_generator
 from training.tracking.lineage import start_tracking, tower_run_id
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = open_dataset(cfg.data)  # a missing or broken data set fails here, before any rank works
     run_dir = Path(cfg.train.run_dir)
     info = init_distributed()
+    check_same_data(manifest, info.rank, info.world_size)  # names the node whose data differs, before any work
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (DeepSpeed broadcasts them too)
 
     # ---- the model: from scratch, or from a base model folder (fine-tuning, VQ-Diffusion-F) ----

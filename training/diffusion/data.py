@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import random
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -34,7 +35,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from vqd.shards import iter_samples, open_manifest
+from vqd.io import file_sha256
+from vqd.shards import MANIFEST, iter_samples, open_manifest
 from vqd.text import CONTEXT_LENGTH, fit_context, tokenize
 
 
@@ -239,6 +241,42 @@ def open_dataset(cfg: TokenDataConfig) -> dict:
             mine["shards"] += [{**s, "name": str(Path(other["folder"]).resolve() / s["name"])} for s in info["shards"]]
         manifest["sources"].append(other["folder"])
     return manifest
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'ranks 0-2, 5'."""
+    spans, start = [], ranks[0]
+    for prev, cur in zip(ranks, ranks[1:] + [None]):
+        if cur != prev + 1:
+            spans.append(f"{start}-{prev}" if prev > start else str(start))
+            start = cur
+    return ("ranks " if len(ranks) > 1 else "rank ") + ", ".join(spans)
+
+
+def check_same_data(manifest: dict, rank: int, world_size: int) -> None:
+    """Print the data set's folders as absolute paths (rank 0), and refuse to start (ValueError) when ranks read
+    different data: every rank's (folder, sha256 of its manifest.json) list is gathered, and they must all be
+    equal. A relative data.path on nodes whose working folders differ, or a copy that differs on one node, fails
+    here, naming each node (host name), its ranks, folders and manifests."""
+    seen = tuple((str(Path(f).resolve()), file_sha256(Path(f) / MANIFEST)) for f in manifest["sources"])
+    if rank == 0:
+        print("data: " + ", ".join(f"{path} (manifest sha256 {sha[:12]})" for path, sha in seen), flush=True)
+    if world_size == 1:
+        return
+    views: list = [None] * world_size
+    torch.distributed.all_gather_object(views, (socket.gethostname(), seen))
+    groups: dict[tuple, list[tuple[int, str]]] = {}
+    for r, (host, view) in enumerate(views):
+        groups.setdefault(view, []).append((r, host))
+    if len(groups) == 1:
+        return
+    parts = []
+    for view, where in groups.items():
+        hosts = ", ".join(dict.fromkeys(h for _, h in where))
+        folders = ", ".join(f"{path} (manifest sha256 {sha[:12]})" for path, sha in view)
+        parts.append(f"{hosts} ({_ranks_text([r for r, _ in where])}) reads {folders}")
+    raise ValueError("the ranks read different data: " + "; ".join(parts) + ". Give data.path as an absolute path "
+                     "on a filesystem every node sees, or put the same build at that path on every node (docs/cluster.md)")
 
 
 def _one_thread(_: int) -> None:
