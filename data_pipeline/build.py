@@ -5,11 +5,13 @@
     python data_pipeline/build.py emoji --stages metadata,filter,download   # images only (train a tokenizer on
                                                                              # <out>/download/*.tar, then:)
     python data_pipeline/build.py emoji --stages encode,validate --tokenizer runs/vqvae_emoji/export
+    python data_pipeline/build.py cub200 --tokenizer /data/vq-diffusion-ithq   # a released model's VQ-VAE (its codes)
     python data_pipeline/build.py cc3m --address HEAD:6379 --out /shared/data/cc3m   # on a cluster (cluster/);
                                                                  # RAY_ADDRESS=HEAD:6379 does the same
 
 Output folder (default data/<recipe>): manifest.json + {split}-{version}-000000.tar (what training reads),
-and the stage folders metadata/, filter/, download/, encode/ (each with _DONE.json when complete). A rerun
+and the stage folders metadata/, filter/, download/, encode/ (each with _DONE.json when complete; tokenizer/
+holds a released model's VQ-VAE converted to a vqd tokenizer folder, when --tokenizer names one). A rerun
 of the same command skips finished stages and finishes the others; build_stats.json keeps the timings.
 One build at a time writes to a folder (<out>/.lock); a second one is refused.
 """
@@ -44,6 +46,7 @@ from data_pipeline.filters import run_filter
 from data_pipeline.manifest import validate, write_dataset
 from data_pipeline.metadata import check_source, run_metadata
 from data_pipeline.recipe import TRAIN_VQVAE_HINT, load_recipe, recipe_hash
+from vqd.released import is_released, released_tokenizer_folder
 
 NEEDS = {"filter": "metadata", "download": "filter", "encode": "download", "validate": "encode"}
 
@@ -97,6 +100,8 @@ def _build(recipe, out_dir: Path, tokenizer: Optional[str], metadata: Optional[s
         if tok is None:
             raise ValueError(f"recipe {recipe.name!r} names no tokenizer folder: set `tokenizer:` in the recipe or "
                              f"pass --tokenizer PATH (train one with `{TRAIN_VQVAE_HINT}`)")
+        if is_released(tok):  # the released model's VQ-VAE, as the tokenizer folder the manifest names
+            tok = released_tokenizer_folder(tok, out_dir / "tokenizer")
         sha = tokenizer_info(tok)["sha256"]
         if is_done(out_dir, "encode") and read_done(out_dir, "encode")["tokenizer"]["sha256"] != sha:
             clear_done(out_dir, "encode", "validate")
@@ -176,7 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a name in configs/data/ (e.g. emoji, laion-cartoon) or a recipe .yaml path")
     p.add_argument("--out", help="output folder (default: the recipe's `out`, else data/<recipe>)")
-    p.add_argument("--tokenizer", help="trained tokenizer folder (overrides the recipe's `tokenizer`)")
+    p.add_argument("--tokenizer", help="trained tokenizer folder, or a released model folder (its VQ-VAE); overrides "
+                                       "the recipe's `tokenizer`")
     p.add_argument("--metadata", help="local copy of the recipe's metadata (file, folder or glob)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {','.join(STAGES)}")
     p.add_argument("--address", help="the Ray head's HOST:PORT (cluster/ray_head.sh), or 'auto' for the cluster `ray "

@@ -2,7 +2,8 @@
 (image_synthesis/modeling/...): the same attribute names, hence the same state-dict keys and shapes, and a
 forward pass written out from the official maths (explicit softmax attention, CLIP's nn.MultiheadAttention,
 the AdaLayerNorm of t). It is the oracle the official key map (vqd/released/official.py) is checked against;
-it shares no code with vqd's networks.
+it shares no code with vqd's denoiser or text tower. The VQGAN inside is vqd's own VQVAE, which has taming's
+layout (tests/test_vqvae.py checks it against taming's names and maths): what is tested with it is the key map.
 
     DALLE
       content_codec: enc {encoder, quant_conv, quantize}, dec {decoder, post_quant_conv, quantize}
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -193,3 +195,42 @@ class DALLE(nn.Module):
         super().__init__()
         self.content_codec = Codec(vqgan)
         self.transformer = transformer
+
+
+def official_model(tmp_path: Path, *, gumbel: bool, learnable_cf: bool, seed: int = 0):
+    """The official module tree with random weights and the checkpoint file it saves; the VQGAN is inside it (COCO
+    layout: GumbelVQ of 24 codes of which the model reads 16, through a code map file) or, for the ITHQ layout, in a
+    PatchVQGAN file of its own (EMA codebook, all 16 codes)."""
+    from vqd.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(seed)
+    full = 24 if gumbel else 16
+    vqgan = VQVAE(VQVAEConfig(image_size=16, ch=32, ch_mult=(1, 1, 2), attn_resolutions=(4,), z_channels=8,
+                              embed_dim=8, num_embeddings=full, codebook="gumbel" if gumbel else "learned",
+                              norm_groups=32, restart_after=0))
+    if not gumbel:
+        vqgan.quantize = EMAQuantizer(full, 8)
+    transformer = DiffusionTransformer(num_embed=16, side=4, dim=32, depth=2, heads=2, text_width=128, text_layers=1,
+                                       steps=10, learnable_cf=learnable_cf)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    dalle = DALLE(vqgan, transformer).eval()
+    files = {"checkpoint": tmp_path / "model.pth"}
+    state = dalle.state_dict()
+    if not gumbel:  # the ITHQ release: the VQ-VAE in its own file
+        files["vqgan"] = tmp_path / "ithq_vqvae.pth"
+        torch.save({"model": {k[len("content_codec."):].split(".", 1)[1]: v for k, v in state.items()
+                              if k.startswith("content_codec.")} | {"loss.discriminator.weight": torch.zeros(1)}},
+                   files["vqgan"])
+        state = {k: v for k, v in state.items() if not k.startswith("content_codec.")}
+    else:  # full id -> model id; the official map sends the unused codes to 0
+        table = torch.zeros(full, dtype=torch.long)
+        table[torch.randperm(full)[:15]] = torch.arange(1, 16)
+        files["code_map"] = tmp_path / "taming_vqvae_16.pt"
+        torch.save(table, files["code_map"])
+    ema = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() and not k.startswith("log") else v
+           for k, v in transformer.state_dict().items()}
+    torch.save({"model": state, "ema": ema, "last_epoch": 3, "last_iter": 1200}, files["checkpoint"])
+    transformer.load_state_dict(ema)  # the official inference samples with the EMA weights
+    return dalle, files

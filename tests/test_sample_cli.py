@@ -70,7 +70,7 @@ def test_inpainting_keeps_the_unmasked_tokens(folder, tmp_path):
     assert (tmp_path / "inpaint.png").is_file()
 
 
-def test_class_and_unconditional_models_and_errors(tmp_path):
+def test_class_and_unconditional_models_and_errors(tmp_path, capsys):
     cls = model_folder(tmp_path / "cls", condition="class", classes=("animal", "heart"))
     sample_main(["--model", str(cls), "--prompt", "heart", "--steps", "4", "--out", str(tmp_path / "c.png")])
     with pytest.raises(ValueError, match="unknown class name"):
@@ -81,7 +81,10 @@ def test_class_and_unconditional_models_and_errors(tmp_path):
     assert len(list((tmp_path / "u").iterdir())) == 3
     with pytest.raises(SystemExit, match="--prompt"):
         sample_main(["--model", str(cls), "--out", str(tmp_path / "x.png")])
-    with pytest.raises(ValueError, match="has no tokenizer/"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # a folder that is no model: one line, exit 2
         sample_main(["--model", str(tmp_path / "cls" / "tokenizer"), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and "has no tokenizer/" in err and err.count("\n") == 1
     with pytest.raises(ValueError, match="truncation"):
         sample_main(["--model", str(cls), "--prompt", "heart", "--truncation", "0"])

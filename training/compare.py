@@ -8,7 +8,7 @@ Prints, and writes to --out (default runs/compare/<experiment>/):
                the final and best value of every metric ("best" = lowest for losses, highest for rates and scores)
   curves.png   the loss curve of every run on one plot (--curves loss val/vlb: one panel per metric)
   lineage.txt  each run under the run it starts from (the mlflow.parentRunId tag: a fine-tune's base, a base
-               model's aligned text tower)
+               model's aligned text tower); a fine-tune of a released model names the folder it started from
 and the `mlflow ui` command (or, for a server, the address) that shows the same runs side by side in a browser.
 The store is --uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db: a sqlite file, a file store or a server.
 """
@@ -111,7 +111,10 @@ def lineage(runs: list[Run], client: MlflowClient) -> str:
         # per image, so its scale says little beside another run's
         name = next((m for m in LINEAGE_METRICS if m in r.data.metrics), None)
         value = f"  {name} {r.data.metrics[name]:.4g}" if name else ""
-        return f"{run_label(r)}  {r.info.status}{value}" + ("" if r.info.run_id in selected else "  (not selected)")
+        # a fine-tune of a model no run of the store made (a released one): the folder it started from
+        origin = f"  from {r.data.tags['base_model']}" if "base_model" in r.data.tags and PARENT_TAG not in r.data.tags \
+            else ""
+        return f"{run_label(r)}  {r.info.status}{value}{origin}" + ("" if r.info.run_id in selected else "  (not selected)")
 
     lines: list[str] = []
 

@@ -1,9 +1,11 @@
-"""Text -> image from an exported model folder (it carries its text tower and tokenizer: nothing else is read).
+"""Text -> image from an exported model folder (it carries its text tower and tokenizer: nothing else is read), or
+from a released model folder (diffusers' VQ-Diffusion pipeline layout, e.g. a copy of microsoft/vq-diffusion-ithq).
 
     python training/sample.py --model runs/emoji_base/export --prompt "red heart" --prompt "house" --out grid.png
     python training/sample.py --model runs/emoji_base/export --prompt "smiling cat" --steps 50 --guidance 3 --purity
     python training/sample.py --model DIR --prompt "red heart" --image in.png --mask mask.png --out inpaint.png
     python training/sample.py --model DIR --prompts prompts.txt --out-dir samples/     # 0000.png, 0001.png ...
+    python training/sample.py --model /data/vq-diffusion-ithq --prompt "a teddy bear playing in the pool" --guidance 5
 
 A grid shows each picture with its prompt under it (each prompt `--per-prompt` times). `--prompts FILE` (one
 prompt a line) writes one PNG per line at the model's native resolution, numbered in file order, in
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -31,7 +34,8 @@ from vqd.sampling import SamplingConfig
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="an exported model folder (config.yaml, model.safetensors, tokenizer/)")
+    p.add_argument("--model", required=True, help="an exported model folder (config.yaml, model.safetensors, tokenizer/) "
+                                                  "or a released model folder (diffusers' VQ-Diffusion pipeline)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts", help="a text file of prompts, one a line (with --out-dir)")
     p.add_argument("--count", type=int, default=0, help="unconditional models: how many images")
@@ -78,7 +82,11 @@ def load_mask(path: str, size: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    pipe = TextToImage.from_folder(args.model, device=args.device)
+    try:
+        pipe = TextToImage.from_folder(args.model, device=args.device)
+    except ValueError as e:  # not a model folder, a part missing, a tensor that does not fit: the user's input
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     config = SamplingConfig(steps=args.steps, truncation=args.truncation, guidance_scale=args.guidance,
                             purity=args.purity)
     pipe.validate(config)

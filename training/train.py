@@ -48,7 +48,7 @@ from training.core.checkpoint import export_dir, load_checkpoint, resolve_resume
 from training.core.config import load_config, split_cli
 from training.core.distributed import barrier, cleanup, init_distributed
 from training.core.ema import EMA, full_weights
-from training.core.export import export_model, resolve_init_from, tokenizer_folder
+from training.core.export import describe_base, export_model, resolve_init_from, tokenizer_folder
 from training.core.metrics import MetricWindow, measured_matmul_flops
 from training.core.optim import build_optimizer, set_total_steps
 from training.diffusion.ar_objective import NextToken, ar_micro_step
@@ -60,8 +60,8 @@ from training.tracking.lineage import start_tracking, tower_run_id
 from training.tracking.tracker import tracking_uri
 from vqd.ar import VQARModel
 from vqd.diffusion import TimestepSampler
-from vqd.io import load_folder, load_state_dict_strict
-from vqd.models import MODEL_KINDS
+from vqd.io import load_state_dict_strict
+from vqd.models import MODEL_KINDS, read_model_folder
 from vqd.vqvae import load_tokenizer
 
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             resolve_init_from(cfg.train.init_from, tracking_uri(cfg.tracking), run_dir)
         barrier()
         base_dir, base_run = resolve_init_from(cfg.train.init_from, tracking_uri(cfg.tracking), run_dir)
-        base_config, base_tensors = load_folder(base_dir)
+        base_config, base_tensors = read_model_folder(base_dir)  # a released model folder is converted here
     classes = tuple(base_config.get("classes", ())) if base_config else ()
     if cfg.model.condition == "class" and not classes:
         classes = class_names(manifest, cfg.data.split, cfg.data.label_key)
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # a fine-tune descends from its base; a base model on an aligned text tower from the run that aligned it
     tower_run = "" if base_tensors is not None else tower_run_id(model_cfg.text.pretrained)
-    tracker = start_tracking(cfg, run_dir, info, model_cfg, base_run or tower_run, program="train")
+    tracker = start_tracking(cfg, run_dir, info, model_cfg, base_run or tower_run, program="train",
+                             base_model=describe_base(base_dir) if base_dir is not None else "")
     prompts = fixed_prompts(cfg, manifest, model_cfg)
     exported_at = -1
 
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
                           "experiment": cfg.tracking.experiment, "step": step, "run_dir": str(run_dir.resolve()),
                           "data": {"folders": manifest["sources"], "recipe": manifest["recipe"].get("name"),
                                    "tokenizer_sha256": manifest["tokenizer"]["sha256"]},
-                          "base_run_id": base_run or None, "weights": "ema" if ema is not None else "live"}
+                          "base_run_id": base_run or None,
+                          "base_model": describe_base(base_dir) if base_dir is not None else None, "weights": "ema" if ema is not None else "live"}
             export_model(model, weights, export_dir(run_dir), tokenizer, provenance)
         exported_at = step
         barrier()

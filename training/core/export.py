@@ -1,5 +1,6 @@
 """Model folders in and out of a run: the export (what sampling, evaluation and fine-tuning read) and
-`train.init_from` (a model folder, or an MLflow run's export: `runs:/<run id>`).
+`train.init_from` (a model folder, a released model folder in diffusers' VQ-Diffusion pipeline layout, or an
+MLflow run's export: `runs:/<run id>`).
 
 An export is self-sufficient: config.yaml + model.safetensors (every weight: the denoiser and null
 condition from the EMA when there is one, the text tower), tokenizer/ (the VQ-VAE that decodes its ids, with
@@ -22,6 +23,7 @@ import torch
 
 from vqd.io import WEIGHTS_NAME, file_sha256, load_folder, save_folder
 from vqd.pipeline import TOKENIZER_DIR
+from vqd.released import is_released
 
 PROVENANCE = "provenance.json"
 
@@ -90,10 +92,23 @@ def resolve_init_from(init_from: str, tracking_uri: str, cache: Path) -> tuple[P
             os.replace(local, target)
         return target, run_id
     folder = Path(init_from)
+    if is_released(folder):  # a diffusers VQ-Diffusion pipeline folder: no MLflow run, converted when read
+        return folder, ""
     if not (folder / WEIGHTS_NAME).is_file():
         raise ValueError(f"train.init_from={init_from!r} is not a model folder (no {WEIGHTS_NAME}); give an export "
-                         "folder (runs/<name>/export) or an MLflow run as runs:/<run id>")
+                         "folder (runs/<name>/export), a released model folder (diffusers' VQ-Diffusion pipeline "
+                         "layout) or an MLflow run as runs:/<run id>")
     return folder, str(read_provenance(folder).get("mlflow_run_id") or "")
+
+
+def describe_base(folder: Path) -> str:
+    """A fine-tune's base for its MLflow run (tag base_model): the folder, and the released model it came from."""
+    if is_released(folder):
+        return f"{folder.resolve()} (diffusers VQDiffusionPipeline)"
+    released = read_provenance(folder).get("released")
+    if released:
+        return f"{folder.resolve()} (converted from the {released.get('format')} {released.get('path')})"
+    return str(folder.resolve())
 
 
 def init_from_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
