@@ -356,3 +356,62 @@ def test_a_released_folder_loads_wherever_a_model_folder_does(both, pipe_folder,
     assert (tok / "model.safetensors").stat().st_mtime_ns == written
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
     assert torch.equal(load_tokenizer(tok).encode(images), released.tokenizer.encode(images))
+
+
+@torch.no_grad()
+def test_older_folder_forms_read_the_same(both, pipe_folder, tmp_path):
+    """What folders written by older diffusers and transformers hold (the hub's ITHQ dates from 2022): torch .bin
+    weights, the VQ-VAE's attention under its pre-0.15 names (query / key / value / proj_attn), the text encoder's
+    names under text_model."""
+    released, _ = both
+    folder = tmp_path / "old"
+    shutil.copytree(pipe_folder, folder)
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    for part, stem, rename in (("vqvae", "diffusion_pytorch_model", True), ("transformer", "diffusion_pytorch_model", False),
+                               ("text_encoder", "model", False)):
+        path = folder / part / f"{stem}.safetensors"
+        state = load_file(str(path))
+        if rename:
+            state = {next((k.replace(f".{new}.", f".{old}.") for new, old in old_names.items()
+                           if ".attentions." in k and f".{new}." in k), k): v for k, v in state.items()}
+        if part == "text_encoder" and not any(k.startswith("text_model.") for k in state):
+            state = {f"text_model.{k}": v for k, v in state.items()}
+        path.unlink()
+        torch.save(state, folder / part / ("pytorch_model.bin" if part == "text_encoder" else f"{stem}.bin"))
+    assert any(".proj_attn." in k for k in torch.load(folder / "vqvae/diffusion_pytorch_model.bin", weights_only=True))
+    again = read_released(folder)
+    assert all(torch.equal(again.tensors[k], v) for k, v in released.tensors.items())
+    a, b = again.tokenizer.state_dict(), released.tokenizer.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_the_ithq_configs_read_as_the_ithq_size(tmp_path):
+    """The component configs diffusers' conversion script writes for ITHQ (its ithq.yaml and the VQ-VAE's
+    config.yaml: 36 blocks of 16 x 88, K = 4096 on 32 x 32, a 4-level VQ-VAE of 64..512 channels with attention at
+    32 x 32) give the ITHQ preset and a 256 px tokenizer, without any weights."""
+    from vqd.models import VQDiffusionConfig
+    from vqd.released.diffusers_pipeline import check_scheduler, denoiser_config, tokenizer_config
+
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer/config.json").write_text(json.dumps({
+        "_class_name": "Transformer2DModel", "attention_bias": True, "cross_attention_dim": 512, "attention_head_dim": 88,
+        "num_layers": 36, "dropout": 0.0, "num_attention_heads": 16, "num_vector_embeds": 4097,
+        "num_embeds_ada_norm": 100, "norm_num_groups": 32, "sample_size": 32, "activation_fn": "geglu-approximate"}))
+    (tmp_path / "vqvae").mkdir()
+    (tmp_path / "vqvae/config.json").write_text(json.dumps({
+        "_class_name": "VQModel", "in_channels": 3, "out_channels": 3, "block_out_channels": [64, 128, 256, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
+        "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3, "layers_per_block": 2,
+        "latent_channels": 256, "num_vq_embeddings": 4096, "norm_num_groups": 32, "vq_embed_dim": 128}))
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler/scheduler_config.json").write_text(json.dumps({"_class_name": "VQDiffusionScheduler",
+                                                                         "num_vec_classes": 4097}))
+    network, keymap = denoiser_config(tmp_path)
+    check_scheduler(tmp_path, network["num_codes"], network["num_timesteps"])
+    ithq = VQDiffusionConfig(num_codes=4096, grid=(32, 32), size="ITHQ")
+    assert {k: network[k] for k in ("depth", "width", "heads", "num_timesteps")} == \
+        {"depth": ithq.depth, "width": ithq.width, "heads": ithq.heads, "num_timesteps": 100}
+    assert network["num_codes"] == 4096 and tuple(network["grid"]) == (32, 32) and keymap["text_dim"] == 512
+    vq = tokenizer_config(tmp_path, network["grid"])
+    assert (vq.image_size, vq.ch, vq.ch_mult, vq.num_res_blocks, vq.attn_resolutions, vq.z_channels, vq.embed_dim) == \
+        (256, 64, (1, 2, 4, 8), 2, (32,), 256, 128)

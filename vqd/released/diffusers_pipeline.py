@@ -60,13 +60,15 @@ def is_pipeline_folder(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
-def weights_path(folder: Path, stem: str, part: str) -> Path:
-    """The component's full-precision weights: stem.safetensors, stem.bin, or their sharded index."""
-    for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.bin", f"{stem}.bin.index.json"):
+def weights_path(folder: Path, stem: str, part: str, bin_stem: str | None = None) -> Path:
+    """The component's full-precision weights: stem.safetensors, bin_stem.bin (transformers calls it
+    pytorch_model.bin), or their sharded index."""
+    bin_stem = bin_stem or stem
+    for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{bin_stem}.bin", f"{bin_stem}.bin.index.json"):
         if (folder / name).is_file():
             return folder / name
     present = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
-    raise ReleasedFormatError(f"{folder}: no {stem}.safetensors or {stem}.bin (the {part}'s weights; found "
+    raise ReleasedFormatError(f"{folder}: no {stem}.safetensors or {bin_stem}.bin (the {part}'s weights; found "
                               f"{present or 'nothing'})")
 
 
@@ -196,7 +198,7 @@ def read_text_encoder(folder: Path) -> tuple[Any, dict[str, torch.Tensor], dict[
     _require(hidden % width == 0, path, f"intermediate_size {hidden} is not a multiple of hidden_size {width}")
     cfg = text_config(width, int(c.get("num_hidden_layers", 12)), int(c.get("num_attention_heads", 8)),
                       int(c.get("vocab_size", 49408)), int(c.get("max_position_embeddings", 77)), hidden // width, act)
-    weights = weights_path(folder / "text_encoder", "model", "text_encoder")
+    weights = weights_path(folder / "text_encoder", "model", "text_encoder", bin_stem="pytorch_model")
     state = read_weights(weights, "text_encoder")
     prefix = "text_model." if any(k.startswith("text_model.") for k in state) else ""
     src = Source(state, str(weights), "text_encoder", prefix)
