@@ -59,8 +59,9 @@ def worker(args: argparse.Namespace) -> None:
     sampler = TimestepSampler(model_cfg.num_timesteps)
     n = args.grid * args.grid
     g = torch.Generator().manual_seed(info.rank)
+    context = model_cfg.text.context_length  # the config's text context (emoji_base.yaml: 32 of CLIP's 77)
     batch = {"vq": torch.randint(0, args.num_codes, (args.batch, n), generator=g),
-             "clip": torch.randint(1, 49406, (args.batch, 77), generator=g), "label": torch.zeros(args.batch).long()}
+             "clip": torch.randint(1, 49406, (args.batch, context), generator=g), "label": torch.zeros(args.batch).long()}
 
     def step(i: int) -> None:
         gen = step_generator(0, info.rank, i, 0, info.device)
@@ -122,7 +123,7 @@ def run_all(args: argparse.Namespace) -> None:
 
 
     precisions = [p for p in args.precisions if p == "fp32" or native_bf16()]
-    rows, threads = [], args.threads or max(1, (os.cpu_count() or 2))
+    rows, failed, threads = [], [], args.threads or max(1, (os.cpu_count() or 2))
     for precision in precisions:
         for world in args.worlds:
             for zero in args.zero:
@@ -140,6 +141,8 @@ def run_all(args: argparse.Namespace) -> None:
                     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
                     if out.returncode != 0 or not result.is_file():
                         print(f"{precision} zero{zero} world{world}: failed\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+                        failed.append({"precision": precision, "zero": zero, "world": world,
+                                       "error": (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]})
                         continue
                     rows.append(json.loads(result.read_text()))
                     r = rows[-1]
@@ -158,8 +161,12 @@ def run_all(args: argparse.Namespace) -> None:
               f"{' / '.join(f'{m:,.0f}' for m in r['peak_memory_mb_per_rank'])} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device, "config": args.config, "rows": rows}, indent=1))
+    out.write_text(json.dumps({"device": device, "config": args.config, "rows": rows, "failed": failed}, indent=1))
     print(f"\nwrote {out}")
+    if failed:  # a benchmark whose rows fail must not pass for one that measured
+        names = ", ".join(f"{f['precision']} ZeRO-{f['zero']} world {f['world']}" for f in failed)
+        raise SystemExit(f"error: {len(failed)} of {len(failed) + len(rows)} configurations failed ({names}): "
+                         "their output is above")
 
 
 def main() -> None:

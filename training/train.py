@@ -75,6 +75,59 @@ def gradient_norm(engine, trainable: dict) -> float | None:
         if grads else None
 
 
+def build_engine(cfg: DiffusionRunConfig, model, info):
+    """The DeepSpeed engine over what this run trains (the denoiser, null condition and class embeddings, or
+    VQ-AR's network), compiled when train.compile asks, with the run's EMA and timestep sampler (None when off):
+    (engine, lr scheduler, ema, sampler). `model` is on info.device."""
+    import deepspeed
+
+    autoregressive = isinstance(model, VQARModel)
+    trained = (NextToken if autoregressive else Denoising)(model, train_text=cfg.model.train_text)
+    opt, sched = build_optimizer(trained, cfg.optim, cfg.train.steps, info.device)
+    engine, _, _, _ = deepspeed.initialize(model=trained, optimizer=opt, lr_scheduler=sched, config=cfg.deepspeed)
+    if cfg.train.compile:
+        engine.compile()
+    trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    ema = EMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    sampler = TimestepSampler(model.config.num_timesteps) if cfg.diffusion.importance_sampling and not autoregressive \
+        else None
+    return engine, sched, ema, sampler
+
+
+def optimizer_step(engine, model, data, cfg: DiffusionRunConfig, info, step: int, sampler=None, ema=None,
+                   window: MetricWindow | None = None, want_grad_norm: bool = False) -> float | None:
+    """One optimizer step: train.grad_accum micro-batches from the iterator `data` (forward, backward, the engine's
+    step), the EMA, and every rank's (t, L_t) folded into the timestep sampler. Each micro-batch's values go to
+    `window`. Returns the gradient norm before clipping when asked and the engine keeps none itself (ZeRO-0)."""
+    vlbs, ts, grad_norm = [], [], None
+    for micro in range(cfg.train.grad_accum):
+        batch = next(data)
+        if isinstance(model, VQARModel):
+            loss, vlb, t, metrics = ar_micro_step(engine, model, batch, info.device)
+        else:
+            g = step_generator(cfg.train.seed, info.rank, step, micro, info.device)
+            loss, vlb, t, metrics = micro_step(engine, model, sampler, batch, cfg.data.drop_text,
+                                               cfg.diffusion.aux_weight, cfg.diffusion.adaptive_aux, g, info.device)
+        engine.backward(loss)
+        if want_grad_norm and micro == cfg.train.grad_accum - 1:
+            grad_norm = gradient_norm(engine, {n: p for n, p in engine.module.named_parameters() if p.requires_grad})
+        engine.step()
+        vlbs.append(vlb)
+        ts.append(t)
+        if window is not None:
+            window.add(batch["vq"].shape[0], loss=loss.detach(), epoch=batch["epoch"], **metrics)
+    if ema is not None:
+        ema.update()
+    if sampler is not None:  # every rank folds in every rank's (t, L_t): all draw from the same p(t)
+        sums, counts = sampler.batch_statistics(torch.cat(ts), torch.cat(vlbs))
+        if info.world_size > 1:
+            sums, counts = sums.to(info.device), counts.to(info.device)
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(counts)
+        sampler.update(sums, counts)
+    return grad_norm
+
+
 def main(argv: list[str] | None = None) -> None:
     config_path, overrides = split_cli(argv)
     cfg: DiffusionRunConfig = load_config(DiffusionRunConfig, config_path, overrides)
@@ -98,28 +151,17 @@ def main(argv: list[str] | None = None) -> None:
     model_cfg = build_model_config(cfg, manifest, classes, base_config)
     tokenizer = tokenizer_folder(manifest)
     model = MODEL_KINDS[model_cfg.KIND](model_cfg, load_text_weights=base_tensors is None)
-    autoregressive = isinstance(model, VQARModel)
     if base_tensors is not None:
         load_state_dict_strict(model, base_tensors, where=f"train.init_from {str(base_dir)!r}")
     elif cfg.model.init_from_codebook:
-        if tokenizer is None or autoregressive:
+        if tokenizer is None or isinstance(model, VQARModel):
             raise ValueError("model.init_from_codebook: a VQ-Diffusion model and the data set's tokenizer on this "
                              "machine are needed")
         model.init_code_embeddings(load_tokenizer(tokenizer).code_vectors(), seed=cfg.train.seed)
     model.to(info.device)
 
-    # ---- DeepSpeed: the engine trains the denoiser, the null condition and class embeddings (or VQ-AR's net) ----
-    import deepspeed
-
-    trained = (NextToken if autoregressive else Denoising)(model, train_text=cfg.model.train_text)
-    opt, sched = build_optimizer(trained, cfg.optim, cfg.train.steps, info.device)
-    engine, _, _, _ = deepspeed.initialize(model=trained, optimizer=opt, lr_scheduler=sched, config=cfg.deepspeed)
-    if cfg.train.compile:
-        engine.compile()
+    engine, sched, ema, sampler = build_engine(cfg, model, info)
     trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
-    ema = EMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    sampler = TimestepSampler(model_cfg.num_timesteps) if cfg.diffusion.importance_sampling and not autoregressive \
-        else None
 
     step, batches = 0, 0
     budget = StepBudget(cfg.train.max_minutes, cfg.train.steps, step, every=cfg.train.log_every)
@@ -191,33 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     grad_norm = None
     while step < budget.planned:
         started = time.perf_counter()
-        vlbs, ts = [], []
-        for micro in range(cfg.train.grad_accum):
-            batch = next(data)
-            batches += 1
-            if autoregressive:
-                loss, vlb, t, metrics = ar_micro_step(engine, model, batch, info.device)
-            else:
-                g = step_generator(cfg.train.seed, info.rank, step, micro, info.device)
-                loss, vlb, t, metrics = micro_step(engine, model, sampler, batch, cfg.data.drop_text,
-                                                   cfg.diffusion.aux_weight, cfg.diffusion.adaptive_aux, g, info.device)
-            engine.backward(loss)
-            if micro == cfg.train.grad_accum - 1 and (step + 1) % cfg.train.log_every == 0:
-                grad_norm = gradient_norm(engine, trainable)
-            engine.step()
-            vlbs.append(vlb)
-            ts.append(t)
-            window.add(batch["vq"].shape[0], loss=loss.detach(), epoch=batch["epoch"], **metrics)
+        grad_norm = optimizer_step(engine, model, data, cfg, info, step, sampler, ema, window,
+                                   want_grad_norm=(step + 1) % cfg.train.log_every == 0)
+        batches += cfg.train.grad_accum
         step += 1
-        if ema is not None:
-            ema.update()
-        if sampler is not None:  # every rank folds in every rank's (t, L_t): all draw from the same p(t)
-            sums, counts = sampler.batch_statistics(torch.cat(ts), torch.cat(vlbs))
-            if info.world_size > 1:
-                sums, counts = sums.to(info.device), counts.to(info.device)
-                torch.distributed.all_reduce(sums)
-                torch.distributed.all_reduce(counts)
-            sampler.update(sums, counts)
         window.add(0, time.perf_counter() - started)
         if budget.update(step, info.device, info.world_size) != bar.total:  # the time budget moved the end
             set_total_steps(sched, budget.planned)
