@@ -20,12 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpu_check import child_env, host_cpu
+
 from data_pipeline.encode import ShardEncoder
 from vqd.images import load_image
 from vqd.shards import iter_samples, read_tar
 from vqd.vqvae import VQVAE, VQVAEConfig, load_tokenizer
-
-from gpu_check import child_env, host_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,9 +39,15 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
+import torch
+
+from vqd.shards import sample_record, write_shard
+from vqd.text import CONTEXT_LENGTH
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("peak", "train", "sample", "resume", "collectives")
@@ -112,8 +118,6 @@ def load_plan(path: str) -> Plan:
 
 def host_cpu() -> str:
     """The host CPU's model name, its kernels' capability and core count, e.g. 'AMD EPYC (AVX512, 2 cores)'."""
-    import torch
-
     model = platform.processor() or platform.machine()
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
@@ -127,8 +131,6 @@ def host_cpu() -> str:
 
 def machine(device: str) -> dict:
     """The device and the host a worker runs on (in the worker: naming the GPU initialises CUDA there)."""
-    import torch
-
     gpu = device == "cuda"
     return {"device": torch.cuda.get_device_name() if gpu else "CPU", "gpus": torch.cuda.device_count() if gpu else 0,
             "cpu": host_cpu(), "torch": torch.__version__, "cuda": torch.version.cuda if gpu else None,
@@ -187,6 +189,19 @@ class Rows:
         os._exit(ROW_TIMEOUT)
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set (VmHWM), in GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
 def _short(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -230,11 +245,6 @@ def write_token_shards(folder: Path, num_codes: int, grid: int, samples: int, pe
                        seed: int = 0) -> Path:
     """A data set of random tokens in the shard contract (manifest.json + {split}-NNNNNN.tar): training speed does
     not depend on the ids. Captions are random CLIP ids between <start_of_text> and <end_of_text>."""
-    import numpy as np
-
-    from data_pipeline.shards import sample_record, write_shard
-    from vqd.text import CONTEXT_LENGTH
-
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     splits = {}
@@ -263,14 +273,12 @@ def write_token_shards(folder: Path, num_codes: int, grid: int, samples: int, pe
 
 
 def section_command(section: str, plan_path: Path, rows: Path) -> list[str]:
-    """A section's worker, run as a module from the repository root (a script's own folder, benchmarks/, would put
-    benchmarks/training.py in the place of the training package)."""
-    worker = {"sample": "benchmarks.gpu_check_sample", "resume": "benchmarks.gpu_check_resume"}.get(
-        section, "benchmarks.gpu_check_train")
-    args = [section, "--plan", str(plan_path), "--rows", str(rows)]
+    """A section's worker process (collectives: 2 ranks under the deepspeed launcher)."""
+    worker = {"sample": "gpu_check_sample.py", "resume": "gpu_check_resume.py"}.get(section, "gpu_check_train.py")
+    program, args = str(REPO / "benchmarks" / worker), [section, "--plan", str(plan_path), "--rows", str(rows)]
     if section == "collectives":
-        return deepspeed_launch(2, ["--module", worker], args)
-    return [sys.executable, "-m", worker, *args]
+        return deepspeed_launch(2, [program], args)
+    return [sys.executable, program, *args]
 
 
 def run_section(section: str, cmd: list[str], limit_s: float, env: dict, log: Path, rows: Path) -> dict:
@@ -347,20 +355,21 @@ def goals(rows: list[dict], plan: Plan) -> list[dict]:
     out = []
     big = find(rows, "train", size=plan.sizes[0])
     best = max(big, key=lambda r: r["mfu"], default=None)
-    out.append({"goal": f"MFU >= {GOALS['mfu_vqd_b']:.0%} ({plan.precision}) at {plan.sizes[0]}",
+    precision = best["precision"] if best else plan.precision
+    out.append({"goal": f"MFU >= {GOALS['mfu_vqd_b']:.0%} ({precision}) at {plan.sizes[0]}",
                 "target": GOALS["mfu_vqd_b"], "measured": best and best["mfu"], "row": best and best["name"]})
     fast = max(find(rows, "sample", kind="vq-diffusion", steps=25), key=lambda r: r["images_per_s"], default=None)
     for key, kind, what in (("sample_25_vs_ar_nocache", "vq-ar-nocache", "the prefix-recomputing"),
                             ("sample_25_vs_ar_cache", "vq-ar-cache", "the KV-cached")):
         ar = find(rows, "sample", kind=kind)
-        ratio = fast["images_per_s"] / ar[0]["images_per_s"] if fast and ar else None
         target = GOALS[key]
-        out.append({"goal": f"{plan.sizes[0]} 25 steps {'>=' if target > 1 else '>'} {target:g}x {what} "
-                            f"{plan.ar_size} (images/s)", "target": target, "measured": ratio,
+        out.append({"goal": f"{plan.sizes[0]} at 25 steps " + (f">= {target:g}x" if target > 1 else "faster than")
+                            + f" {what} {plan.ar_size} (images/s)", "target": target,
+                    "measured": fast["images_per_s"] / ar[0]["images_per_s"] if fast and ar else None,
                     "row": fast and fast["name"]})
     for g in out:
         m = g["measured"]
-        g["met"] = None if m is None else (m >= g["target"] if g["target"] != 1.0 else m > 1.0)
+        g["met"] = None if m is None else bool(m >= g["target"] if g["target"] != 1.0 else m > 1.0)
     return out
 
 
@@ -374,6 +383,8 @@ def table(title: str, where: str, header: list[str], lines: list[list[str]]) -> 
 
 
 def fmt(value, spec: str = ",.1f", missing: str = "-") -> str:
+    if isinstance(value, bool):
+        return {"on": "on" if value else "off", "yes": "yes" if value else "NO"}.get(spec, str(value))
     return missing if value is None else format(value, spec)
 
 
@@ -389,14 +400,14 @@ def report(result: dict) -> None:
     table("training step (configs/base_cc.yaml: ZeRO-2, fused AdamW, EMA; synthetic shards)", where,
           ["size", "compile", "act. ckpt", "micro-batch", "tokens/s", "samples/s", "MFU", "step ms",
            "first step s", "peak memory GB", "error"],
-          [[r["name"].split(",")[0], fmt(r.get("compile"), "", "-"), fmt(r.get("checkpointing"), "", "-"),
+          [[r["name"].split(",")[0], fmt(r.get("compile"), "on"), fmt(r.get("checkpointing"), "on"),
             fmt(r.get("micro_batch"), "d"), fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("samples_per_s"), ",.1f"),
             fmt(r.get("mfu"), ".1%"), fmt(r.get("step_ms"), ",.1f"), fmt(r.get("first_step_s"), ".1f"),
             fmt(r.get("peak_memory_gb"), ".2f"), err(r)] for r in rows if r["section"] == "train"
            and not r["name"].startswith("largest")])
     table("largest micro-batch that fits (eager)", where,
           ["size", "act. ckpt", "fits", "fails at", "tries", "peak memory GB at the largest", "error"],
-          [[r["name"].split(": ")[-1].split(",")[0], fmt(r.get("checkpointing"), "", "-"), fmt(r.get("fits"), "d"),
+          [[r["name"].split(": ")[-1].split(",")[0], fmt(r.get("checkpointing"), "on"), fmt(r.get("fits"), "d"),
             fmt(r.get("fails_at"), "d", "none tried"), fmt(r.get("tries"), "d"),
             fmt(r.get("peak_memory_gb"), ".2f"), err(r)]
            for r in rows if r["section"] == "train" and r["name"].startswith("largest")])
@@ -412,17 +423,19 @@ def report(result: dict) -> None:
           ["run", "steps", "killed after", "live weights", "EMA export", "max abs diff", "rerun's max abs diff",
            "equal", "error"],
           [[r["name"], fmt(r.get("steps"), "d"), fmt(r.get("killed_after_step"), "d"),
-            "bit-identical" if r.get("live_identical") else fmt(r.get("live_identical"), ""),
-            "bit-identical" if r.get("ema_identical") else fmt(r.get("ema_identical"), ""),
-            fmt(r.get("max_abs_diff"), ".3g"), fmt(r.get("rerun_max_abs_diff"), ".3g"), fmt(r.get("equal"), ""),
+            {True: "bit-identical", False: "differ"}.get(r.get("live_identical"), "-"),
+            {True: "bit-identical", False: "differ"}.get(r.get("ema_identical"), "-"),
+            fmt(r.get("max_abs_diff"), ".3g"), fmt(r.get("rerun_max_abs_diff"), ".3g"), fmt(r.get("equal"), "yes"),
             err(r)] for r in rows if r["section"] == "resume"])
     table("collectives across 2 ranks", where, ["op", "backend", "MB", "ms", "bus GB/s", "correct", "error"],
           [[r["name"], r.get("backend", "-"), fmt(r.get("mb"), ",.1f"), fmt(r.get("ms"), ",.2f"),
-            fmt(r.get("bus_gb_per_s"), ",.2f"), fmt(r.get("correct"), ""), err(r)]
+            fmt(r.get("bus_gb_per_s"), ",.2f"), fmt(r.get("correct"), "yes"), err(r)]
            for r in rows if r["section"] == "collectives"])
-    table("goals", where, ["goal", "measured", "met"],
-          [[g["goal"], fmt(g["measured"], ".1%" if g["target"] < 1 else ".2f") + ("" if g["target"] < 1 else "x"),
-            {True: "yes", False: "NO", None: "not measured"}[g["met"]]] for g in result["goals"]])
+    stand_in = " (the CPU's tiny stand-ins: the goals are the GPU's)" if plan["device"] == "cpu" else ""
+    table("goals" + stand_in, where, ["goal", "measured", "met"],
+          [[g["goal"], "-" if g["measured"] is None else fmt(g["measured"], ".1%") if g["target"] < 1
+            else f"{g['measured']:.2f}x", {True: "yes", False: "NO", None: "not measured"}[g["met"]]]
+           for g in result["goals"]])
     print()
     for name, s in result["sections"].items():
         print(f"{name}: {s['status']} ({s['seconds']:.0f} s of {s['limit_s']:g})"
@@ -454,8 +467,6 @@ def usage_error(message: str) -> None:
 
 def make_plan(args) -> Plan:
     """The device's plan with --limit and --set applied; a bad one is a usage error (exit 2)."""
-    import torch
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         usage_error("--device cuda: torch sees no CUDA device here; run with --device cpu")
@@ -494,8 +505,6 @@ def main(argv=None) -> int:
         rows, sections, machines = [], {}, []
         for section in args.sections:
             if section == "collectives" and plan.device == "cuda":
-                import torch
-
                 if torch.cuda.device_count() < 2:
                     sections[section] = {"status": f"skipped: {torch.cuda.device_count()} GPU here, NCCL across 2 "
                                                    "ranks needs 2", "seconds": 0.0, "limit_s": plan.limits[section]}

@@ -1,7 +1,7 @@
 """Worker of benchmarks/gpu_check.py: sampling speed on the plan's grid and codebook (the paper's 32 x 32, K = 2,887
 on a GPU), one batch a row.
 
-    python -m benchmarks.gpu_check_sample sample --plan plan.json --rows rows.jsonl
+    python benchmarks/gpu_check_sample.py sample --plan plan.json --rows rows.jsonl
 
 Rows: our sampler (vqd/sampling.py, exact strided posterior, truncation off as in the peer) at 25, 50 and 100 steps,
 eager and, where the plan compiles, with the denoiser compiled in torch.compile's "reduce-overhead" mode (CUDA
@@ -17,20 +17,19 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import functools  # noqa: E402
-import time  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
+import argparse
+import contextlib
+import functools
+import time
+from types import SimpleNamespace
 
-import torch  # noqa: E402
+import torch
+from gpu_check import Plan, Rows, load_plan, sync
+from sampling import build_diffusers_peer, diffusers_sample
 
-from benchmarks.gpu_check import Plan, Rows, load_plan  # noqa: E402
-from benchmarks.gpu_check_train import sync  # noqa: E402
-from benchmarks.sampling import build_diffusers_peer, diffusers_sample  # noqa: E402
-from vqd.ar import VQARConfig, VQARModel  # noqa: E402
-from vqd.models import VQDiffusionConfig, VQDiffusionModel, count_parameters  # noqa: E402
-from vqd.sampling import SamplingConfig, sample_tokens  # noqa: E402
+from vqd.ar import VQARConfig, VQARModel
+from vqd.models import VQDiffusionConfig, VQDiffusionModel, count_parameters
+from vqd.sampling import SamplingConfig, sample_tokens
 
 
 class Samplers:

@@ -1,7 +1,7 @@
 """Workers of benchmarks/gpu_check.py: the matmul peak, the training step, the largest micro-batch that fits, and
 collectives across 2 ranks.
 
-    python -m benchmarks.gpu_check_train {peak,train,collectives} --plan plan.json --rows rows.jsonl
+    python benchmarks/gpu_check_train.py {peak,train,collectives} --plan plan.json --rows rows.jsonl
 
 (collectives under the deepspeed launcher, 2 ranks). The training rows run what training/train.py runs: the run
 config loaded with its overrides, the model built as it builds it, `build_engine` (DeepSpeed, fused AdamW,
@@ -14,30 +14,23 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+import argparse
+import gc
+import time
+from typing import Callable
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
+from gpu_check import REPO, Plan, Rows, load_plan, peak_rss_gb, run_overrides, sync
 
-from benchmarks.gpu_check import REPO, Plan, Rows, error_text, load_plan, run_overrides  # noqa: E402
-from benchmarks.pipeline import peak_rss_mb  # noqa: E402
-from training.config import load_config, resolve_precision  # noqa: E402
-from training.data import open_dataset, token_loader  # noqa: E402
-from training.diffusion_config import DiffusionRunConfig, build_model_config, flops_per_sample  # noqa: E402
-from training.distributed import init_distributed  # noqa: E402
-from training.train import build_engine, optimizer_step  # noqa: E402
-from vqd.models import MODEL_KINDS  # noqa: E402
+from training.core.config import load_config, resolve_precision
+from training.core.distributed import init_distributed
+from training.diffusion.config import DiffusionRunConfig, build_model_config, flops_per_sample
+from training.diffusion.data import open_dataset, token_loader
+from training.train import build_engine, optimizer_step
+from vqd.models import MODEL_KINDS
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def is_oom(err: BaseException) -> bool:
@@ -121,7 +114,7 @@ class Run:
 
 def peak_memory_gb(device: torch.device) -> float:
     """Peak allocated GPU memory since the last reset; on the CPU the process's peak RSS (it only grows)."""
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_mb() / 1024
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gb()
 
 
 def reset_peak(device: torch.device) -> None:

@@ -14,15 +14,19 @@ random: speed does not depend on them. Each configuration is a separate `deepspe
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads must sleep
+
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from gpu_check import host_cpu
 
 from training.core.config import load_config, native_bf16
 from training.core.distributed import init_distributed
@@ -33,7 +37,6 @@ from training.diffusion.objective import Denoising, micro_step, step_generator
 from vqd.diffusion import TimestepSampler
 from vqd.models import VQDiffusionModel
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -149,8 +152,7 @@ def run_all(args: argparse.Namespace) -> None:
                     print(f"{precision:5s} ZeRO-{zero} world {world}: {r['tokens_per_s']:9.0f} tokens/s  "
                           f"MFU {r['mfu']:.2f}  optimizer state/rank "
                           f"{', '.join(f'{m:.1f}' for m in r['optimizer_state_mb_per_rank'])} MB", flush=True)
-    device = torch.cuda.get_device_name(0) if args.device == "cuda" else \
-        f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
+    device = f"{torch.cuda.get_device_name(0)}, host CPU {host_cpu()}" if args.device == "cuda" else host_cpu()
     print(f"\n{args.config}, batch {args.batch} per rank, {args.grid}x{args.grid} tokens, K = {args.num_codes}, "
           f"on {device}\n")
     print("| precision | ZeRO | ranks | tokens/s | samples/s | MFU | optimizer state / rank (MB) | peak memory / rank (MB) |")

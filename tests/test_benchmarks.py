@@ -1,5 +1,5 @@
 """Every benchmark the README names runs, at a tiny size on the CPU, and writes the rows its table prints with sane
-values: benchmarks/{sampling,training,tokenizer,pipeline,encode_gpu,gpu_check}.py. They start processes (the
+values: benchmarks/{sampling,train_step,tokenizer,pipeline,encode_gpu,gpu_check}.py. They start processes (the
 deepspeed launcher, Ray, fresh encoders), so they are `slow`; the GPU check's search and its time limits are also
 checked on their own, fast."""
 
@@ -9,10 +9,8 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
 from launch import REPO, launcher_env
 from tiny_images import write_dataset
 from token_data import write_tokenizer
@@ -35,7 +33,7 @@ def positive(x) -> bool:
 
 
 def test_largest_fitting_finds_the_threshold_within_its_tries():
-    from benchmarks.gpu_check_train import largest_fitting
+    from gpu_check_train import largest_fitting
 
     for threshold in (1, 5, 37, 64, 100, 1000):
         calls = []
@@ -137,7 +135,7 @@ def test_sampling_benchmark(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_training_benchmark_and_its_failure(tmp_path):
-    common = ["benchmarks/training.py", "--worlds", "1", "--precisions", "fp32", "--batch", "4", "--steps", "2",
+    common = ["benchmarks/train_step.py", "--worlds", "1", "--precisions", "fp32", "--batch", "4", "--steps", "2",
               "--warmup", "1", "--override=--model.size=micro"]
     run(*common, "--zero", "2", "--out", str(tmp_path / "training.json"))
     (row,) = json.loads((tmp_path / "training.json").read_text())["rows"]
@@ -153,12 +151,12 @@ def test_training_benchmark_and_its_failure(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tokenizer_benchmark(tmp_path):
-    write_dataset(tmp_path / "images", n_tars=1, per_tar=16, size=16)
+    write_dataset(tmp_path / "images", n_tars=1, per_tar=24, size=16)  # 10 held out, 14 for the FID floor
     write_tokenizer(tmp_path / "run" / "export")
     run("benchmarks/tokenizer.py", "--tokenizer", str(tmp_path / "run" / "export"), "--data",
-        str(tmp_path / "images"), "--holdout", "0.5", "--batch-size", "8", "--threads", "1", "--out", str(tmp_path))
+        str(tmp_path / "images"), "--holdout", "0.3", "--batch-size", "8", "--threads", "1", "--out", str(tmp_path))
     r = json.loads((tmp_path / "tokenizer_run_heldout.json").read_text())
-    assert 0 < r["images"] < 16 and r["grid"] == [4, 4] and 0 < r["codes_used"] <= r["num_codes"] == 8
+    assert r["images"] == 10 and r["grid"] == [4, 4] and 0 < r["codes_used"] <= r["num_codes"] == 8
     assert math.isfinite(r["psnr_mean_db"]) and r["psnr_p05_db"] <= r["psnr_median_db"]
     assert 1 <= r["perplexity"] <= 8 and positive(r["encode_images_per_s"]) and positive(r["decode_images_per_s"])
     assert r["fid"] is not None and r["fid"] >= 0 and r["fid_real_vs_real"] is not None
@@ -168,16 +166,12 @@ def test_tokenizer_benchmark(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_pipeline_benchmark(tmp_path):
-    run("benchmarks/pipeline.py", "--rows", "3000", "--encode", "4", "--num-cpus", "1", "--batch-size", "4",
-        "--out", str(tmp_path / "pipeline.json"))
-    result = json.loads((tmp_path / "pipeline.json").read_text())
-    (scale,) = result["scale"]["runs"]
-    assert scale["rows"] == 3000 and 0 < scale["kept"] < 3000
+    # the README's scale run (its encode actor is the encode stage's ShardEncoder, which encode_gpu.py runs below)
+    run("benchmarks/pipeline.py", "--rows", "3000", "--num-cpus", "1", "--out", str(tmp_path / "pipeline.json"))
+    (scale,) = json.loads((tmp_path / "pipeline.json").read_text())["scale"]["runs"]
+    assert scale["rows"] == 3000 and 0 < scale["kept"] < 3000 and scale["kept"] + sum(scale["dropped"].values()) == 3000
     assert positive(scale["metadata_rows_per_s"]) and positive(scale["filter_rows_per_s"])
     assert positive(scale["driver_peak_rss_mb"])
-    (encode,) = result["encode"]["runs"]
-    assert encode["samples"] == encode["encoded"] == 4 and positive(encode["actor_peak_rss_mb"])
-    assert positive(encode["images_per_s"])
 
 
 @pytest.mark.slow
