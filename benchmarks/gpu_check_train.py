@@ -193,15 +193,21 @@ def search_row(plan: Plan, info, size: str, checkpointing: bool) -> dict:
 
 
 def train(plan: Plan, rows: Rows, info) -> None:
-    """The step rows, eager before compiled, checkpointing's after the plain ones, then the searches."""
-    steps = sorted([(size, c, k) for size in plan.sizes for c in plan.compile for k in plan.checkpointing],
-                   key=lambda s: (s[2], s[1], plan.sizes.index(s[0])))
-    items = [(f"{size}, compile {'on' if c else 'off'}, checkpointing {'on' if k else 'off'}",
-              {"size": size, "compile": c, "checkpointing": k},
-              lambda size=size, c=c, k=k: step_row(plan, info, size, c, k)) for size, c, k in steps]
-    items += [(f"largest micro-batch: {size}, checkpointing {'on' if k else 'off'}", {"size": size, "checkpointing": k},
-               lambda size=size, k=k: search_row(plan, info, size, k))
-              for k in plan.checkpointing for size in (plan.search_sizes or plan.sizes)]
+    """Step rows and searches, cheapest first, so that a section cut short by its time limit has the most to show:
+    every eager row; the compiled rows and the searches without activation checkpointing; then with it."""
+    sizes, searched = plan.sizes, plan.search_sizes or plan.sizes
+
+    def step(size: str, c: bool, k: bool):
+        return (f"{size}, compile {'on' if c else 'off'}, checkpointing {'on' if k else 'off'}",
+                {"size": size, "compile": c, "checkpointing": k}, lambda: step_row(plan, info, size, c, k))
+
+    def search(size: str, k: bool):
+        return (f"largest micro-batch: {size}, checkpointing {'on' if k else 'off'}", {"size": size, "checkpointing": k},
+                lambda: search_row(plan, info, size, k))
+
+    items = [step(size, False, k) for k in plan.checkpointing for size in sizes if False in plan.compile]
+    for k in plan.checkpointing:
+        items += [step(size, True, k) for size in sizes if True in plan.compile] + [search(size, k) for size in searched]
     rows.run(items, plan.row_limit_s, lambda: free_memory(info.device))
 
 
