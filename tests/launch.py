@@ -31,9 +31,13 @@ def deepspeed_cmd(program: str, args: list[str], ranks: int = 2) -> list[str]:
     return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), program, *args]
 
 
-def launch(program: str, args: list[str], ranks: int = 2, timeout: int = 300, check: bool = True):
-    """Run to completion; returns the CompletedProcess (stdout + stderr in .stdout)."""
-    out = subprocess.run(deepspeed_cmd(program, args, ranks), cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE,
+def launch(program: str, args: list[str], ranks: int = 2, timeout: int = 300, check: bool = True,
+           env: dict[str, str | None] | None = None):
+    """Run to completion; returns the CompletedProcess (stdout + stderr in .stdout). `env`: variables to set on top
+    of launcher_env() (None: unset)."""
+    env = env or {}
+    full = {k: v for k, v in {**launcher_env(), **env}.items() if v is not None}
+    out = subprocess.run(deepspeed_cmd(program, args, ranks), cwd=REPO, env=full, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if check:
         assert out.returncode == 0, out.stdout[-5000:]

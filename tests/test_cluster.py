@@ -204,3 +204,86 @@ def test_ray_cluster_yaml_is_what_the_ray_launcher_accepts_and_starts_the_script
     assert any("cluster/ray_head.sh" in c for c in config["head_start_ray_commands"])
     assert any("cluster/ray_worker.sh $RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # every node gets the head's token
+
+
+# ---- the tracking server's authentication set-up (the server itself runs in test_tracking_server.py)
+
+def run_mlflow_auth(auth_dir, **env: str) -> subprocess.CompletedProcess:
+    full = {**launcher_env(), **env}
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        if name not in env:
+            full.pop(name, None)
+    return subprocess.run([sys.executable, "cluster/mlflow_auth.py", str(auth_dir), "--uri", "http://node001:5000"],
+                          cwd=REPO, env=full, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def mlflow_auth(monkeypatch):
+    """cluster/mlflow_auth.py's main, in this process (MLflow's server modules are imported once, not per call)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mlflow_auth", REPO / "cluster/mlflow_auth.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    return module.main
+
+
+def admin_logs_in(auth_dir, password: str) -> bool:
+    """Whether MLflow's auth store (the one the server reads) accepts the admin with `password`."""
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore()
+    store.init_db(f"sqlite:///{auth_dir / 'basic_auth.db'}")
+    return store.authenticate_user("admin", password) and store.get_user("admin").is_admin
+
+
+def test_mlflow_auth_makes_private_credentials_and_the_file_sets_the_admin_password(tmp_path, mlflow_auth, capsys,
+                                                                                     monkeypatch):
+    import configparser
+
+    auth = tmp_path / "auth"
+    assert mlflow_auth([str(auth), "--uri", "http://node001:5000"]) == 0
+    out = capsys.readouterr()
+    creds = auth / "credentials"
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(creds)  # MLflow's own credentials-file format: a node can use a copy as ~/.mlflow/credentials
+    user, password = parser["mlflow"]["mlflow_tracking_username"], parser["mlflow"]["mlflow_tracking_password"]
+    assert user == "admin" and len(password) >= 24
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600 and stat.S_IMODE(auth.stat().st_mode) == 0o700
+    assert stat.S_IMODE((auth / "flask_secret_key").stat().st_mode) == 0o600
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(auth / "basic_auth.ini")
+    assert dict(ini["mlflow"]) == {"default_permission": "READ", "database_uri": f"sqlite:///{auth}/basic_auth.db",
+                                   "admin_username": "admin",
+                                   "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}
+    assert password not in out.out + out.err + (auth / "basic_auth.ini").read_text()
+    assert "export MLFLOW_TRACKING_URI=http://node001:5000" in out.out
+    assert f"install -D -m 600 {creds} ~/.mlflow/credentials" in out.out
+    assert admin_logs_in(auth, password)
+
+    # a changed file changes the admin's password at the next start; the old one no longer logs in
+    creds.write_text(creds.read_text().replace(password, "a-new-password-1234"))
+    assert mlflow_auth([str(auth)]) == 0 and "password set to the configured one" in capsys.readouterr().out
+    assert admin_logs_in(auth, "a-new-password-1234") and not admin_logs_in(auth, password)
+    # the environment, when it sets the password, wins over the file (which is left as it is)
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "from-the-environment")
+    assert mlflow_auth([str(auth)]) == 0
+    assert "MLFLOW_TRACKING_PASSWORD=<$MLFLOW_AUTH_ADMIN_PASSWORD>" in capsys.readouterr().out
+    assert admin_logs_in(auth, "from-the-environment") and "a-new-password-1234" in creds.read_text()
+
+
+def test_mlflow_auth_refuses_a_readable_file_or_a_short_password(tmp_path):
+    auth = tmp_path / "auth"
+    auth.mkdir()
+    (auth / "credentials").write_text("[mlflow]\nmlflow_tracking_username = admin\nmlflow_tracking_password = "
+                                      "long-enough-password\n")
+    (auth / "credentials").chmod(0o644)
+    out = run_mlflow_auth(auth)
+    assert out.returncode == 2 and out.stderr.strip() == (f"error: {auth}/credentials is readable by others (mode 644): "
+                                                          f"chmod 600 {auth}/credentials")
+    out = run_mlflow_auth(tmp_path / "other", MLFLOW_AUTH_ADMIN_PASSWORD="short")
+    assert out.returncode == 2 and out.stderr.strip() == ("error: the admin password from MLFLOW_AUTH_ADMIN_PASSWORD "
+                                                          "is shorter than MLflow's minimum of 12 characters")
+    assert not (tmp_path / "other" / "credentials").exists()

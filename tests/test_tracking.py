@@ -103,8 +103,10 @@ def wait_for(condition, timeout=60.0):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_server_down_at_start_then_up(tmp_path):
-    server = MlflowServer(tmp_path / "store")  # its port is chosen, nothing listens there yet
+def test_server_down_at_start_then_up(tmp_path, monkeypatch):
+    server = MlflowServer(tmp_path / "store", admin_password="down-at-start-1")  # nothing listens on its port yet
+    for name, value in server.env.items():  # the credentials are known before the server starts
+        monkeypatch.setenv(name, value)
     tracker = Tracker(TrackingConfig(uri=server.uri, experiment="e", flush_timeout=120), tmp_path / "run")
     started = time.time()
     with pytest.warns(UserWarning, match="MLflow start failed") as caught:
@@ -127,8 +129,10 @@ def test_server_down_at_start_then_up(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_server_gone_mid_run_and_at_the_end(tmp_path):
+def test_server_gone_mid_run_and_at_the_end(tmp_path, monkeypatch):
     server = MlflowServer(tmp_path / "store").start()
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
     run = tmp_path / "run"
     try:
         tracker = Tracker(TrackingConfig(uri=server.uri, experiment="e", flush_timeout=5), run)

@@ -52,6 +52,7 @@ from training.core.metrics import MetricWindow
 from training.core.optim import build_optimizer, set_total_steps
 from training.diffusion.data import open_dataset, token_loader
 from training.text.align import Aligner, AlignRunConfig, held_out, retrieval, tower_config
+from training.tracking.access import require_access
 from training.tracking.lineage import TOWER_FILE
 from training.tracking.tracker import start_run
 from vqd.text import TextEncoder
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg: AlignRunConfig = load_config(AlignRunConfig, config_path, overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the same files
         raise SystemExit("align_text.py runs as one process: start it with python, not a multi-rank launcher")
+    require_access(cfg.tracking)  # wrong or missing tracking credentials end the run here, in one line
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
     manifest = open_dataset(cfg.data)

@@ -10,7 +10,8 @@ Prints, and writes to --out (default runs/compare/<experiment>/):
   lineage.txt  each run under the run it starts from (the mlflow.parentRunId tag: a fine-tune's base, a base
                model's aligned text tower); a fine-tune of a released model names the folder it started from
 and the `mlflow ui` command (or, for a server, the address) that shows the same runs side by side in a browser.
-The store is --uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db: a sqlite file, a file store or a server.
+The store is --uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db: a sqlite file, a file store or a server
+(credentials as MLflow reads them: $MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD or ~/.mlflow/credentials).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from training.tracking.access import access_problem
+from training.tracking.redaction import public_uri
 from training.tracking.server import require_server
 
 # the first a run logged is shown beside it in the tree (a text tower's run: its held-out text -> image top-1)
@@ -197,7 +200,7 @@ def browser_hint(uri: str, runs: list[Run]) -> str:
     query = urllib.parse.urlencode({"runs": json.dumps([r.info.run_id for r in runs]),
                                     "experiments": json.dumps(sorted({r.info.experiment_id for r in runs}))})
     if uri.startswith(("http://", "https://")):
-        return f"open {uri.rstrip('/')}/#/compare-runs?{query}"
+        return f"open {public_uri(uri).rstrip('/')}/#/compare-runs?{query}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     elif uri.startswith("file:") or "://" not in uri:
@@ -221,7 +224,7 @@ def compare(uri: str, experiment: str, wanted: list[str] | None, out: Path, curv
     (out / "summary.md").write_text(f"# {experiment}\n\n{table}\n")
     (out / "lineage.txt").write_text(tree + "\n")
     png = plot_curves(client, runs, curves, out / "curves.png")
-    report = {"experiment": experiment, "uri": uri, "runs": [r.info.run_id for r in runs], "params": params,
+    report = {"experiment": experiment, "uri": public_uri(uri), "runs": [r.info.run_id for r in runs], "params": params,
               "metrics": dict(zip((r.info.run_id for r in runs), summaries)), "lineage": tree,
               "files": [str(out / "summary.md"), str(out / "lineage.txt")] + ([str(png)] if png else []),
               "browser": browser_hint(uri, runs)}
@@ -239,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     out = args.out or Path("runs/compare") / re.sub(r"[^\w.-]+", "_", args.experiment)
+    problem = access_problem(uri, args.experiment)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
         report = compare(uri, args.experiment, args.runs, out, args.curves)
     except ValueError as e:

@@ -53,6 +53,8 @@ from training.evaluation.fid import fid_from_features, inception_features
 from training.evaluation.grid import captioned_grid
 from training.evaluation.probe import probe_features
 from training.evaluation.reference import RealSample, Reference, caption_words, select, stack, train_vocabulary
+from training.tracking.access import access_problem
+from training.tracking.redaction import public_uri, redact_text
 from vqd.pipeline import TextToImage, to_uint8
 from vqd.sampling import SamplingConfig
 
@@ -240,6 +242,15 @@ def metrics_of(results: dict, tag: str) -> dict[str, float]:
     return {k: float(v) for k, v in m.items() if v is not None}
 
 
+def tracking_problem(model: Path) -> str | None:
+    """Why the MLflow server named by the model's provenance.json would refuse the results (None: it would not, or
+    none is named, or it does not answer: then logging only costs a warning)."""
+    prov = read_provenance(model)
+    if not prov.get("mlflow_run_id") or not prov.get("tracking_uri"):
+        return None
+    return access_problem(prov["tracking_uri"], str(prov.get("experiment") or "Default"))
+
+
 def log_to_mlflow(model: Path, results: dict, tag: str) -> None:
     """Metrics, the JSON and the grid into the MLflow run named by the model's provenance.json (never fatal)."""
     prov = read_provenance(model)
@@ -258,10 +269,10 @@ def log_to_mlflow(model: Path, results: dict, tag: str) -> None:
         client.log_artifact(run_id, results["json"], f"eval/{tag}")
         if results["grid"]:
             client.log_artifact(run_id, results["grid"], f"eval/{tag}")
-        results["mlflow"] = {"run_id": run_id, "tracking_uri": uri}
+        results["mlflow"] = {"run_id": run_id, "tracking_uri": public_uri(uri)}
     except Exception as e:  # noqa: BLE001 - a tracking store that is down must not lose the evaluation
-        warnings.warn(f"MLflow logging to run {run_id} at {uri} failed ({type(e).__name__}: {e}); "
-                      f"the results are in {results['json']}", stacklevel=2)
+        warnings.warn(redact_text(f"MLflow logging to run {run_id} at {uri} failed ({type(e).__name__}: {e}); "
+                                  f"the results are in {results['json']}"), stacklevel=2)
         results["mlflow"] = None
 
 
@@ -336,6 +347,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.n is not None and args.n < 2:
         p.error("--n: FID needs at least 2 images")
+    problem = tracking_problem(Path(args.model))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         results = evaluate(args)
     except ValueError as err:

@@ -56,7 +56,9 @@ from training.diffusion.config import DiffusionRunConfig, build_model_config, fl
 from training.diffusion.data import check_same_data, class_names, open_dataset, token_loader
 from training.diffusion.monitor import fixed_prompts, sample_grid, validation_loss
 from training.diffusion.objective import Denoising, micro_step, step_generator
+from training.tracking.access import require_access
 from training.tracking.lineage import start_tracking, tower_run_id
+from training.tracking.redaction import public_uri
 from training.tracking.tracker import tracking_uri
 from vqd.ar import VQARModel
 from vqd.diffusion import TimestepSampler
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = open_dataset(cfg.data)  # a missing or broken data set fails here, before any rank works
     run_dir = Path(cfg.train.run_dir)
     info = init_distributed()
+    require_access(cfg.tracking, info)  # wrong or missing tracking credentials end the run here, in one line
     check_same_data(manifest, info.rank, info.world_size)  # names the node whose data differs, before any work
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (DeepSpeed broadcasts them too)
 
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         nonlocal exported_at
         weights = ema.full_state() if ema is not None else full_weights(trainable)
         if info.is_main:
-            provenance = {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri if tracker.run_id else None,
+            provenance = {"mlflow_run_id": tracker.run_id, "tracking_uri": public_uri(tracker.uri) if tracker.run_id else None,
                           "experiment": cfg.tracking.experiment, "step": step, "run_dir": str(run_dir.resolve()),
                           "data": {"folders": manifest["sources"], "recipe": manifest["recipe"].get("name"),
                                    "tokenizer_sha256": manifest["tokenizer"]["sha256"]},

@@ -51,6 +51,7 @@ from training.core.optim import build_optimizer, set_total_steps
 from training.tokenizer.config import VQVAERunConfig
 from training.tokenizer.data import image_loader
 from training.tokenizer.objective import TokenizerObjective, evaluate, prune_codes, recon_grid
+from training.tracking.access import require_access
 from training.tracking.tracker import start_run
 from vqd.vqvae import VQVAE, load_tokenizer
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     config_path, overrides = split_cli(argv)
     cfg: VQVAERunConfig = load_config(VQVAERunConfig, config_path, overrides)
     info = init_distributed()
+    require_access(cfg.tracking, info)  # wrong or missing tracking credentials end the run here, in one line
     run_dir = Path(cfg.train.run_dir)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
 

@@ -24,6 +24,7 @@ from typing import Any, Union
 
 import yaml
 
+from training.tracking.redaction import redact_tree
 from vqd.config import check_value, from_dict
 from vqd.config import to_dict as config_to_dict
 
@@ -261,14 +262,15 @@ def resolve_precision(precision: str) -> str:
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write the resolved config (no `base`, overrides applied) as YAML that loads again with load_config.
+    """Write the resolved config (no `base`, overrides applied, secrets masked: redaction.py) as YAML that loads
+    again with load_config.
 
     The deepspeed keys derived from `train` are written as a comment (they are re-derived on loading, so
     a resolved config still accepts `--train.*` overrides).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = config_to_dict(cfg)
+    data = redact_tree(config_to_dict(cfg))  # a password in a URI, a token: never written down
     header = ""
     if isinstance(data.get("deepspeed"), dict):
         ds = data["deepspeed"]

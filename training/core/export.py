@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from training.tracking.redaction import redact_text, redact_tree
 from vqd.io import WEIGHTS_NAME, file_sha256, load_folder, save_folder
 from vqd.pipeline import TOKENIZER_DIR
 from vqd.released import is_released
@@ -58,7 +59,7 @@ def export_model(model, trained: dict[str, torch.Tensor], folder: str | os.PathL
     save_folder(tmp, model.config.to_dict(), state)
     if tokenizer is not None:
         shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)
-    (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
+    (tmp / PROVENANCE).write_text(json.dumps(redact_tree(provenance), indent=1, sort_keys=True) + "\n")
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists():
         aside = folder.with_name(folder.name + ".old")
@@ -86,8 +87,8 @@ def resolve_init_from(init_from: str, tracking_uri: str, cache: Path) -> tuple[P
                 local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="export",
                                                             tracking_uri=tracking_uri, dst_path=str(cache / ".download"))
             except Exception as e:
-                raise ValueError(f"train.init_from={init_from!r}: could not fetch the run's export from the MLflow "
-                                 f"store {tracking_uri!r} ({type(e).__name__}: {e})") from e
+                raise ValueError(redact_text(f"train.init_from={init_from!r}: could not fetch the run's export from "
+                                             f"the MLflow store {tracking_uri!r} ({type(e).__name__}: {e})")) from e
             shutil.rmtree(target, ignore_errors=True)
             os.replace(local, target)
         return target, run_id

@@ -13,7 +13,9 @@ waits for the rest; if the store is still away after `tracking.flush_timeout` se
 mlflow_unsent.jsonl and a warning counts it. That file is sent first the next time a run starts in the same run
 dir (e.g. `--train.resume=auto`). A process that ends without finish() (an exception) marks its run FAILED on the
 way out, if the store answers. A store that refuses a request (a param changed on resume) is warned about and the
-request dropped: retrying cannot help.
+request dropped: retrying cannot help. A server that refuses the run itself (HTTP 401 / 403: credentials or
+permissions; access.py asks before any work) ends it with one line, exit 2; one that starts refusing
+mid-run is treated as away. Messages and params never carry a secret (redaction.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 
 from training.core.config import TrackingConfig, config_to_dict, flatten, save_config
 from training.tracking import unsent
-from training.tracking.redaction import redact_params
+from training.tracking.redaction import redact_params, redact_text
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 UNSENT_FILE = unsent.FILE  # what could not be sent, one JSON object a line; sent when a run starts here
@@ -62,6 +64,8 @@ class Tracker:
         self._outages = 0
         self._warned: set[str] = set()
         self._tags: dict[str, str] = {}
+        self.refused: str | None = None  # why the store refused to open the run (bad credentials, no permission)
+        self._replayed = 0
 
     @property
     def uri(self) -> str:
@@ -80,6 +84,7 @@ class Tracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         self._tags = dict(tags or {})
         self._replay_unsent()
+        self._replayed = len(self._ops)  # what an earlier process left: kept on disk if this run cannot open
         if params:
             self.log_params(params)
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-tracker", daemon=True)
@@ -87,6 +92,9 @@ class Tracker:
         atexit.register(self._at_exit)
         with self._cond:
             self._cond.wait_for(lambda: self._tried_open, timeout=START_WAIT_S)
+        if self.refused:
+            self._give_up()
+            raise StoreRefused(self.refused)
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -174,6 +182,12 @@ class Tracker:
                     self._in_flight = None
                     if op[0] == "start":
                         self._tried_open = True
+                        if _status(e) in (401, 403):  # credentials or permissions: retrying cannot help
+                            self.refused = redact_text(f"the MLflow store {self.uri} refused to open the run "
+                                                       f"(HTTP {_status(e)}: {str(e)[:200]})")
+                            self._stop = True
+                            self._cond.notify_all()
+                            return
                     if refused and op[0] != "start":
                         self._warn(op[0], f"MLflow {op[0]} refused by {self.uri} ({type(e).__name__}: {e}); "
                                           "dropped, training goes on")
@@ -192,8 +206,9 @@ class Tracker:
                 self._in_flight = None
                 self._tried_open = True
                 if self._down_since is not None:
-                    print(f"MLflow: {self.uri} answers again after {time.time() - self._down_since:.0f} s; sending "
-                          f"the {self._metrics_queued} metric values kept meanwhile", file=sys.stderr, flush=True)
+                    print(redact_text(f"MLflow: {self.uri} answers again after {time.time() - self._down_since:.0f} s;"
+                                      f" sending the {self._metrics_queued} metric values kept meanwhile"),
+                          file=sys.stderr, flush=True)
                     self._down_since = None
                 backoff = 1.0
                 self._cond.notify_all()
@@ -296,9 +311,10 @@ class Tracker:
                    f"logs is kept and sent when {self.uri} answers (older metric values beyond "
                    f"{self.cfg.max_buffered} in {self.run_dir / UNSENT_FILE})")
         if self._outages == 1:
-            warnings.warn(message, stacklevel=2)
+            warnings.warn(redact_text(message), stacklevel=2)
         else:
-            print(f"MLflow: {self.uri} is not answering again ({type(error).__name__})", file=sys.stderr, flush=True)
+            print(redact_text(f"MLflow: {self.uri} is not answering again ({type(error).__name__})"), file=sys.stderr,
+                  flush=True)
 
     def _write_unsent(self, ops: list[tuple]) -> None:
         try:
@@ -323,8 +339,20 @@ class Tracker:
             return
         self.unsent, ranges = unsent.summary(path)
         counts = ", ".join(f"{n} {unsent.KIND_NAMES[kind]}" for kind, n in self.unsent.items())
-        warnings.warn(f"MLflow: {counts} were not logged to {self.uri} ({ranges}); they are in {path} and are sent "
-                      f"when a run starts again in {self.run_dir} (e.g. --train.resume=auto)", stacklevel=3)
+        warnings.warn(redact_text(f"MLflow: {counts} were not logged to {self.uri} ({ranges}); they are in {path} and "
+                                  f"are sent when a run starts again in {self.run_dir} (e.g. --train.resume=auto)"),
+                      stacklevel=3)
+
+    def _give_up(self) -> None:
+        """The store refused the run: stop, put back on disk what an earlier process left, log nothing more."""
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._cond:
+            left = list(self._ops)[:self._replayed]
+            self._ops.clear()
+        if left:
+            self._write_unsent(left)
+        self.active = False
 
     def _at_exit(self) -> None:
         """The process ends without finish(): mark the run FAILED, briefly trying to send what is queued."""
@@ -334,16 +362,25 @@ class Tracker:
     def _warn(self, what: str, message: str) -> None:
         if what not in self._warned:
             self._warned.add(what)
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(redact_text(message), stacklevel=3)
+
+
+class StoreRefused(Exception):
+    """The tracking store refused to open the run (credentials or permissions); the text says so in one line."""
+
+
+def _status(error: Exception) -> int:
+    """The HTTP status of a failed store call (500 when it has none: the store did not answer)."""
+    return int(getattr(error, "get_http_status_code", lambda: 500)())
 
 
 def _refused(error: Exception) -> bool:
-    """True when retrying cannot help: the store refused the request (HTTP 4xx other than 429), or the file to
-    upload is gone."""
+    """True when retrying cannot help: the store refused the request (HTTP 4xx), or the file to upload is gone.
+    Not for 429 (busy), nor 401 / 403 mid-run (credentials changed under the run): what is refused then is kept like
+    what a store that is away misses, and sent by a resumed run."""
     if isinstance(error, FileNotFoundError):
         return True
-    status = getattr(error, "get_http_status_code", lambda: 500)()
-    return 400 <= int(status) < 500 and int(status) != 429
+    return 400 <= _status(error) < 500 and _status(error) not in (401, 403, 429)
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -367,6 +404,11 @@ def start_run(cfg: Any, run_dir: str | Path, is_main: bool, program: str, tags: 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    tracker.start({**config_to_dict(cfg), **(params or {})}, tags={"program": program, **(tags or {})})
+    try:
+        tracker.start({**config_to_dict(cfg), **(params or {})}, tags={"program": program, **(tags or {})})
+    except StoreRefused as e:  # rank 0 only; the launcher ends the other ranks
+        print(f"error: {e}; set the credentials MLflow reads ($MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD, "
+              "or ~/.mlflow/credentials) or ask for permission on the experiment", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     tracker.log_artifact(run_dir / "config.yaml")
     return tracker
