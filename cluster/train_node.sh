@@ -16,7 +16,8 @@
 #                     See cluster/deepspeed_env.example: MLFLOW_TRACKING_URI (cluster/mlflow_server.sh),
 #                     VQD_DIST_TIMEOUT, NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (the interface between nodes),
 #                     NCCL_IB_DISABLE, NCCL_DEBUG, OMP_NUM_THREADS (CPU ranks). No comments or blank lines in it:
-#                     deepspeed's launcher reads every line as KEY=VALUE.
+#                     deepspeed's launcher reads every line as KEY=VALUE. The tracking server's credentials go in
+#                     ~/.mlflow/credentials, not here (docs/cluster.md).
 #
 # train.run_dir must be on a filesystem every node sees: every rank writes its checkpoint shard there.
 # A node that dies takes the job down: the other ranks fail at their next collective (at once when the node's

@@ -93,8 +93,9 @@ def test_a_run_the_server_refuses_stops_at_start_and_keeps_what_it_had(mlflow_se
                                                                         monkeypatch):
     uri = mlflow_server.uri
     # a user of the team: may read every experiment (the script's default permission), write only into their own
-    get_app_client("basic-auth", tracking_uri=uri).create_user("reader", "reader-password-1")
-    MlflowClient(tracking_uri=uri).create_experiment("team")  # made by the admin
+    users = get_app_client("basic-auth", tracking_uri=uri)  # logged in as the admin, as docs/cluster.md shows
+    users.create_user("reader", "reader-password-1")
+    team = MlflowClient(tracking_uri=uri).create_experiment("team")  # made by the admin
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "reader-password-1")
     assert access_problem(uri, "team") is None  # reading is allowed: opening a run is what the server refuses
@@ -116,6 +117,17 @@ def test_a_run_the_server_refuses_stops_at_start_and_keeps_what_it_had(mlflow_se
     run_id = own.start({"train": {"steps": 1}})
     own.finish()
     assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FINISHED"
+
+    for name, value in mlflow_server.env.items():  # the admin lets them write into the team's experiment ...
+        monkeypatch.setenv(name, value)
+    users.grant_user_permission("reader", "experiment", team, "EDIT")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "reader-password-1")
+    again = Tracker(TrackingConfig(uri=uri, experiment="team"), run)  # ... and the refused run dir now logs,
+    run_id = again.start({"train": {"steps": 1}})  # what the earlier process left first
+    again.finish()
+    assert [(m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")] == [(9, 0.5)]
+    assert not (run / UNSENT_FILE).exists()
 
 
 def one_error_line(out: subprocess.CompletedProcess | str) -> str:

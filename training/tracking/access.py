@@ -22,7 +22,7 @@ from training.tracking.redaction import public_uri
 from training.tracking.tracker import tracking_uri
 
 PROBE = "/api/2.0/mlflow/experiments/get-by-name"  # needs a login and the right to read the experiment, no more
-PROBE_TIMEOUT_S = 10
+PROBE_TIMEOUT_S = 5  # a silent server costs this much at start; a server that is down, nothing
 CREDENTIALS_FILE = "~/.mlflow/credentials"
 SET_THEM = ("export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or put them in ~/.mlflow/credentials "
             "([mlflow] mlflow_tracking_username / mlflow_tracking_password; cluster/mlflow_server.sh prints where the "
