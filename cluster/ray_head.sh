@@ -8,8 +8,10 @@
 # Authentication: a token shared by every node and driver (cluster/ray_token.sh makes ~/.ray/auth_token when
 # missing); RAY_AUTH_MODE=disabled starts a head without one (anyone who reaches its port can run code on it).
 # Workers and build.py ask the head which it is and follow it.
-# Environment: RAY_PORT (6379), NUM_CPUS (all), NUM_GPUS, RAY_AUTH_MODE (token). Further arguments go to
-# `ray start` (e.g. --block to stay in the foreground, as under SLURM or a process supervisor).
+# Environment: RAY_PORT (6379), NUM_CPUS (all), NUM_GPUS, RAY_AUTH_MODE (token), HEAD_OPTIONS (more `ray start`
+# options, e.g. "--dashboard-port=8266 --ray-client-server-port=10002" where another head runs on the machine).
+# Further arguments go to `ray start` too (e.g. --block to stay in the foreground, as under SLURM or a process
+# supervisor; --temp-dir=DIR, then stopped by cluster/ray_stop.sh --temp-dir=DIR).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
@@ -21,7 +23,8 @@ esac
 PORT="${RAY_PORT:-6379}"
 NUM_CPUS="${NUM_CPUS:-$(nproc)}"
 stop="cluster/ray_stop.sh"
-for arg in "$@"; do
+read -ra options <<< "${HEAD_OPTIONS:-}"
+for arg in "${options[@]}" "$@"; do
   case "$arg" in --temp-dir=*) stop="cluster/ray_stop.sh $arg" ;; esac
 done
 address="$(hostname -I | awk '{print $1}'):$PORT"
@@ -30,4 +33,4 @@ echo "  join workers:  cluster/ray_worker.sh $address"
 echo "  build:         python data_pipeline/build.py <recipe> --address $address --out /shared/data/<recipe>"
 echo "  stop:          $stop"
 ray start --head --port="$PORT" --num-cpus="$NUM_CPUS" ${NUM_GPUS:+--num-gpus="$NUM_GPUS"} \
-  --include-dashboard=false --disable-usage-stats "$@"
+  --include-dashboard=false --disable-usage-stats "${options[@]}" "$@"

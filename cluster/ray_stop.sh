@@ -13,13 +13,23 @@ case "${1:-}" in
 esac
 GRACE="${GRACE:-10}"
 
-node_pids() {  # this user's processes of the node started with --temp-dir=$dir, launch scripts included
-  local pid cmd
-  for pid in $(pgrep -u "$(id -u)" -f -- "$dir" || true); do
+node_pids() {  # "PID CMDLINE" of this user's processes of the nodes started with --temp-dir=$dir: those naming the
+  # folder, those naming one of its nodes (the head's Ray Client server), and the `ray start --block` above them
+  local pid cmd parent ids
+  ids="$(ls "$dir"/session_*/ 2> /dev/null | sed -n 's/^dashboard_agent_listen_port_//p' | sort -u)"
+  for pid in $(pgrep -u "$(id -u)" -f -- "$dir|--node-id=" || true); do
     cmd="$({ tr '\0' ' ' < "/proc/$pid/cmdline"; } 2> /dev/null)" || continue
     case "$cmd" in *ray_stop.sh*) continue ;; esac
-    case "$cmd" in *"$dir/session_"* | *"--temp-dir=$dir "*) echo "$pid $cmd" ;; esac
-  done
+    case "$cmd" in
+      *"$dir/session_"* | *"--temp-dir=$dir "*) ;;
+      *--node-id=*) grep -qxF -- "$(sed -n 's/.*--node-id=\([0-9a-f]*\).*/\1/p' <<< "$cmd")" <<< "$ids" || continue ;;
+      *) continue ;;
+    esac
+    echo "$pid $cmd"
+    parent="$(awk '{print $4}' "/proc/$pid/stat" 2> /dev/null)" || continue
+    cmd="$({ tr '\0' ' ' < "/proc/$parent/cmdline"; } 2> /dev/null)" || continue
+    case "$cmd" in *"/ray start "*) echo "$parent $cmd" ;; esac
+  done | sort -u -k1,1n
 }
 
 alive() {  # whether any of the pids is running (a zombie has exited: it only waits to be reaped)

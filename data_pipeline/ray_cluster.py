@@ -101,7 +101,10 @@ def _unreachable(address: str, status: str) -> ClusterError:
         return NoAnswer(f"the Ray head at {address} did not answer within {PROBE_SECONDS:.0f} s (a firewall, "
                         f"or a host that is not the head?): {HEAD_HINT}")
     if code in ("UNAVAILABLE", "UNKNOWN") and "HTTP/2" not in detail:  # refused, unresolvable, unreachable
-        return NoAnswer(f"no Ray head answers at {address} ({detail or code}): {HEAD_HINT}")
+        lower = detail.lower()
+        why = ("connection refused" if "refused" in lower else "unknown host" if "dns" in lower or "resolv" in lower
+               else detail or code)
+        return NoAnswer(f"no Ray head answers at {address} ({why}): {HEAD_HINT}")
     return ClusterError(f"{address} answers, but not as a Ray head's GCS port ({code}): pass the port "
                         f"cluster/ray_head.sh printed (RAY_PORT, 6379 by default)")
 

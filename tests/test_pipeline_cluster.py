@@ -1,6 +1,7 @@
 """Building on a Ray cluster started the way cluster/ documents it, on this machine: cluster/ray_head.sh, then
 cluster/ray_worker.sh HEAD:PORT (one CPU each, so the work has to spread), build.py --address HEAD:PORT (or
-RAY_ADDRESS), cluster/ray_stop.sh; with token authentication (the scripts' default) and without. Each cluster
+RAY_ADDRESS), cluster/ray_stop.sh; with token authentication (the scripts' default) and without; and
+cluster/ray_slurm.sbatch under stand-ins for srun and scontrol. Each cluster
 gets a fresh home directory, so its token is the one the scripts made, and its own temp folder, so that
 ray_stop.sh stops it and nothing else running on the machine.
 
@@ -10,7 +11,9 @@ listener that never answers, a Ray Client address) is one line `error: ...` and 
 import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -22,6 +25,7 @@ import psutil
 import pytest
 import ray
 from pipeline_fixtures import bad_server, tiny_png, tiny_tokenizer, write_recipe
+from test_cluster import SCONTROL, SRUN
 
 from data_pipeline.build import main as build_main
 
@@ -61,10 +65,13 @@ def _one_line_error(result: subprocess.CompletedProcess, *words: str) -> str:
 
 
 def _node_processes(temp: Path) -> list[psutil.Process]:
-    """The processes of the Ray nodes started with a --temp-dir inside `temp`, and all their descendants."""
+    """The processes of the Ray nodes whose temp folders are inside `temp` (those naming the folder, or one of
+    its nodes, as the head's Ray Client server does), and all their descendants."""
+    ids = {p.name.rsplit("_", 1)[-1] for p in temp.glob("**/session_*/dashboard_agent_listen_port_*")}
     roots = []
     for p in psutil.process_iter(["cmdline"]):
-        if str(temp) in " ".join(p.info["cmdline"] or []):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(temp) in cmd or any(f"--node-id={i}" in cmd for i in ids):
             roots.append(p)
     found = {p.pid: p for p in roots}
     for p in roots:
@@ -92,8 +99,8 @@ def ray_cluster(tmp_path: Path, head_env: dict):
     port = _free_port()
     address = f"127.0.0.1:{port}"
     try:
-        head = _run(["bash", "cluster/ray_head.sh", f"--temp-dir={head_temp}", f"--dashboard-port={_free_port()}"],
-                    {**head_env, "RAY_PORT": str(port)})
+        head = _run(["bash", "cluster/ray_head.sh", f"--temp-dir={head_temp}", f"--dashboard-port={_free_port()}",
+                     f"--ray-client-server-port={_free_port()}"], {**head_env, "RAY_PORT": str(port)})
         assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-3000:]
         worker_env = {k: v for k, v in head_env.items() if k != "RAY_AUTH_MODE"}
         worker = _run(["bash", "cluster/ray_worker.sh", address, f"--temp-dir={worker_temp}"], worker_env)
@@ -186,6 +193,49 @@ def test_a_cluster_without_authentication_is_joined_through_ray_address(tmp_path
                         "--stages", "metadata")
         _one_line_error(strict, "runs without authentication but RAY_AUTH_MODE=token here")
         _stop(env, worker_temp, head_temp)
+
+
+@pytest.mark.slow
+def test_the_slurm_script_builds_on_the_cluster_it_starts(tmp_path):
+    # SLURM itself is not installed here: srun and scontrol are stand-ins that run each step on this machine
+    # (test_cluster.py's), and the job's two nodes are 127.0.0.1 and localhost
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    temp = Path(tempfile.mkdtemp(prefix="vqdray", dir="/tmp"))  # TMPDIR: both nodes' Ray folder is temp/ray
+    env = _env(tmp_path / "home", TMPDIR=str(temp), RAY_PORT=str(_free_port()),
+               HEAD_OPTIONS=f"--dashboard-port={_free_port()} --ray-client-server-port={_free_port()}",
+               SLURM_JOB_NODELIST="127.0.0.1,localhost", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_JOB_ID="7")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    files = {f"g{i}.png": tiny_png(700 + i) for i in range(4)}
+    job = None
+    try:
+        with bad_server(files) as base:
+            recipe = _recipe(tmp_path, base, 4)
+            with open(tmp_path / "job.log", "w") as log:  # not a pipe: the node steps outlive the script
+                job = subprocess.Popen(["bash", "cluster/ray_slurm.sbatch", str(recipe), str(tmp_path / "out"),
+                                        "--stages", "metadata,filter"], cwd=REPO, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+                code = job.wait(timeout=900)
+        out = (tmp_path / "job.log").read_text()
+        assert code == 0, out[-4000:]
+        token = tmp_path / "home/.ray/auth_token"
+        assert token.is_file() and stat.S_IMODE(token.stat().st_mode) == 0o600
+        assert re.search(rf"ran on: cluster at [0-9.]+:{env['RAY_PORT']}: 2 node\(s\), 2 CPU\(s\)", out), out[-3000:]
+        assert "5 of 5 kept" in out
+        _stop(env, temp / "ray")  # the job's end on a real allocation; here ray_stop.sh on the nodes' folder
+    finally:
+        if job is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)  # the srun stand-ins and node scripts
+        leftovers = _node_processes(temp)
+        for pid in _running(leftovers):
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+        psutil.wait_procs(leftovers, timeout=20)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @contextlib.contextmanager
