@@ -212,7 +212,6 @@ def compare(uri: str, experiment: str, wanted: list[str] | None, out: Path, curv
     """Everything compare.py prints and writes; returns it as a dict (runs, params, metrics, lineage, files)."""
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise ValueError(f"no MLflow database at {uri[len('sqlite:///'):]!r} (--uri or $MLFLOW_TRACKING_URI)")
-    require_server(uri)
     client = MlflowClient(tracking_uri=uri)
     runs = load_runs(client, experiment, wanted)
     if not runs:
@@ -242,6 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     out = args.out or Path("runs/compare") / re.sub(r"[^\w.-]+", "_", args.experiment)
+    try:
+        require_server(uri)  # down or silent: one line in seconds, not MLflow's minutes of retries
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     problem = access_problem(uri, args.experiment)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
