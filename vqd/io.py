@@ -5,6 +5,8 @@ Every vqd model (denoiser, VQ-AR baseline, tokenizer) is saved and loaded throug
 so the folder format is one thing. Nothing here unpickles: safetensors and YAML only. `atomic_write` is the one
 way the project writes a file (data stages, checkpoints, exports, caches): a unique temporary name, fsync,
 rename, fsync of the folder, so a crash leaves the old file or the new one, never half of one.
+A text-to-image folder may also hold `sampling.yaml`: the settings it samples best with and how they were
+chosen (vqd/sampling.py `save_sampling` / `load_sampling`), the defaults of every program that samples it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
+SAMPLING_NAME = "sampling.yaml"
 
 
 def fsync_dir(folder: Path) -> None:

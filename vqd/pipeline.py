@@ -2,12 +2,14 @@
 decodes its ids.
 
 An exported model folder samples on its own: config.yaml + model.safetensors (the network, the frozen text
-tower, the null text) and tokenizer/ (the VQ-VAE folder whose codes the model was trained on). A released model
+tower, the null text), tokenizer/ (the VQ-VAE folder whose codes the model was trained on) and sampling.yaml
+(the settings it samples best with: `pipe.sampling`, the default of every call below). A released model
 folder (diffusers' VQ-Diffusion pipeline layout, e.g. microsoft/vq-diffusion-ithq) loads the same way, converted
 in memory (vqd/released/).
 
     pipe = TextToImage.from_folder("runs/emoji_base/export")
-    images = pipe.generate(["red heart", "house"], SamplingConfig(steps=25))   # float [2, 3, H, W] in [-1, 1]
+    images = pipe.generate(["red heart", "house"])                            # float [2, 3, H, W] in [-1, 1]
+    images = pipe.generate(["red heart"], pipe.sampling.override(guidance_scale=3.0))
 
 A VQ-AR folder generates through the same call: one token at a time in raster order with a KV cache,
 temperature 1, keeping the top-r of each next-token distribution with r = `SamplingConfig.truncation`.
@@ -25,7 +27,7 @@ import torch
 from vqd.ar import VQARModel
 from vqd.models import VQDiffusionModel, load_model
 from vqd.released import is_released, read_released
-from vqd.sampling import SamplingConfig, sample_captions, sample_tokens
+from vqd.sampling import SamplingConfig, load_sampling, sample_captions, sample_tokens
 from vqd.vqvae import VQVAE, load_tokenizer
 
 TOKENIZER_DIR = "tokenizer"
@@ -34,11 +36,18 @@ TOKENIZER_DIR = "tokenizer"
 class TextToImage:
     """A VQ-Diffusion (or VQ-AR) model with its tokenizer; both in eval mode on one device."""
 
-    def __init__(self, model: VQDiffusionModel | VQARModel, tokenizer: VQVAE):
+    def __init__(self, model: VQDiffusionModel | VQARModel, tokenizer: VQVAE, sampling: SamplingConfig | None = None,
+                 chosen_by: dict | None = None):
         if tokenizer.num_codes != model.num_codes or tuple(tokenizer.grid) != tuple(model.grid):
             raise ValueError(f"tokenizer has {tokenizer.num_codes} codes on a {tuple(tokenizer.grid)} grid, the model "
                              f"expects {model.num_codes} codes on {tuple(model.grid)}: they were not trained together")
         self.model, self.tokenizer = model.eval(), tokenizer.eval()
+        # the defaults of generate / inpaint: the folder's sampling.yaml, else the paper's settings
+        self.sampling, self.sampling_chosen_by = sampling or SamplingConfig(), dict(chosen_by or {})
+        try:
+            self.validate(self.sampling)
+        except ValueError as err:
+            raise ValueError(f"the model folder's sampling settings do not fit the model: {err}") from err
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "TextToImage":
@@ -46,14 +55,15 @@ class TextToImage:
         folder = Path(folder)
         if is_released(folder):
             released = read_released(folder)
-            return cls(released.model().to(device), released.tokenizer.to(device))
+            return cls(released.model().to(device), released.tokenizer.to(device), *load_sampling(folder))
         if not (folder / TOKENIZER_DIR).is_dir():
             raise ValueError(f"model folder {str(folder)!r} has no {TOKENIZER_DIR}/ folder: it cannot decode its "
                              "token ids into images (export it with training/train.py, which copies the tokenizer)")
         model = load_model(folder)
         if not isinstance(model, (VQDiffusionModel, VQARModel)):
             raise ValueError(f"model folder {str(folder)!r} holds a {type(model).__name__}, not a text-to-image model")
-        return cls(model.to(device), load_tokenizer(folder / TOKENIZER_DIR, device=device))
+        sampling, chosen_by = load_sampling(folder)
+        return cls(model.to(device), load_tokenizer(folder / TOKENIZER_DIR, device=device), sampling, chosen_by)
 
     @property
     def autoregressive(self) -> bool:
@@ -95,9 +105,9 @@ class TextToImage:
     @torch.no_grad()
     def generate(self, captions: list[str], config: SamplingConfig | None = None, *, batch_size: int = 32,
                  generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """Captions -> images float [B, 3, H, W] in [-1, 1]."""
+        """Captions -> images float [B, 3, H, W] in [-1, 1] (`config` None: the folder's settings)."""
+        config = config or self.sampling
         if self.autoregressive:
-            config = config or SamplingConfig()
             self.validate(config)
             tokens = self.model.sample_captions(captions, top_r=config.truncation, batch_size=batch_size,
                                                 generator=generator, progress=progress)
@@ -119,6 +129,7 @@ class TextToImage:
                        progress: bool = False) -> torch.Tensor:
         """As `inpaint`, returning token ids Long [B, h*w]: a token is regenerated when any of its pixels is
         masked; the others are held to the image's own tokens."""
+        config = config or self.sampling
         if self.autoregressive:
             raise ValueError("inpainting needs a VQ-Diffusion model: a VQ-AR model only extends a raster prefix")
         size = self.image_size

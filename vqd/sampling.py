@@ -4,16 +4,25 @@ A model to sample from is anything with a `diffusion` (MaskAndReplaceDiffusion),
 `logits(x_t [B, N], t [B], text [B, L, D]) -> [B, K, N]` and `null_text_features(B) -> [B, L, D]`.
 Strided sampling is exact: each jump level_t -> level_s uses the closed-form p(x_s | x_t), not the
 one-step posterior stretched over the gap.
+
+A model folder carries the settings it samples best with in `sampling.yaml` (`save_sampling`,
+`load_sampling`): the settings, and a record of how they were chosen (a training config, or a measurement
+by training/evaluate.py). Programs read them as their defaults and override them field by field.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
+import yaml
 
 from vqd.diffusion import MaskAndReplaceDiffusion, sample_categorical
+from vqd.io import SAMPLING_NAME
 
 
 class DenoisingModel(Protocol):
@@ -66,6 +75,64 @@ class SamplingConfig:
                 raise ValueError(f"max_reveal must be None or an int >= 1, got {self.max_reveal!r}")
             if not self.purity:
                 raise ValueError("max_reveal limits the reveals of purity sampling: it needs purity=True")
+
+    def override(self, **changes: Any) -> "SamplingConfig":
+        """A copy with the fields given a value other than None replaced (command-line flags over a folder's)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def describe(self, num_timesteps: int | None = None) -> str:
+        """One line a person reads: 'steps 25 of 100, truncation r 0.5, guidance 2, purity on'."""
+        if num_timesteps is None:
+            steps = "steps n/a (one per token)"
+        else:
+            steps = f"steps {self.steps or num_timesteps} of {num_timesteps}"
+        text = f"{steps}, truncation r {self.truncation:g}, guidance {self.guidance_scale:g}, " \
+               f"purity {'on' if self.purity else 'off'}"
+        if self.purity and (self.reveal_order, self.purity_strength, self.max_reveal) != ("purity", 1.0, None):
+            text += f" (reveal {self.reveal_order}, strength {self.purity_strength:g}, max reveal {self.max_reveal})"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "sampling settings") -> "SamplingConfig":
+        """The settings from a mapping of some of the fields; an unknown field or a wrong type is a ValueError."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+        kinds = {"steps": (int, type(None)), "truncation": (int, float), "guidance_scale": (int, float),
+                 "purity": (bool,), "purity_strength": (int, float), "reveal_order": (str,),
+                 "max_reveal": (int, type(None))}
+        for name, value in values.items():
+            wrong_bool = isinstance(value, bool) and bool not in kinds[name]
+            if wrong_bool or not isinstance(value, kinds[name]):
+                raise ValueError(f"{where}: {name} has the wrong type ({value!r})")
+        return cls(**{k: float(v) if kinds[k] == (int, float) else v for k, v in values.items()})
+
+
+def save_sampling(folder: str | os.PathLike, config: SamplingConfig, chosen_by: Mapping[str, Any]) -> Path:
+    """Write folder/sampling.yaml: `config` (every field) and `chosen_by` (how it was chosen, for a person)."""
+    path = Path(folder) / SAMPLING_NAME
+    text = "# The settings this model samples best with: the defaults of training/sample.py, evaluate.py and\n" \
+           "# serve.py (their flags override them). `chosen_by` says how they were chosen.\n"
+    text += yaml.safe_dump({"settings": config.to_dict(), "chosen_by": dict(chosen_by)}, sort_keys=False)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def load_sampling(folder: str | os.PathLike) -> tuple[SamplingConfig, dict[str, Any]]:
+    """(settings, how they were chosen) from folder/sampling.yaml; the paper's defaults and {} when there is none."""
+    path = Path(folder) / SAMPLING_NAME
+    if not path.is_file():
+        return SamplingConfig(), {}
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
+        raise ValueError(f"{path} must hold a mapping with a `settings` mapping")
+    return SamplingConfig.from_dict(data["settings"], where=str(path)), dict(data.get("chosen_by") or {})
 
 
 def level_schedule(num_timesteps: int, steps: int) -> list[int]:
