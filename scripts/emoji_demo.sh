@@ -9,11 +9,14 @@
 #                                                                      -> runs/text_emoji/export/text.safetensors
 #   6. train the base VQ-Diffusion on emoji (DeepSpeed, 2 ranks)      -> runs/emoji_base/export
 #   7. fine-tune it on openmoji (VQ-Diffusion-F)                       -> runs/emoji_openmoji/export
-#   8. draw pictures for typed prompts from both: out/demo_base.png, out/demo_openmoji.png; beside each prompt's
-#      training image as the tokenizer shows it: out/diagnose_base/ (training/diagnose.py)
-#   9. evaluate the base on its held-out concepts (FID, prompt fidelity, images/s) -> runs/emoji_base/export/eval/
+#   8. evaluate the base on its held-out concepts (FID, prompt fidelity, images/s) with four sampling settings,
+#      and write the best into its export (sampling.yaml)                -> runs/emoji_base/export/eval/
 #      (EVAL_FINETUNE=1: the fine-tune on openmoji's too, ~2 more minutes: its probe and references are new)
-#  10. compare the runs as MLflow has them (and print the `mlflow ui` command)
+#   9. draw pictures for typed prompts from both, each with its export's settings: out/demo_base.png,
+#      out/demo_openmoji.png; beside each prompt's training image as the tokenizer shows it: out/diagnose_base/
+#  10. compare the runs as MLflow has them (and print the `mlflow ui` command), then the command of the prompt page
+# Sampling settings: each export carries its own (sampling.yaml: the training config's `sample` section, then
+# the best the evaluation measured); sample.py, evaluate.py, diagnose.py and serve.py read them.
 # A stage whose result exists is skipped, and the data stages resume, so a second run reuses the first's
 # work (delete out/ to draw the pictures again).
 # Time: each training stage has a wall-clock budget (train.max_minutes): on a CPU slower than the one the
@@ -41,10 +44,9 @@ TEXT_MINUTES=${TEXT_MINUTES:-1.5}
 BASE_MINUTES=${BASE_MINUTES:-4}
 FINETUNE_MINUTES=${FINETUNE_MINUTES:-1}
 PROMPTS=("red heart" "house" "thumbs up" "grinning face" "pizza" "rocket" "cat face" "flag: Japan")
-# Sampling: 25 steps, purity sampling, guidance scale 2 and truncation r 0.5 drew the most coherent shapes on
-# the emoji set (held-out FID at N = 128: 269 plain, 252 with purity, 234 with purity and guidance 2; at
-# N = 255, r 0.5 against 0.86: 242 against 262, the same prompt fidelity within noise).
-SAMPLING=(--steps 25 --purity --guidance 2 --truncation 0.5)
+# The settings the evaluation measures, over the export's own steps and purity; the lowest FID becomes the
+# export's sampling settings (configs/emoji_base.yaml's `sample` section says what the earlier measurements found).
+MEASURE=(--guidance 1 2 --truncation 0.5 0.86)
 mkdir -p out
 start=$SECONDS
 stage() { printf '\n=== %s  (%ds so far)\n' "$1" $((SECONDS - start)); }
@@ -97,38 +99,43 @@ trained runs/emoji_openmoji "$ft_steps" ||
   launch training/train.py --config configs/emoji_openmoji.yaml --train.resume=auto --train.steps="$ft_steps" \
     --train.max_minutes="$FINETUNE_MINUTES"
 
-stage "8/10 pictures for typed prompts"
-args=(); for p in "${PROMPTS[@]}"; do args+=(--prompt "$p"); done
-for run in emoji_base emoji_openmoji; do
-  png=out/demo_${run#emoji_}.png
-  if [ "$png" -nt "runs/$run/export/model.safetensors" ]; then  # drawn from this export already
-    echo "already drawn: $png"
-  else
-    python training/sample.py --model "runs/$run/export" "${args[@]}" --per-prompt 2 "${SAMPLING[@]}" --out "$png"
-  fi
-done
-# each prompt's training image as its tokens decode (what the tokenizer can show) beside the base model's
-# pictures, and what the caption is worth by how often the data shows its concept
-if [ out/diagnose_base/diagnose.png -nt runs/emoji_base/export/model.safetensors ]; then
-  echo "already diagnosed: out/diagnose_base/"
-else
-  python training/diagnose.py --model runs/emoji_base/export --data data/emoji "${args[@]}" --per-prompt 2 \
-    "${SAMPLING[@]}" --out out/diagnose_base
-fi
-
-stage "9/10 evaluation on held-out concepts"
+stage "8/10 evaluation on held-out concepts, and the sampling settings that score best"
 pairs=(emoji_base:emoji); [ "${EVAL_FINETUNE:-0}" = 1 ] && pairs+=(emoji_openmoji:openmoji)
 for pair in "${pairs[@]}"; do
   model=runs/${pair%%:*}/export data=data/${pair##*:}
   if ls "$model"/eval/*.json >/dev/null 2>&1; then  # a new export replaces eval/ with it
     echo "already evaluated: $(ls "$model"/eval/*.json)"
   else
-    python training/evaluate.py --model "$model" --data "$data" --n "$EVAL_N" "${SAMPLING[@]}" --prompts-from both
+    python training/evaluate.py --model "$model" --data "$data" --n "$EVAL_N" --prompts-from both "${MEASURE[@]}" \
+      --write-sampling
   fi
 done
+
+stage "9/10 pictures for typed prompts"
+args=(); for p in "${PROMPTS[@]}"; do args+=(--prompt "$p"); done
+for run in emoji_base emoji_openmoji; do
+  png=out/demo_${run#emoji_}.png
+  # drawn from this export with its present settings already
+  if [ "$png" -nt "runs/$run/export/model.safetensors" ] && [ "$png" -nt "runs/$run/export/sampling.yaml" ]; then
+    echo "already drawn: $png"
+  else
+    python training/sample.py --model "runs/$run/export" "${args[@]}" --per-prompt 2 --out "$png"
+  fi
+done
+# each prompt's training image as its tokens decode (what the tokenizer can show) beside the base model's
+# pictures, and what the caption is worth by how often the data shows its concept
+if [ out/diagnose_base/diagnose.png -nt runs/emoji_base/export/model.safetensors ] &&
+   [ out/diagnose_base/diagnose.png -nt runs/emoji_base/export/sampling.yaml ]; then
+  echo "already diagnosed: out/diagnose_base/"
+else
+  python training/diagnose.py --model runs/emoji_base/export --data data/emoji "${args[@]}" --per-prompt 2 \
+    --out out/diagnose_base
+fi
 
 stage "10/10 the runs in MLflow"
 python training/compare.py --experiment vqd-emoji --out out/compare
 
 printf '\nDone in %ds. Pictures: out/demo_base.png, out/demo_openmoji.png; evaluations: runs/*/export/eval/\n' \
   $((SECONDS - start))
+printf 'Type prompts into the base model in a browser:\n  python training/serve.py --model runs/emoji_base/export   # then open http://127.0.0.1:7860/\n'
+

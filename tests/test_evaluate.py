@@ -22,6 +22,7 @@ from training.evaluation.probe import LinearProbe, probe_features, top1
 from training.evaluation.reference import RealSample, Reference, caption_words, train_vocabulary
 from vqd.models import VQDiffusionConfig, VQDiffusionModel
 from vqd.pipeline import to_uint8
+from vqd.sampling import SamplingConfig, load_sampling
 
 SHAPES = ("square", "disc", "triangle", "bar")
 
@@ -213,6 +214,20 @@ def test_evaluate_cli_end_to_end(tmp_path, monkeypatch, tiny_clip):
                             "--clip-weights", str(tiny_clip[1])]) == 0
     scored = json.loads((model / "eval" / "test_n6_steps3_r0.86_g1_seed2.json").read_text())
     assert 0 <= scored["forms"]["template"]["clip_score"] <= 100 and "clip.safetensors" in scored["clip_score_note"]
+
+    # a sweep: every combination evaluated (the folder's other settings kept), the lowest mean FID written into
+    # the folder as its sampling settings, which the next evaluation starts from
+    with pytest.warns(UserWarning, match="MLflow logging"):
+        assert main(args + ["--guidance", "1", "2", "--seed", "3", "--write-sampling"]) == 0
+    swept = {g: json.loads((model / "eval" / f"test_n6_steps3_r0.86_g{g}_seed3.json").read_text()) for g in (1, 2)}
+    fid = {g: sum(f["fid"] for f in r["forms"].values()) / 2 for g, r in swept.items()}
+    settings, chosen = load_sampling(model)
+    assert settings == SamplingConfig(steps=3, guidance_scale=min(fid, key=fid.get))
+    assert "lowest FID of 2 settings" in chosen["how"] and len(chosen["measured"]) == 2
+    with pytest.warns(UserWarning, match="MLflow logging"):
+        assert main(["--model", str(model), "--data", str(data), "--n", "6", "--grid", "0", "--no-progress",
+                     "--seed", "4", "--prompts-from", "typed"]) == 0
+    assert (model / "eval" / f"test_n6_steps3_r0.86_g{min(fid, key=fid.get)}_seed4.json").is_file()
 
     key = eval_reference.Reference(data, 16).key
     write_download(data, {"train": 40, "test": 8}, seed=5)  # a rebuilt data set is a new cache key

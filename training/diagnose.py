@@ -3,7 +3,7 @@ data shows the caption's concept, and what its tokenizer can show for a prompt.
 
     python training/diagnose.py --model runs/emoji_base/export --data data/emoji
     python training/diagnose.py --model runs/emoji_base/export --data data/emoji --prompt house --prompt pizza \
-        --steps 25 --purity --guidance 2 --truncation 0.5 --out out/diagnose
+        --guidance 3 --out out/diagnose
 
 1. Caption worth by concept frequency. At t = T-1 every token is [MASK], so the layout of the picture comes
    from the caption alone: the x0 cross-entropy of a sample's tokens given its caption, against given the
@@ -18,6 +18,7 @@ data shows the caption's concept, and what its tokenizer can show for a prompt.
    caption forms, is the prompt (case aside), decoded from its stored token ids, which is the tokenizer's
    reconstruction and the most any model on that tokenizer can draw, beside the model's own pictures.
    Where the reconstruction shows the object and the pictures do not, the denoiser is the limit.
+   The pictures use the model folder's sampling settings (its sampling.yaml); each sampling flag overrides one.
 Output: a table; diagnose.json and (with prompts) diagnose.png in --out (default <model>/diagnose).
 """
 
@@ -37,12 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.core.sampling_flags import add_sampling_flags, sampling_settings, settings_source
 from training.diffusion.data import split_shards
 from training.evaluation.grid import captioned_grid
 from training.evaluation.reference import caption_words
 from vqd.io import WEIGHTS_NAME, file_sha256
 from vqd.pipeline import TOKENIZER_DIR, TextToImage, to_uint8
-from vqd.sampling import SamplingConfig
 from vqd.shards import iter_samples, open_manifest
 from vqd.text import tokenize
 
@@ -186,10 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="read at most this many samples of each split, from its first shards (0: all)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt to draw beside its data image (repeat)")
     p.add_argument("--per-prompt", type=int, default=4, help="pictures per prompt")
-    p.add_argument("--steps", type=int, default=None, help="reverse steps (default: all T)")
-    p.add_argument("--truncation", type=float, default=0.86)
-    p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--purity", action="store_true")
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="folder for diagnose.json and diagnose.png (default <model>/diagnose)")
@@ -225,15 +223,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {"model": str(args.model), "data": str(args.data), "groups": rows}
     if args.prompt:
-        sampling = SamplingConfig(steps=args.steps, truncation=args.truncation, guidance_scale=args.guidance,
-                                  purity=args.purity)
-        pipe.validate(sampling)
+        try:
+            (sampling,) = sampling_settings(pipe, args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"\nsampling: {sampling.describe(pipe.num_timesteps)} (defaults from {settings_source(pipe, args.model)}; "
+              "flags override them)")
         cells, captions, found = prompt_grid(pipe, args.prompt, splits, sampling, args.per_prompt, args.seed)
         row = 1 + args.per_prompt  # a prompt's cells; as many prompts a line as fit in about eight cells
         captioned_grid(cells.numpy(), captions, ncols=row * max(1, 8 // row)).save(out / "diagnose.png")
         results["prompts"] = found
-        results["sampling"] = {"steps": args.steps, "truncation": args.truncation, "guidance_scale": args.guidance,
-                               "purity": args.purity, "seed": args.seed}
+        results["sampling"] = {**sampling.to_dict(), "seed": args.seed}
         missing = [k for k, v in found.items() if v is None]
         print(f"\nwrote {out / 'diagnose.png'}: each prompt's data image as its tokens decode, then the model's "
               "pictures"

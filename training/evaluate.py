@@ -3,6 +3,13 @@
     python training/evaluate.py --model runs/emoji_base/export --data data/emoji
     python training/evaluate.py --model M --data data/openmoji --n 500 --steps 25 --truncation 0.86 \
         --guidance 3 --purity --prompts-from both --seed 0 --batch 64
+    python training/evaluate.py --model M --data data/emoji --guidance 1 2 --truncation 0.5 0.86 --write-sampling
+
+The sampling settings start at the model folder's own (its sampling.yaml); each flag given overrides one.
+Given several values, the flags make a sweep: every combination is evaluated, the best by --select-by (FID,
+or the probe's top-1 on its finest labels, averaged over the prompt forms) is named, and --write-sampling
+writes it into the model folder's sampling.yaml with the measurements that chose it, so that sample.py,
+serve.py and a later evaluation draw with it.
 
 For each held-out image (the first N of the split, in a fixed order) the model draws one picture from
 that image's prompt, in the data set's caption template (`template`: the sample's .txt) and as a person
@@ -48,11 +55,13 @@ from pathlib import Path
 import torch
 
 from training.core.export import read_provenance
+from training.core.sampling_flags import add_sampling_flags, sampling_settings, settings_source
 from training.evaluation.clip_score import clip_score, load_clip
 from training.evaluation.fid import fid_from_features, inception_features
 from training.evaluation.grid import captioned_grid
 from training.evaluation.probe import probe_features
 from training.evaluation.reference import RealSample, Reference, caption_words, select, stack, train_vocabulary
+from training.evaluation.sweep import best_run, print_sweep, write_best
 from training.tracking.access import access_problem
 from training.tracking.redaction import public_uri, redact_text
 from vqd.pipeline import TextToImage, to_uint8
@@ -105,24 +114,25 @@ def fidelity_by_words(ref: Reference, prompted_by: list[RealSample], prompts: li
     return out
 
 
-def settings_tag(args, steps: int | None) -> str:
+def settings_tag(args, sampling: SamplingConfig) -> str:
     """A name for one evaluation's settings: split, N, sampling (metric names and files; VQ-AR: `ar`)."""
-    tag = f"{args.split}_n{args.n or 'all'}_{'ar' if steps is None else f'steps{steps}'}_r{args.truncation:g}" \
-          f"_g{args.guidance:g}"
-    return tag + ("_purity" if args.purity else "") + f"_seed{args.seed}"
+    steps = sampling.steps
+    tag = f"{args.split}_n{args.n or 'all'}_{'ar' if steps is None else f'steps{steps}'}_r{sampling.truncation:g}" \
+          f"_g{sampling.guidance_scale:g}"
+    return tag + ("_purity" if sampling.purity else "") + f"_seed{args.seed}"
 
 
-def evaluate(args) -> dict:
-    """Run the evaluation described by the parsed command line; returns the results dict (also written as JSON)."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = TextToImage.from_folder(args.model, device=device)
+def evaluate(args, pipe: TextToImage, sampling: SamplingConfig) -> dict:
+    """Evaluate `pipe` with `sampling` as the parsed command line says; returns the results dict (also written
+    as JSON)."""
+    device = str(pipe.device)
     cfg = pipe.model.config
-    steps = None if pipe.autoregressive else args.steps or pipe.num_timesteps
-    sampling = SamplingConfig(steps=steps, truncation=args.truncation, guidance_scale=args.guidance, purity=args.purity)
-    pipe.validate(sampling)
+    if not pipe.autoregressive:
+        sampling = sampling.override(steps=sampling.steps or pipe.num_timesteps)
     h, w = pipe.model.grid
     note = (f"VQ-AR: {h * w} sequential tokens (KV cache, temperature 1, top-r = truncation)"
-            + (f"; --steps {args.steps} does not apply" if args.steps else "")) if pipe.autoregressive else None
+            + (f"; --steps {' '.join(map(str, args.steps))} does not apply" if args.steps else "")) \
+        if pipe.autoregressive else None
     ref = Reference(Path(args.data), pipe.image_size, device=device, batch=args.inception_batch)
     real_stats = ref.fid_reference(args.split, args.n)
     held_out = ref.images(select(ref.samples, args.split, args.n))
@@ -136,8 +146,7 @@ def evaluate(args) -> dict:
         "model": str(args.model), "data": str(args.data), "split": args.split, "device": device,
         "threads": torch.get_num_threads(), "seed": args.seed, "batch": args.batch, "condition": cfg.condition,
         "model_kind": cfg.KIND,
-        "sampling": {"steps": steps, "truncation": args.truncation, "guidance_scale": args.guidance,
-                     "purity": args.purity, "note": note},
+        "sampling": {**sampling.to_dict(), "note": note},
         "n_generated": n_gen, "n_real": real_stats["n_real"],
         "fid_floor": {"fid": real_stats["floor"], "n": real_stats["n_floor"], "images": real_stats["floor_split"]},
         "reference_top1": {"real": real_stats["real_top1"], "reconstructed": None},
@@ -176,7 +185,7 @@ def evaluate(args) -> dict:
             results["forms"][form]["clip_score"] = clip_score(clip, args.clip_model, images, prompts)
         pictures[form] = (images[:args.grid], prompts[:args.grid])
     out = Path(args.out or Path(args.model) / "eval")
-    tag = settings_tag(args, steps)
+    tag = settings_tag(args, sampling)
     out.mkdir(parents=True, exist_ok=True)
     results["json"] = str(out / f"{tag}.json")
     results["grid"] = str(out / f"{tag}_grid.png") if args.grid else None
@@ -330,10 +339,11 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="built data set folder (its download/*.tar are the real images)")
     p.add_argument("--split", default="test", help="the split whose images and prompts are scored (default test)")
     p.add_argument("--n", type=int, help="images to generate and compare (default: every image of the split)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the model's T; a VQ-AR model ignores it)")
-    p.add_argument("--truncation", type=float, default=0.86, help="truncation r (1 turns it off)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    p.add_argument("--purity", action="store_true", help="purity sampling")
+    add_sampling_flags(p, sweep=True)
+    p.add_argument("--select-by", choices=("fid", "top1"), default="fid",
+                   help="a sweep's best: the lowest FID or the highest top-1, averaged over the prompt forms")
+    p.add_argument("--write-sampling", action="store_true",
+                   help="write the best setting measured into the model folder's sampling.yaml")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32, help="sampling batch size")
     p.add_argument("--inception-batch", type=int, default=50)
@@ -352,11 +362,27 @@ def main(argv=None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        results = evaluate(args)
+        pipe = TextToImage.from_folder(args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        settings = sampling_settings(pipe, args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print_table(results)
+    print(f"sampling defaults from {settings_source(pipe, args.model)}; "
+          + (f"{len(settings)} settings to measure" if len(settings) > 1 else "flags override them"))
+    runs = []
+    for sampling in settings:
+        try:
+            runs.append(evaluate(args, pipe, sampling))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print_table(runs[-1])
+    best = best_run(runs, args.select_by)
+    if len(runs) > 1:
+        print_sweep(runs, best, args.select_by)
+    if args.write_sampling:
+        path, chosen = write_best(Path(args.model), runs, best, args.select_by)
+        print(f"wrote {path}: {chosen.describe(pipe.num_timesteps)}")
     return 0
 
 

@@ -2,7 +2,7 @@
 from a released model folder (diffusers' VQ-Diffusion pipeline layout, e.g. a copy of microsoft/vq-diffusion-ithq).
 
     python training/sample.py --model runs/emoji_base/export --prompt "red heart" --prompt "house" --out grid.png
-    python training/sample.py --model runs/emoji_base/export --prompt "smiling cat" --steps 50 --guidance 3 --purity
+    python training/sample.py --model runs/emoji_base/export --prompt "smiling cat" --steps 50 --guidance 3 --no-purity
     python training/sample.py --model DIR --prompt "red heart" --image in.png --mask mask.png --out inpaint.png
     python training/sample.py --model DIR --prompts prompts.txt --out-dir samples/     # 0000.png, 0001.png ...
     python training/sample.py --model /data/vq-diffusion-ithq --prompt "a teddy bear playing in the pool" --guidance 5
@@ -11,6 +11,8 @@ A grid shows each picture with its prompt under it (each prompt `--per-prompt` t
 prompt a line) writes one PNG per line at the model's native resolution, numbered in file order, in
 batches of `--batch`. Inpainting: white pixels of `--mask` are regenerated, the rest of `--image` is kept.
 Class-conditional models take class names as prompts; unconditional models take `--count N` instead.
+The sampling settings start at the model folder's own (its sampling.yaml); each flag given overrides one, and
+the line printed first says what was used.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training.core.sampling_flags import add_sampling_flags, sampling_settings, settings_source
 from training.evaluation.grid import captioned_grid
 from training.tokenizer.data import load_image
 from vqd.pipeline import TextToImage, to_uint8
-from vqd.sampling import SamplingConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,10 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-prompt", type=int, default=1, help="images per prompt in a grid")
     p.add_argument("--out", default="samples.png", help="the grid PNG")
     p.add_argument("--out-dir", help="one PNG per prompt, native resolution (with --prompts)")
-    p.add_argument("--steps", type=int, default=None, help="reverse steps (default: all T)")
-    p.add_argument("--truncation", type=float, default=0.86, help="keep the top-r probability mass (1 = off)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--purity", action="store_true", help="reveal the most certain positions first")
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--image", help="inpainting: the image to edit")
@@ -84,12 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         pipe = TextToImage.from_folder(args.model, device=args.device)
-    except ValueError as e:  # not a model folder, a part missing, a tensor that does not fit: the user's input
+        (config,) = sampling_settings(pipe, args)
+    except ValueError as e:  # not a model folder, a part missing, a tensor or a setting that does not fit: the user's input
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    config = SamplingConfig(steps=args.steps, truncation=args.truncation, guidance_scale=args.guidance,
-                            purity=args.purity)
-    pipe.validate(config)
+    print(f"sampling: {config.describe(pipe.num_timesteps)} (defaults from {settings_source(pipe, args.model)}; "
+          "flags override them)")
     if pipe.autoregressive and args.steps:
         print(f"note: --steps {args.steps} does not apply to a VQ-AR model (it draws its {pipe.model.grid[0] * pipe.model.grid[1]} "
               "tokens one by one)")

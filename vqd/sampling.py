@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from vqd.diffusion import MaskAndReplaceDiffusion, sample_categorical
-from vqd.io import SAMPLING_NAME
+from vqd.io import SAMPLING_NAME, atomic_write_text
 
 
 class DenoisingModel(Protocol):
@@ -118,9 +118,7 @@ def save_sampling(folder: str | os.PathLike, config: SamplingConfig, chosen_by: 
     text = "# The settings this model samples best with: the defaults of training/sample.py, evaluate.py and\n" \
            "# serve.py (their flags override them). `chosen_by` says how they were chosen.\n"
     text += yaml.safe_dump({"settings": config.to_dict(), "chosen_by": dict(chosen_by)}, sort_keys=False)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return path
 
 

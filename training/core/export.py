@@ -4,8 +4,9 @@ MLflow run's export: `runs:/<run id>`).
 
 An export is self-sufficient: config.yaml + model.safetensors (every weight: the denoiser and null
 condition from the EMA when there is one, the text tower), tokenizer/ (the VQ-VAE that decodes its ids, with
-its sha256 checked against the data set's manifest), and provenance.json (the MLflow run and store, the
-step, the data set and tokenizer sha256). It is written beside the old one and renamed over it, so a
+its sha256 checked against the data set's manifest), sampling.yaml (the settings it samples with: the run
+config's `sample` section, until training/evaluate.py measures better ones), and provenance.json (the MLflow
+run and store, the step, the data set and tokenizer sha256). It is written beside the old one and renamed over it, so a
 reader never sees half a model.
 """
 
@@ -25,6 +26,7 @@ from training.tracking.redaction import redact_text, redact_tree
 from vqd.io import WEIGHTS_NAME, file_sha256, load_folder, save_folder
 from vqd.pipeline import TOKENIZER_DIR
 from vqd.released import is_released
+from vqd.sampling import SamplingConfig, save_sampling
 
 PROVENANCE = "provenance.json"
 
@@ -46,8 +48,10 @@ def tokenizer_folder(manifest: dict, override: str = "") -> Path | None:
 
 
 def export_model(model, trained: dict[str, torch.Tensor], folder: str | os.PathLike, tokenizer: Path | None,
-                 provenance: dict[str, Any]) -> Path:
-    """Write `model` (its trainable tensors replaced by `trained`) as a model folder, atomically (rank 0 only)."""
+                 provenance: dict[str, Any], sampling: SamplingConfig | None = None,
+                 chosen_by: dict[str, Any] | None = None) -> Path:
+    """Write `model` (its trainable tensors replaced by `trained`) as a model folder, atomically (rank 0 only),
+    with `sampling` as its sampling.yaml (`chosen_by` saying where the settings come from)."""
     folder = Path(folder)
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
     unknown = sorted(set(trained) - set(state))
@@ -60,6 +64,8 @@ def export_model(model, trained: dict[str, torch.Tensor], folder: str | os.PathL
     if tokenizer is not None:
         shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)
     (tmp / PROVENANCE).write_text(json.dumps(redact_tree(provenance), indent=1, sort_keys=True) + "\n")
+    if sampling is not None:
+        save_sampling(tmp, sampling, chosen_by or {})
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists():
         aside = folder.with_name(folder.name + ".old")

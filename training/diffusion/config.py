@@ -21,6 +21,7 @@ from training.diffusion.data import TokenDataConfig
 from vqd.ar import VQARConfig
 from vqd.models import VQDiffusionConfig
 from vqd.network import AR_SIZE_OF
+from vqd.sampling import SamplingConfig
 
 MODEL_KINDS = {VQDiffusionConfig.KIND: VQDiffusionConfig, VQARConfig.KIND: VQARConfig}
 
@@ -66,13 +67,23 @@ class DiffusionSection:
 
 @dataclass
 class SampleSection:
-    """Grids logged to MLflow while training: fixed prompts, drawn from the exported (EMA) weights."""
+    """How the run's pictures are drawn: the sampling settings the export carries (its sampling.yaml, the
+    defaults of sample.py, evaluate.py and serve.py until `training/evaluate.py --write-sampling` replaces them
+    by measured ones), and the grids logged to MLflow while training, drawn from the export with them."""
 
     prompts: list[str] = field(default_factory=list)  # empty: the first captions (or classes) of the held-out split
     count: int = 8  # prompts taken from the held-out split when `prompts` is empty
     steps: int = 25
     truncation: float = 0.86
     guidance_scale: float = 1.0
+    purity: bool = False
+
+    def settings(self, num_timesteps: int | None) -> SamplingConfig:
+        """These settings for a model of T steps (None: a VQ-AR model, which takes the truncation only)."""
+        if num_timesteps is None:
+            return SamplingConfig(truncation=self.truncation)
+        return SamplingConfig(steps=min(self.steps, num_timesteps), truncation=self.truncation,
+                              guidance_scale=self.guidance_scale, purity=self.purity)
 
 
 @dataclass

@@ -15,7 +15,6 @@ from training.diffusion.objective import step_generator
 from training.evaluation.grid import captioned_grid
 from vqd.ar import VQARModel
 from vqd.pipeline import TextToImage, to_uint8
-from vqd.sampling import SamplingConfig
 from vqd.shards import iter_samples
 
 
@@ -38,16 +37,12 @@ def fixed_prompts(cfg, manifest: dict, model_cfg) -> list[str]:
 
 
 def sample_grid(export: Path, cfg, prompts: list[str], info: DistInfo) -> np.ndarray | None:
-    """Rank 0: pictures for `prompts` from the model folder `export`, captions under them, as uint8 [H, W, 3]."""
+    """Rank 0: pictures for `prompts` from the model folder `export` with its sampling settings, captions under
+    them, as uint8 [H, W, 3]."""
     if not info.is_main or not (export / "tokenizer").is_dir():
         return None
-    pipe = TextToImage.from_folder(export, device=info.device)
-    if pipe.autoregressive:  # h*w steps, no null condition to guide with
-        sampling = SamplingConfig(truncation=cfg.sample.truncation)
-    else:
-        sampling = SamplingConfig(steps=min(cfg.sample.steps, pipe.num_timesteps), truncation=cfg.sample.truncation,
-                                  guidance_scale=cfg.sample.guidance_scale)
-    images = pipe.generate(prompts, sampling, generator=torch.Generator(info.device).manual_seed(0))
+    pipe = TextToImage.from_folder(export, device=info.device)  # with the settings the export carries
+    images = pipe.generate(prompts, generator=torch.Generator(info.device).manual_seed(0))
     labels = prompts if pipe.model.config.condition != "none" else ["(unconditional)"] * len(prompts)
     return np.asarray(captioned_grid(to_uint8(images).numpy(), labels, ncols=min(8, len(prompts))))
 

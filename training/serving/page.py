@@ -9,6 +9,7 @@ Bad input raises `BadInput`, which the page shows as a message; the server goes 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.images import TooManyPixels, load_image, open_image
-from training.grid import captioned_grid
+from training.evaluation.grid import captioned_grid
+from vqd.images import TooManyPixels, load_image, open_image
 from vqd.pipeline import TextToImage, to_uint8
 from vqd.sampling import SamplingConfig
 
@@ -42,19 +43,20 @@ class Limits:
 
 def whole(value, name: str, low: int, high: int) -> int:
     """`value` as an int in [low, high], else BadInput naming `name` and the range."""
-    if value is None or isinstance(value, bool) or float(value) != int(float(value)) or not low <= value <= high:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value != int(value) or not low <= value <= high:
         raise BadInput(f"{name} must be a whole number from {low} to {high}, got {value}")
     return int(value)
 
 
 def check_settings(pipe: TextToImage, steps, truncation, guidance, purity) -> SamplingConfig:
     """The page's settings over the folder's (whose other fields, e.g. the reveal order, are kept)."""
-    if truncation is None or not 0.0 < float(truncation) <= 1.0:
+    if not isinstance(truncation, (int, float)) or not 0.0 < truncation <= 1.0:
         raise BadInput(f"truncation r must be in (0, 1], got {truncation}")
     if pipe.autoregressive:  # h*w sequential steps, no guidance or purity
         return dataclasses.replace(pipe.sampling, truncation=float(truncation))
     T = pipe.num_timesteps
-    if guidance is None or not 0.0 <= float(guidance) <= 20.0:
+    if not isinstance(guidance, (int, float)) or not 0.0 <= guidance <= 20.0:
         raise BadInput(f"guidance must be from 0 to 20, got {guidance}")
     config = dataclasses.replace(pipe.sampling, steps=whole(steps, "steps", 1, T), truncation=float(truncation),
                                  guidance_scale=float(guidance), purity=bool(purity))
@@ -96,9 +98,9 @@ def read_upload(path: str | None, size: int, limits: Limits) -> torch.Tensor:
     try:
         with open_image(data, limits.max_upload_pixels) as im:
             kind = im.format
-    except TooManyPixels as err:
-        raise BadInput(f"the image declares too many pixels ({err}): send one of at most "
-                       f"{limits.max_upload_pixels} pixels") from None
+    except TooManyPixels:
+        raise BadInput(f"the image declares more than {limits.max_upload_pixels:,} pixels, the most the page "
+                       "decodes: send a smaller one") from None
     except Exception:  # noqa: BLE001 - whatever PIL cannot identify is not an image
         raise BadInput(f"the upload is not an image: send a {', '.join(UPLOAD_FORMATS)} file") from None
     if kind not in UPLOAD_FORMATS:
@@ -181,9 +183,12 @@ class Page:
         start = time.perf_counter()
         generator = torch.Generator(self.pipe.device).manual_seed(seed)
         images = self.pipe.inpaint(prompts, image, mask, config, generator=generator, progress=True)
-        kept = torch.where(mask[None], torch.full_like(image, -1.0), image)  # what the model was given
+        h, w = self.pipe.model.grid  # a token is drawn anew when any of its pixels was painted
+        cells = mask.reshape(h, size // h, w, size // w).any(dim=3).any(dim=1)
+        cells = cells.repeat_interleave(size // h, 0).repeat_interleave(size // w, 1)
+        kept = torch.where(cells[None], torch.full_like(image, -1.0), image)  # what the model was given
         cells = to_uint8(torch.cat([image[None], kept[None], images])).numpy()
-        labels = ["input", "kept (black: regenerate)", *self._labels(prompts)]
+        labels = ["input", "kept (black: drawn anew)", *self._labels(prompts)]
         return self._result(cells, labels, config, seed, start)
 
     def _labels(self, prompts: list[str]) -> list[str]:
