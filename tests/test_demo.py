@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from launch import REPO, launcher_env
 
+from vqd.sampling import load_sampling
+
 
 def checkout_copy(dest: Path) -> Path:
     """The files git tracks (and new ones it does not ignore), as a fresh clone would have them."""
@@ -46,9 +48,19 @@ def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
     diagnosed = json.loads((repo / "out/diagnose_base/diagnose.json").read_text())
     assert "held-out" in {g["group"] for g in diagnosed["groups"]} and "house" in diagnosed["prompts"]
     assert (repo / "out/diagnose_base/diagnose.png").is_file()
-    (result,) = (repo / "runs/emoji_base/export/eval").glob("*.json")
-    scored = json.loads(result.read_text())
-    assert set(scored["forms"]) == {"template", "typed"} and scored["forms"]["typed"]["n_generated"] == 8
+    results = sorted((repo / "runs/emoji_base/export/eval").glob("*.json"))
+    assert len(results) == 4  # guidance 1 and 2 by truncation 0.5 and 0.86
+    for result in results:
+        scored = json.loads(result.read_text())
+        assert set(scored["forms"]) == {"template", "typed"} and scored["forms"]["typed"]["n_generated"] == 8
+        assert scored["sampling"]["steps"] == 25 and scored["sampling"]["purity"]  # the export's own, from its config
+    # the lowest FID became the export's sampling settings, and the pictures were drawn with them
+    settings, chosen = load_sampling(repo / "runs/emoji_base/export")
+    assert "the lowest FID of 4 settings" in chosen["how"] and settings.steps == 25 and settings.purity
+    drawn = first.stdout.split("=== 9/10")[1]
+    assert f"sampling: {settings.describe(100)} (defaults from runs/emoji_base/export/sampling.yaml" in drawn
+    assert first.stdout.rstrip().endswith("python training/serve.py --model runs/emoji_base/export   "
+                                          "# then open http://127.0.0.1:7860/")
     assert not (repo / "runs/emoji_openmoji/export/eval").exists()  # the fine-tune's evaluation is opt-in
     provenance = json.loads((repo / "runs/emoji_openmoji/export/provenance.json").read_text())
     base = json.loads((repo / "runs/emoji_base/export/provenance.json").read_text())
@@ -72,9 +84,11 @@ def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-6000:]
     assert {p: p.stat().st_mtime for p in (repo / "runs").rglob("*.safetensors")} == stamp
-    assert second.stdout.count("already evaluated") == 1 and second.stdout.count("already drawn") == 2
+    # the fine-tune's evaluation writes its sampling settings, so its pictures are drawn again with them
+    assert second.stdout.count("already evaluated") == 1 and second.stdout.count("already drawn") == 1
     assert "already diagnosed" in second.stdout and "already aligned" in second.stdout
     assert "Ray cluster" not in second.stdout  # the built data sets are read back without starting Ray
-    (result,) = (repo / "runs/emoji_openmoji/export/eval").glob("*.json")
-    assert json.loads(result.read_text())["data"].endswith("openmoji")
+    results = sorted((repo / "runs/emoji_openmoji/export/eval").glob("*.json"))
+    assert len(results) == 4 and all(json.loads(r.read_text())["data"].endswith("openmoji") for r in results)
+    assert "training/evaluate.py" in load_sampling(repo / "runs/emoji_openmoji/export")[1]["how"]
     assert time.time() - start < 0.6 * first_seconds

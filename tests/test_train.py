@@ -171,6 +171,9 @@ def test_two_ranks_zero2_learn_log_and_export(tmp_path, toy):
 
     # the export samples on its own: model, text tower, tokenizer; and it learned the captions' patterns
     pipe = TextToImage.from_folder(run / "export")
+    # with the sampling settings of the config's `sample` section (emoji_base.yaml's, steps from the command line)
+    assert pipe.sampling == SamplingConfig(steps=4, truncation=0.5, guidance_scale=2.0, purity=True)
+    assert "configs/emoji_base.yaml" in pipe.sampling_chosen_by["how"]
     captions = list(PATTERNS)
     tokens = sample_captions(pipe.model, captions * 8, SamplingConfig(steps=10, truncation=1.0),
                              generator=torch.Generator().manual_seed(0))

@@ -152,7 +152,8 @@ class Page:
         return self._result(to_uint8(images).numpy(), self._labels(prompts), config, seed, start)
 
     def upload(self, path):
-        """Inpaint: an uploaded file -> the editor's canvas (the image at the model's size, scaled up whole)."""
+        """Inpaint: an uploaded file -> (the editor's canvas: the image at the model's size, scaled up whole;
+        the image itself, kept on the server: the browser's copy only shows where to paint; a line saying so)."""
         try:
             image = read_upload(path, self.pipe.image_size, self.limits)
         except BadInput as err:
@@ -160,26 +161,24 @@ class Page:
         scale = max(1, EDITOR_PX // self.pipe.image_size)
         canvas = Image.fromarray(to_uint8(image[None])[0].numpy()).resize(
             (self.pipe.image_size * scale,) * 2, Image.Resampling.NEAREST)
-        return {"background": canvas, "layers": [], "composite": canvas}
+        said = f"The image at the model's {self.pipe.image_size} px, drawn {scale} times larger: paint over the part " \
+               "to draw anew, then press Inpaint."
+        return {"background": canvas, "layers": [], "composite": canvas}, image, said
 
-    def inpaint(self, editor, prompt, steps, truncation, guidance, purity, seed, count,
+    def inpaint(self, image, editor, prompt, steps, truncation, guidance, purity, seed, count,
                 progress=gr.Progress(track_tqdm=True)):
-        """Inpaint: the canvas's picture with its painted cells drawn anew -> (grid, PNG file, a line)."""
+        """Inpaint: the uploaded image [3, H, W] with the canvas's painted cells drawn anew -> (grid, PNG file, a
+        line)."""
         size = self.pipe.image_size
         try:
-            if not editor or editor.get("background") is None:
+            if image is None:
                 raise BadInput("upload an image first")
             config = check_settings(self.pipe, steps, truncation, guidance, purity)
             prompts = check_prompts(self.pipe, prompt, count, self.limits)
             seed = whole(seed, "seed", 0, 2**63 - 1)
             mask = painted_mask(editor, size)
-            background = np.asarray(editor["background"])[..., :3]
-            if background.shape[:2] != (size * max(1, EDITOR_PX // size),) * 2:
-                raise BadInput("the canvas does not hold an uploaded image: upload the image again")
         except BadInput as err:
             raise gr.Error(str(err), print_exception=False) from None
-        image = Image.fromarray(np.ascontiguousarray(background)).resize((size, size), Image.Resampling.BOX)
-        image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
         start = time.perf_counter()
         generator = torch.Generator(self.pipe.device).manual_seed(seed)
         images = self.pipe.inpaint(prompts, image, mask, config, generator=generator, progress=True)
@@ -244,12 +243,14 @@ class Page:
             if cfg.condition == "text":
                 prompt.submit(self.draw, settings, [grid, download, said], concurrency_id="sampling")
             with gr.Tab("Inpaint", visible=not pipe.autoregressive):
-                gr.Markdown("Upload an image, paint over the part to draw anew, then press Inpaint.")
+                upload_said = gr.Markdown("Upload an image, paint over the part to draw anew, then press Inpaint.",
+                                          elem_id="upload_said")
                 upload = gr.File(label=f"Image ({', '.join(UPLOAD_FORMATS)}; at most "
                                        f"{self.limits.max_upload_bytes >> 20} MiB)", type="filepath",
                                  file_types=["image"], elem_id="upload")
+                uploaded = gr.State(None)  # the image as decoded here, [3, H, W]
                 editor = gr.ImageEditor(label="Paint the region to regenerate", type="numpy", image_mode="RGBA",
-                                        sources=[], transforms=[], layers=False, elem_id="editor",
+                                        sources=[], transforms=[], layers=False, elem_id="editor", format="png",
                                         brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
                                         canvas_size=(EDITOR_PX, EDITOR_PX))
                 fill = gr.Button("Inpaint", variant="primary", elem_id="inpaint")
@@ -257,8 +258,8 @@ class Page:
                                   interactive=False, elem_id="filled", buttons=["download", "fullscreen"])
                 filled_download = gr.DownloadButton("Download the grid (PNG)", elem_id="filled_download")
                 filled_said = gr.Markdown(elem_id="filled_said")
-            upload.upload(self.upload, upload, editor)
-            fill.click(self.inpaint, [editor, *settings], [filled, filled_download, filled_said],
+            upload.upload(self.upload, upload, [editor, uploaded, upload_said])
+            fill.click(self.inpaint, [uploaded, editor, *settings], [filled, filled_download, filled_said],
                        concurrency_id="sampling")
         return page
 
