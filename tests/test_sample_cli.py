@@ -86,5 +86,7 @@ def test_class_and_unconditional_models_and_errors(tmp_path, capsys):
         sample_main(["--model", str(tmp_path / "cls" / "tokenizer"), "--prompt", "x"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and "has no tokenizer/" in err and err.count("\n") == 1
-    with pytest.raises(ValueError, match="truncation"):
+    with pytest.raises(SystemExit) as exit_:  # a setting the model cannot honour: one line, exit 2
         sample_main(["--model", str(cls), "--prompt", "heart", "--truncation", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: truncation r must be in (0, 1]") and err.count("\n") == 1
