@@ -30,10 +30,19 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import sys
 
-import torch  # noqa: E402
+import fastapi
+import gradio as gr
+import torch
+import uvicorn
+from PIL import Image
+
+from training.core.sampling_flags import settings_source
+from training.serving.access import TOKEN_ENV, TokenGate, resolve_token
+from training.serving.page import Limits, Page
+from vqd.pipeline import TextToImage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,14 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_app(pipe, folder: str, token: str | None, limits):
+def build_app(pipe: TextToImage, folder: str, token: str | None, limits: Limits) -> fastapi.FastAPI:
     """The ASGI app: the page mounted at /, every request through the token gate."""
-    import fastapi
-    import gradio as gr
-
-    from training.serving.access import TokenGate
-    from training.serving.page import Page
-
     page = Page(pipe, folder, limits).blocks()
     page.queue(default_concurrency_limit=1)
     app = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
@@ -70,12 +73,6 @@ def build_app(pipe, folder: str, token: str | None, limits):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from PIL import Image
-
-    from training.serving.access import TOKEN_ENV, resolve_token
-    from training.serving.page import Limits
-    from vqd.pipeline import TextToImage
-
     limits = Limits(max_count=args.max_count, max_upload_bytes=int(args.max_upload_mb * 2**20),
                     max_upload_pixels=args.max_upload_pixels)
     try:
@@ -88,10 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     # than an upload may have (PIL raises above twice MAX_IMAGE_PIXELS).
     Image.MAX_IMAGE_PIXELS = limits.max_upload_pixels // 2
     app = build_app(pipe, args.model, token, limits)
-    import uvicorn
-
-    chosen = pipe.sampling_chosen_by.get("how") or "the paper's defaults: the folder has no sampling.yaml"
-    print(f"model {args.model}: sampling defaults {pipe.sampling.describe(pipe.num_timesteps)} ({chosen})")
+    print(f"model {args.model}: sampling defaults {pipe.sampling.describe(pipe.num_timesteps)} (from "
+          f"{settings_source(pipe, args.model)}); the page's fields override them")
     shown = f"[{args.host}]" if ":" in args.host else args.host
     if token is None:
         print(f"open http://{shown}:{args.port}/", flush=True)

@@ -8,10 +8,13 @@ Bad input raises `BadInput`, which the page shows as a message; the server goes 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
+import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +137,8 @@ class Page:
 
     def __init__(self, pipe: TextToImage, folder: str, limits: Limits | None = None):
         self.pipe, self.folder, self.limits = pipe, folder, limits or Limits()
-        self.out = Path(tempfile.mkdtemp(prefix="vqd_page_"))  # the grids offered for download
+        self.out = Path(tempfile.mkdtemp(prefix="vqd_page_"))  # the grids offered for download, until exit
+        atexit.register(shutil.rmtree, self.out, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------ handlers
 
@@ -195,7 +199,10 @@ class Page:
 
     def _result(self, cells: np.ndarray, labels: list[str], config: SamplingConfig, seed: int, start: float):
         grid = captioned_grid(cells, labels, ncols=min(8, len(labels)))
-        path = self.out / f"vqd_seed{seed}_{time.strftime('%H%M%S')}.png"
+        for old in self.out.glob("*.png"):  # Gradio has its own copy once the request is answered
+            if time.time() - old.stat().st_mtime > 600:
+                old.unlink(missing_ok=True)
+        path = self.out / f"vqd_seed{seed}_{uuid.uuid4().hex[:8]}.png"
         grid.save(path)
         said = f"{len(labels)} pictures, seed {seed}; {config.describe(self.pipe.num_timesteps)}; " \
                f"{time.perf_counter() - start:.1f} s"
@@ -209,7 +216,8 @@ class Page:
         cfg = pipe.model.config
         T = pipe.num_timesteps
         chosen = pipe.sampling_chosen_by.get("how") or "the paper's defaults (the folder has no sampling.yaml)"
-        with gr.Blocks(title=f"vqd: {Path(self.folder).name}") as page:
+        # Gradio's copies of uploads and pictures go after an hour: a page left running does not fill the disk
+        with gr.Blocks(title=f"vqd: {Path(self.folder).name}", delete_cache=(3600, 3600)) as page:
             gr.Markdown(f"## vqd: {self.folder}\n{describe_model(pipe)}. Sampling settings start at the "
                         f"model's: {s.describe(T)} ({chosen}).")
             if cfg.condition == "text":
