@@ -15,9 +15,10 @@ SECRET_WORDS = {"password", "passwd", "secret", "credential", "credentials", "ap
 SECRET_NAMES = {"key", "token"}  # the whole name
 SECRET_ENDINGS = ("api_key", "access_key", "secret_key", "private_key", "auth_key", "access_token", "auth_token",
                   "api_token", "bearer_token", "session_token", "refresh_token", "hf_token")
-# the variables whose values are secrets, wherever they turn up (MLflow's client and server, Ray, model hubs)
+# the variables whose values are secrets, wherever they turn up (MLflow's client and server, Ray, the prompt
+# page's access token, model hubs)
 SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_AUTH_ADMIN_PASSWORD",
-              "MLFLOW_FLASK_SERVER_SECRET_KEY", "RAY_AUTH_TOKEN", "HF_TOKEN",
+              "MLFLOW_FLASK_SERVER_SECRET_KEY", "RAY_AUTH_TOKEN", "VQD_SERVE_TOKEN", "HF_TOKEN",
               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 MIN_SECRET_LEN = 6  # shorter values are not searched for in text: they would mask ordinary words and numbers
 
