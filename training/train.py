@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                           "base_run_id": base_run or None,
                           "base_model": describe_base(base_dir) if base_dir is not None else None, "weights": "ema" if ema is not None else "live"}
             export_model(model, weights, export_dir(run_dir), tokenizer, provenance,
-                         cfg.sample.settings(None if autoregressive else model_cfg.num_timesteps),
+                         cfg.sample.settings(None if isinstance(model, VQARModel) else model_cfg.num_timesteps),
                          {"how": f"the `sample` section of the training config {config_path}, not measured"})
         exported_at = step
         barrier()
