@@ -49,6 +49,7 @@ from training.diffusion.data import open_dataset
 from training.evaluate import settings_tag
 from vqd.models import MODEL_KINDS
 from vqd.network import count_parameters
+from vqd.sampling import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +100,7 @@ class Plan:
                "--data", self.data[ev.data], "--n", str(self.n)]
         cmd += ["--steps", str(ev.steps)] if ev.steps is not None else []
         cmd += ["--truncation", f"{ev.truncation:g}", "--guidance", f"{ev.guidance:g}"]
-        cmd += ["--purity"] if ev.purity else []
+        cmd += ["--purity"] if ev.purity else ["--no-purity"]  # every setting named: the export carries its own
         cmd += ["--out", str(self.eval_dir(ev))] if ev.data != "base" else []
         return cmd + ["--seed", str(a.seed + ev.seed_offset), "--prompts-from", a.prompts_from, "--no-progress"]
 
@@ -111,8 +112,9 @@ class Plan:
 
     def eval_json(self, ev: Eval) -> Path:
         """Where training/evaluate.py writes this evaluation's results (its own naming)."""
-        tag = settings_tag(SimpleNamespace(split="test", n=self.n, truncation=ev.truncation, guidance=ev.guidance,
-                                           purity=ev.purity, seed=self.args.seed + ev.seed_offset), ev.steps)
+        tag = settings_tag(SimpleNamespace(split="test", n=self.n, seed=self.args.seed + ev.seed_offset),
+                           SamplingConfig(steps=ev.steps, truncation=ev.truncation, guidance_scale=ev.guidance,
+                                          purity=ev.purity))
         return self.eval_dir(ev) / f"{tag}.json"
 
     def add(self, ev: Eval) -> None:

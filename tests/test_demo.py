@@ -49,14 +49,14 @@ def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
     assert "held-out" in {g["group"] for g in diagnosed["groups"]} and "house" in diagnosed["prompts"]
     assert (repo / "out/diagnose_base/diagnose.png").is_file()
     results = sorted((repo / "runs/emoji_base/export/eval").glob("*.json"))
-    assert len(results) == 4  # guidance 1 and 2 by truncation 0.5 and 0.86
+    assert len(results) == 3  # guidance 1, 2 and 3
     for result in results:
         scored = json.loads(result.read_text())
         assert set(scored["forms"]) == {"template", "typed"} and scored["forms"]["typed"]["n_generated"] == 8
         assert scored["sampling"]["steps"] == 25 and scored["sampling"]["purity"]  # the export's own, from its config
     # the lowest FID became the export's sampling settings, and the pictures were drawn with them
     settings, chosen = load_sampling(repo / "runs/emoji_base/export")
-    assert "the lowest FID of 4 settings" in chosen["how"] and settings.steps == 25 and settings.purity
+    assert "the lowest FID of 3 settings" in chosen["how"] and settings.steps == 25 and settings.purity
     drawn = first.stdout.split("=== 9/10")[1]
     assert f"sampling: {settings.describe(100)} (defaults from runs/emoji_base/export/sampling.yaml" in drawn
     assert first.stdout.rstrip().endswith("python training/serve.py --model runs/emoji_base/export   "
@@ -89,6 +89,6 @@ def test_first_command_runs_every_stage_then_reuses_them(tmp_path):
     assert "already diagnosed" in second.stdout and "already aligned" in second.stdout
     assert "Ray cluster" not in second.stdout  # the built data sets are read back without starting Ray
     results = sorted((repo / "runs/emoji_openmoji/export/eval").glob("*.json"))
-    assert len(results) == 4 and all(json.loads(r.read_text())["data"].endswith("openmoji") for r in results)
+    assert len(results) == 3 and all(json.loads(r.read_text())["data"].endswith("openmoji") for r in results)
     assert "training/evaluate.py" in load_sampling(repo / "runs/emoji_openmoji/export")[1]["how"]
     assert time.time() - start < 0.6 * first_seconds
