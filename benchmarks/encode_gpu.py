@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_check import child_env, host_cpu
+from gpu_check_common import child_env, host_cpu
 
 from data_pipeline.encode import ShardEncoder
 from vqd.images import load_image

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_check import REPO, Plan, Rows, child_env, deepspeed_launch, load_plan, run_overrides
+from gpu_check_common import REPO, Plan, Rows, child_env, deepspeed_launch, load_plan, run_overrides
 from safetensors.torch import load_file
 
 

@@ -24,7 +24,7 @@ import time
 from types import SimpleNamespace
 
 import torch
-from gpu_check import Plan, Rows, load_plan, sync
+from gpu_check_common import Plan, Rows, load_plan, sync
 from sampling import build_diffusers_peer, diffusers_sample
 
 from vqd.ar import VQARConfig, VQARModel

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from gpu_check import REPO, Plan, Rows, load_plan, peak_rss_gb, run_overrides, sync
+from gpu_check_common import REPO, Plan, Rows, load_plan, peak_rss_gb, run_overrides, sync
 
 from training.core.config import load_config, resolve_precision
 from training.core.distributed import init_distributed

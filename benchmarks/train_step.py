@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_check import host_cpu
+from gpu_check_common import host_cpu
 
 from training.core.config import load_config, native_bf16
 from training.core.distributed import init_distributed

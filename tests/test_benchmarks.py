@@ -94,7 +94,8 @@ def test_gpu_check_on_the_cpu(tmp_path):
     tiny, micro = (next(r for r in steps if r["size"] == s and not r["checkpointing"]) for s in plan["sizes"])
     assert tiny["parameters_trained"] > 10 * micro["parameters_trained"]
     searches = [r for r in by("train") if "fits" in r]
-    assert len(searches) == 2 and all(r["fits"] == plan["search_bound"] and r["fails_at"] is None for r in searches)
+    assert {(r["size"], r["checkpointing"]) for r in searches} == {(s, k) for s in plan["sizes"] for k in (False, True)}
+    assert all(r["fits"] == plan["search_bound"] and r["fails_at"] is None for r in searches)
 
     sample = {r["kind"]: r for r in by("sample")}
     assert len(by("sample")) == 8 and set(sample) == {"vq-diffusion", "vq-ar-cache", "vq-ar-nocache", "diffusers"}
