@@ -4,6 +4,10 @@ H100 or H200, and prints a table of each beside the goals they are read against.
     python benchmarks/gpu_check.py                   # on a GPU machine, from the repository root (<= 8 min)
     python benchmarks/gpu_check.py --device cpu      # the same code at tiny sizes on the CPU (the suite runs it)
 
+It needs the package importable (`pip install -e '.[dev]'`, or PYTHONPATH=. on a machine where torch is all there
+is, with deepspeed, diffusers and webdataset installed beside it); `--limit train=240` moves a section's time
+limit and `--set FIELD=VALUE` any field of the plan (sizes, steps, batch sizes) for a second try.
+
 Sections, each a process of its own with a time limit inside the check's budget (460 s on a GPU, which the shards
 and start-up bring to about 8 minutes); a section that fails or runs out of time keeps the rows it measured, a row
 that outlives its own limit (100 s) is recorded as failed and the section goes on with the next, and every failed
