@@ -38,6 +38,7 @@ import gradio as gr
 import torch
 import uvicorn
 from PIL import Image
+from starlette.routing import Mount
 
 from training.core.sampling_flags import settings_source
 from training.serving.access import TOKEN_ENV, TokenGate, resolve_token
@@ -60,15 +61,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_app(pipe: TextToImage, folder: str, token: str | None, limits: Limits) -> fastapi.FastAPI:
-    """The ASGI app: the page mounted at /, every request through the token gate."""
+class Server(uvicorn.Server):
+    """uvicorn, ending Gradio's streams first on Ctrl-C or SIGTERM (each open page holds two: its queue's events
+    and a heartbeat), as Gradio's own launcher does, so that they do not hold the shutdown."""
+
+    def __init__(self, config: uvicorn.Config, page: gr.Blocks):
+        super().__init__(config)
+        self.page = page
+
+    def handle_exit(self, sig, frame) -> None:
+        self.page._queue.close()
+        self.page.server_app.stop_event.set()
+        super().handle_exit(sig, frame)
+
+
+def build_app(pipe: TextToImage, folder: str, token: str | None, limits: Limits) -> tuple[fastapi.FastAPI, gr.Blocks]:
+    """The ASGI app: the page mounted at /, every request through the token gate; and the page (its served app
+    as `server_app`, where Gradio's launcher would put it)."""
     page = Page(pipe, folder, limits).blocks()
     page.queue(default_concurrency_limit=1)
     app = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app = gr.mount_gradio_app(app, page, path="/", max_file_size=limits.max_upload_bytes, footer_links=["api"],
                               run_history=False, show_error=True, ssr_mode=False)
     app.add_middleware(TokenGate, token=token, max_body=limits.max_upload_bytes + (1 << 16))
-    return app
+    page.server_app = next(r.app for r in app.routes if isinstance(r, Mount))
+    return app, page
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every decode in this process, Gradio's own included, refuses an image whose header declares more pixels
     # than an upload may have (PIL raises above twice MAX_IMAGE_PIXELS).
     Image.MAX_IMAGE_PIXELS = limits.max_upload_pixels // 2
-    app = build_app(pipe, args.model, token, limits)
+    app, page = build_app(pipe, args.model, token, limits)
     print(f"model {args.model}: sampling defaults {pipe.sampling.describe(pipe.num_timesteps)} (from "
           f"{settings_source(pipe, args.model)}); the page's fields override them")
     shown = f"[{args.host}]" if ":" in args.host else args.host
@@ -94,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f"the token in {args.token_file}" if args.token_file else f"the token in ${TOKEN_ENV}"
         print(f"open http://{shown}:{args.port}/?token=<{where}> (the browser then keeps it in a cookie)", flush=True)
     # no access log: a first request's address carries the token
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=15), page).run()
     return 0
 
 
