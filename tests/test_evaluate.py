@@ -18,6 +18,7 @@ from training.evaluation import reference as eval_reference
 from training.evaluation.clip_score import clip_score, load_clip
 from training.evaluation.fid import fid_from_features, frechet_distance, gaussian_stats, inception_features, resize_like_tf1
 from training.evaluation.grid import image_grid
+from training.evaluation.judge import CNNJudge
 from training.evaluation.probe import LinearProbe, probe_features, top1
 from training.evaluation.reference import RealSample, Reference, caption_words, train_vocabulary
 from vqd.models import VQDiffusionConfig, VQDiffusionModel
@@ -180,6 +181,13 @@ def test_evaluate_cli_end_to_end(tmp_path, monkeypatch, tiny_clip):
         assert {"category", "subcategory"} == set(form["top1"]) and 0 <= form["top1"]["subcategory"]["top1"] <= 1
     real = out["reference_top1"]["real"]["subcategory"]
     assert real["n"] == 6 and real["chance"] == 0.25 and real["top1"] >= 0.5  # shapes are easy for the probe
+    # the second judge reads the same prompts: its own figures, the real images well, noise no better than its
+    # most common answer could (every row labelled, 6 of them)
+    cnn = out["reference_top1_cnn"]
+    for form in out["forms"].values():
+        assert {"category", "subcategory"} == set(form["top1_cnn"]) and form["top1_cnn"]["subcategory"]["n"] == 6
+    assert cnn["real"]["subcategory"]["top1"] >= 0.5 and cnn["noise"]["subcategory"]["n"] == 6
+    assert cnn["reconstructed"]["subcategory"]["classes"] == 4
     assert out["fid_floor"]["fid"] > 0 and Path(out["grid"]).is_file()
     assert all(f["clip_score"] is None for f in out["forms"].values()) and "not computed" in out["clip_score_note"]
     # every held-out caption names its uid (40-47), a word no train caption has: all 6 prompts are `unread`,
@@ -197,10 +205,11 @@ def test_evaluate_cli_end_to_end(tmp_path, monkeypatch, tiny_clip):
     assert metrics["eval/test_n6_steps3_r0.86_g1_seed0/typed/fid"] == pytest.approx(out["forms"]["typed"]["fid"])
     assert metrics["eval/test_n6_steps3_r0.86_g1_seed0/typed/unread_words/n"] == 6
 
-    # a second run reads the probe and the real statistics from the cache (a refit would fail here)
+    # a second run reads both judges and the real statistics from the cache (a refit would fail here)
     cached = sorted(p.name for p in (data / "eval_cache").iterdir())
-    assert len(cached) == 2
+    assert len(cached) == 3 and sum(name.startswith("judge_cnn_") for name in cached) == 1
     monkeypatch.setattr(probe.LinearProbe, "fit", lambda *a, **k: pytest.fail("probe refitted"))
+    monkeypatch.setattr(CNNJudge, "fit", lambda *a, **k: pytest.fail("CNN judge refitted"))
     monkeypatch.setattr(eval_reference, "inception_features", lambda *a, **k: pytest.fail("real features recomputed"))
     (model / "provenance.json").write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": "http://127.0.0.1:1"}))
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

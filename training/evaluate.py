@@ -25,6 +25,9 @@ prompted with the image's class, an unconditional one with nothing. Per prompt f
     word none has (a model that learnt its words from this data set cannot know what such a word looks
     like; the paper's CLIP tower can), each beside the real images' and the reconstructions' top-1 on the
     same prompts, with the unread words listed;
+  - a second, independent reading of prompt fidelity: the same top-1 by a CNN trained from scratch on the
+    train split's pixels with blur and down-sampling augmentation (training/evaluation/judge.py: no ImageNet,
+    no Inception), beside its top-1 on the real held-out images, their reconstructions and uniform noise;
   - throughput: images/s of sampling + decoding.
 A VQ-AR folder (model.kind vq-ar, the Table 3 baseline) is scored the same way: it draws its h*w tokens one
 by one with a KV cache at temperature 1, keeping the top-r of each next-token distribution (r = --truncation);
@@ -150,6 +153,7 @@ def evaluate(args, pipe: TextToImage, sampling: SamplingConfig) -> dict:
         "n_generated": n_gen, "n_real": real_stats["n_real"],
         "fid_floor": {"fid": real_stats["floor"], "n": real_stats["n_floor"], "images": real_stats["floor_split"]},
         "reference_top1": {"real": real_stats["real_top1"], "reconstructed": None},
+        "reference_top1_cnn": {"real": None, "reconstructed": None, "noise": None},
         "clip_score_note": f"{args.clip_model} weights {args.clip_weights}" if args.clip_weights else CLIP_NOTE,
         "forms": {},
     }
@@ -161,6 +165,11 @@ def evaluate(args, pipe: TextToImage, sampling: SamplingConfig) -> dict:
         references = {"real": probe_features(stack(held_out), device=device),
                       "reconstructed": probe_features(recon, device=device)}
         results["reference_top1"]["reconstructed"] = ref.fidelity(held_out, None, references["reconstructed"])
+    if cfg.condition != "none" and ref.judge() is not None:  # the second judge on the same references, and on noise
+        noise = torch.randint(0, 256, real.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        results["reference_top1_cnn"] = {"real": ref.judge_fidelity(held_out, stack(held_out)),
+                                         "reconstructed": ref.judge_fidelity(held_out, recon.cpu()),
+                                         "noise": ref.judge_fidelity(held_out, noise)}
     pictures = {}
     vocabulary = train_vocabulary(ref.samples)
     for form in forms_to_run(args.prompts_from, cfg.condition):
@@ -172,14 +181,16 @@ def evaluate(args, pipe: TextToImage, sampling: SamplingConfig) -> dict:
         seconds = time.perf_counter() - start
         feats = inception_features(images, args.inception_batch, device, progress=f"FID: {n_gen} {form} images")
         fid = fid_from_features(real_stats["features"], feats)
-        fidelity, by_words = None, None
+        fidelity, by_words, second = None, None, None
         if cfg.condition != "none" and ref.probe() is not None:
             features = probe_features(images, device=device)
             fidelity = ref.fidelity(prompted_by, images, features)
             if cfg.condition == "text":
                 by_words = fidelity_by_words(ref, prompted_by, prompts, features, vocabulary, references)
+        if cfg.condition != "none" and ref.judge() is not None:
+            second = ref.judge_fidelity(prompted_by, images.cpu())
         results["forms"][form] = {"fid": fid, "n_generated": n_gen, "n_real": real_stats["n_real"], "top1": fidelity,
-                                  "top1_by_words": by_words, "images_per_s": n_gen / seconds, "seconds": seconds,
+                                  "top1_cnn": second, "top1_by_words": by_words, "images_per_s": n_gen / seconds, "seconds": seconds,
                                   "example_prompts": prompts[:4], "clip_score": None}
         if clip is not None and cfg.condition == "text":
             results["forms"][form]["clip_score"] = clip_score(clip, args.clip_model, images, prompts)
@@ -237,6 +248,8 @@ def metrics_of(results: dict, tag: str) -> dict[str, float]:
         m[f"eval/{tag}/{form}/clip_score"] = r["clip_score"]
         for label, t in (r["top1"] or {}).items():
             m[f"eval/{tag}/{form}/top1_{label}"] = t["top1"]
+        for label, t in (r.get("top1_cnn") or {}).items():
+            m[f"eval/{tag}/{form}/top1_cnn_{label}"] = t["top1"]
         for group in ("read", "unread"):
             g = (r.get("top1_by_words") or {}).get(group) or {}
             if g:
@@ -245,9 +258,10 @@ def metrics_of(results: dict, tag: str) -> dict[str, float]:
                 m[f"eval/{tag}/{form}/{group}_words/top1_{label}"] = t["top1"]
     if results["fid_floor"]["fid"] is not None:
         m[f"eval/{tag}/fid_floor"] = results["fid_floor"]["fid"]
-    for which, top in results["reference_top1"].items():
-        for label, t in (top or {}).items():
-            m[f"eval/{tag}/{which}/top1_{label}"] = t["top1"]
+    for judge in ("top1", "top1_cnn"):
+        for which, top in results.get(f"reference_{judge}", {}).items():
+            for label, t in (top or {}).items():
+                m[f"eval/{tag}/{which}/{judge}_{label}"] = t["top1"]
     return {k: float(v) for k, v in m.items() if v is not None}
 
 
@@ -300,12 +314,14 @@ def print_table(r: dict) -> None:
     floor = r["fid_floor"]
     floor_text = "n/a" if floor["fid"] is None else f"{floor['fid']:.1f} (N={floor['n']} vs {r['n_real']})"
     head = f"{'images':<26} {'N':>5}  {'FID':>7}  {'FID floor, real vs real':>24}  {'subcat top-1':>12}  " \
-           f"{'cat top-1':>9}  {'images/s':>8}"
+           f"{'cat top-1':>9}  {'images/s':>8}  {'CNN judge: subcat':>17}  {'cat':>6}"
+    print("top-1: the Inception probe's; the CNN judge's (training/evaluation/judge.py) in the last two columns")
     print(head)
     print("-" * len(head))
     for form, f in r["forms"].items():
         print(f"{'generated, ' + form + ' prompts':<26} {f['n_generated']:>5}  {f['fid']:>7.1f}  {floor_text:>24}  "
-              f"{_pct(f['top1'], 'subcategory'):>12}  {_pct(f['top1'], 'category'):>9}  {f['images_per_s']:>8.2f}")
+              f"{_pct(f['top1'], 'subcategory'):>12}  {_pct(f['top1'], 'category'):>9}  {f['images_per_s']:>8.2f}  "
+              f"{_pct(f.get('top1_cnn'), 'subcategory'):>17}  {_pct(f.get('top1_cnn'), 'category'):>6}")
         for group, label in (("read", "  every word in training"), ("unread", "  a word never in training")):
             g = (f.get("top1_by_words") or {}).get(group)
             if g and g["n"]:
@@ -313,9 +329,12 @@ def print_table(r: dict) -> None:
                       f"{_pct(g['top1'], 'category'):>9}  (real {_pct(g.get('real'), 'subcategory')} / "
                       f"{_pct(g.get('real'), 'category')}, reconstructed {_pct(g.get('reconstructed'), 'subcategory')}"
                       f" / {_pct(g.get('reconstructed'), 'category')})")
-    for which, label in (("real", "real held-out images"), ("reconstructed", "tokenizer reconstructions")):
-        t = r["reference_top1"][which]
-        print(f"{label:<26} {r['n_real']:>5}  {'':>7}  {'':>24}  {_pct(t, 'subcategory'):>12}  {_pct(t, 'category'):>9}")
+    cnn = r.get("reference_top1_cnn") or {}
+    for which, label in (("real", "real held-out images"), ("reconstructed", "tokenizer reconstructions"),
+                         ("noise", "uniform noise")):
+        t = r["reference_top1"].get(which)
+        print(f"{label:<26} {r['n_real']:>5}  {'':>7}  {'':>24}  {_pct(t, 'subcategory'):>12}  {_pct(t, 'category'):>9}"
+              f"  {'':>8}  {_pct(cnn.get(which), 'subcategory'):>17}  {_pct(cnn.get(which), 'category'):>6}")
     t = r["reference_top1"]["real"] or {}
     if t:
         rates = " / ".join(f"{k} {100 * v['chance']:.1f}% / {100 * v['majority']:.1f}% ({v['classes']} classes)"

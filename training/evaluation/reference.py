@@ -9,7 +9,8 @@ the image size and N:
   - the FID reference: Inception statistics of N real images of the split, and the real-vs-real floor
     (N other real images, from the other split(s), against the same statistics);
   - the fidelity probe, trained on the train split's images (at most PROBE_TRAIN_MAX; training/evaluation/probe.py);
-  - the probe's top-1 on the N real reference images (what a generator that drew the real image scores).
+  - the probe's top-1 on the N real reference images (what a generator that drew the real image scores);
+  - the second judge, a CNN trained on the train split's pixels (at most JUDGE_TRAIN_MAX; training/evaluation/judge.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from training.evaluation.fid import INCEPTION_SHA256, fid_from_features, inception_features
+from training.evaluation.judge import JUDGE_MAX_SIZE, CNNJudge
 from training.evaluation.probe import LinearProbe, chance_rates, probe_features, top1
 from vqd.images import load_image, record_image
 from vqd.io import file_sha256
@@ -34,6 +37,7 @@ CACHE_VERSION = 3  # bump when what a cache file holds changes meaning (3: the p
 LABELS = ("category", "subcategory")  # the .json fields the probe learns, when the data set has them
 SELECTION_SEED = 0  # which N real images: fixed, so every model and sampling seed is scored on the same ones
 PROBE_TRAIN_MAX = 50_000  # train-split images the probe learns from (a random subset of a larger split)
+JUDGE_TRAIN_MAX = 20_000  # train-split images the CNN judge learns from (all held in memory at once)
 
 
 @dataclass
@@ -126,6 +130,7 @@ class Reference:
         self.key = hashlib.sha256(f"{key} {size}px".encode()).hexdigest()
         self.cache = self.data / CACHE_DIR
         self._probe: LinearProbe | None = None
+        self._judge: CNNJudge | None = None
 
     def images(self, samples: list[RealSample]) -> list[RealSample]:
         """`samples`, with their images decoded at the reference's size."""
@@ -151,6 +156,50 @@ class Reference:
                 self._probe = LinearProbe.fit(feats, labels)
                 self._probe.save(path)
         return self._probe
+
+    def judge(self) -> CNNJudge | None:
+        """The second judge (trained on the train split's pixels once, then read from the cache); None without
+        labels."""
+        if self._judge is None:
+            path = self._path("judge_cnn").with_suffix(".safetensors")
+            if path.is_file():
+                self._judge = CNNJudge.load(path)
+            else:
+                train = select(self.samples, "train", JUDGE_TRAIN_MAX)
+                labels = label_values(train)
+                if not labels:
+                    return None
+                pixels = self._pixels_streamed(train, min(self.size, JUDGE_MAX_SIZE))
+                self._judge = CNNJudge.fit(pixels, labels, progress="CNN judge: train split")
+                self._judge.save(path)
+        return self._judge
+
+    def judge_fidelity(self, prompted_by: list[RealSample], images: list[RealSample] | torch.Tensor) -> dict | None:
+        """The CNN judge's top-1 of `images` (uint8 or [-1, 1] pixels, one per prompting sample) against the labels
+        of the samples that prompted them, with chance and majority rates; None when the data set has no labels."""
+        judge = self.judge()
+        if judge is None:
+            return None
+        pixels = images if isinstance(images, torch.Tensor) else stack(images)
+        predicted = judge.predict(pixels)
+        truth = label_values(prompted_by)
+        return {name: {**top1(predicted[name], truth[name]), **chance_rates(truth[name], judge.classes[name])}
+                for name in judge.classes if name in truth}
+
+    def _pixels_streamed(self, samples: list[RealSample], size: int, chunk: int = 2000) -> torch.Tensor:
+        """The images of many samples at `size`: uint8 [N, 3, size, size], decoding `chunk` at a time (bounded memory:
+        a large data set's images at the reference size would not fit)."""
+        out = torch.zeros(len(samples), 3, size, size, dtype=torch.uint8)
+        for start in range(0, len(samples), chunk):
+            part = samples[start:start + chunk]
+            fresh = [s for s in part if s.image is None]
+            x = stack(self.images(part))
+            if x.shape[-1] != size:
+                x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True).round().clamp(0, 255)
+            out[start:start + len(part)] = x.to(torch.uint8)
+            for s in fresh:
+                s.image = None
+        return out
 
     def _probe_features_streamed(self, samples: list[RealSample], chunk: int = 2000) -> np.ndarray:
         """Probe features of many samples in uid order, decoding `chunk` images at a time (bounded memory)."""
