@@ -4,8 +4,9 @@ collectives across 2 ranks.
     python benchmarks/gpu_check_train.py {peak,train,collectives} --plan plan.json --rows rows.jsonl
 
 (collectives under the deepspeed launcher, 2 ranks). The training rows run what training/train.py runs: the run
-config loaded with its overrides, the model built as it builds it, `build_engine` (DeepSpeed, fused AdamW,
-torch.compile, EMA, timestep sampler) and `optimizer_step`, fed by the real token loader from synthetic shards.
+config loaded with its overrides, the model built as it builds it, the run frame's engine (training/core/run.py:
+DeepSpeed, fused AdamW, torch.compile) with the EMA and timestep sampler, and the trainer's own step
+(training/diffusion/objective.py TrainStep), fed by the real token loader from synthetic shards.
 """
 
 from __future__ import annotations
@@ -25,9 +26,14 @@ from gpu_check_common import REPO, Plan, Rows, load_plan, peak_rss_gb, run_overr
 
 from training.core.config import load_config, resolve_precision
 from training.core.distributed import init_distributed
+from training.core.ema import EMA
+from training.core.run import Run
+from training.diffusion.ar_objective import NextToken
 from training.diffusion.config import DiffusionRunConfig, build_model_config, flops_per_sample
 from training.diffusion.data import open_dataset, token_loader
-from training.train import build_engine, optimizer_step
+from training.diffusion.objective import Denoising, TrainStep
+from vqd.ar import VQARModel
+from vqd.diffusion import TimestepSampler
 from vqd.models import MODEL_KINDS
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -77,21 +83,28 @@ def peak(plan: Plan, rows: Rows, device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------- training
 
 
-class Run:
-    """One training configuration as train.py builds it: config, model, engine, EMA, timestep sampler."""
+class Config:
+    """One training configuration as train.py builds it: config, model, engine, EMA, timestep sampler, step."""
 
     def __init__(self, plan: Plan, info, size: str, compile: bool, checkpointing: bool):
         overrides = run_overrides(plan, size, f"--train.compile={str(compile).lower()}",
                                   f"--model.checkpoint={str(checkpointing).lower()}")
-        self.cfg = load_config(DiffusionRunConfig, REPO / plan.config, overrides)
-        self.manifest = open_dataset(self.cfg.data)
-        self.model_cfg = build_model_config(self.cfg, self.manifest)
+        self.cfg = cfg = load_config(DiffusionRunConfig, REPO / plan.config, overrides)
+        self.manifest = open_dataset(cfg.data)
+        self.model_cfg = build_model_config(cfg, self.manifest)
         self.info = info
-        torch.manual_seed(self.cfg.train.seed)
+        self.run = Run(cfg, "gpu_check")  # the trainers' frame: the process group exists, the seed is set
         self.model = MODEL_KINDS[self.model_cfg.KIND](self.model_cfg, load_text_weights=False).to(info.device)
-        self.engine, _, self.ema, self.sampler = build_engine(self.cfg, self.model, info)
+        autoregressive = isinstance(self.model, VQARModel)
+        self.engine = self.run.build_engine((NextToken if autoregressive else Denoising)(
+            self.model, train_text=cfg.model.train_text))
+        trainable = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        ema = EMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        sampler = None if autoregressive or not cfg.diffusion.importance_sampling else \
+            TimestepSampler(self.model_cfg.num_timesteps, device=info.device)
+        self.train_step = TrainStep(self.run, self.model, None, ema, sampler)
         self.engine.train()
-        self.parameters = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
+        self.parameters = sum(p.numel() for p in trainable.values())
         self.step = 0
 
     def batches(self, micro_batch: int):
@@ -99,16 +112,19 @@ class Run:
         cfg = self.cfg
         return iter(token_loader(self.manifest, cfg.data, micro_batch, cfg.train.seed, self.info.rank,
                                  self.info.world_size, num_workers=cfg.train.num_workers, classes=self.model_cfg.classes,
-                                 context_length=self.model_cfg.text.context_length))
+                                 context_length=self.model_cfg.text.context_length,
+                                 pin_memory=self.info.device.type == "cuda"))
 
     def steps(self, data, n: int) -> float:
         """Seconds of n optimizer steps, the device synchronised at both ends."""
+        self.train_step.data = data
         sync(self.info.device)
         start = time.perf_counter()
         for _ in range(n):
-            optimizer_step(self.engine, self.model, data, self.cfg, self.info, self.step, self.sampler, self.ema)
+            self.train_step(self.step)
             self.step += 1
         sync(self.info.device)
+        self.run.window = type(self.run.window)()  # nothing reads the window here: drop its sums
         return time.perf_counter() - start
 
 
@@ -125,7 +141,7 @@ def reset_peak(device: torch.device) -> None:
 def step_row(plan: Plan, info, size: str, compile: bool, checkpointing: bool) -> dict:
     """tokens/s, MFU and peak memory of one configuration at the config's micro-batch."""
     reset_peak(info.device)
-    run = Run(plan, info, size, compile, checkpointing)
+    run = Config(plan, info, size, compile, checkpointing)
     data = run.batches(plan.micro_batch)
     first = run.steps(data, 1)  # compilation, allocator and kernel selection: timed apart
     warm = run.steps(data, max(1, plan.warmup_steps - 1))
@@ -174,7 +190,7 @@ def search_row(plan: Plan, info, size: str, checkpointing: bool) -> dict:
     def fits(b: int) -> bool:
         reset_peak(info.device)
         try:
-            state["run"] = state["run"] or Run(plan, info, size, False, checkpointing)
+            state["run"] = state["run"] or Config(plan, info, size, False, checkpointing)
             state["run"].steps(state["run"].batches(b), 2)
             state["memory"][b] = peak_memory_gb(info.device)
             return True

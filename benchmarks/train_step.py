@@ -33,7 +33,7 @@ from training.core.distributed import init_distributed
 from training.core.metrics import measured_matmul_flops
 from training.core.optim import build_optimizer
 from training.diffusion.config import DiffusionRunConfig, build_model_config, flops_per_sample
-from training.diffusion.objective import Denoising, micro_step, step_generator
+from training.diffusion.objective import Denoising, micro_step, step_generator, to_device
 from vqd.diffusion import TimestepSampler
 from vqd.models import VQDiffusionModel
 
@@ -68,7 +68,7 @@ def worker(args: argparse.Namespace) -> None:
 
     def step(i: int) -> None:
         gen = step_generator(0, info.rank, i, 0, info.device)
-        loss, *_ = micro_step(engine, model, sampler, batch, 0.1, 5e-4, True, gen, info.device)
+        loss, *_ = micro_step(engine, model, sampler, to_device(batch, info.device), 0.1, 5e-4, True, gen)
         engine.backward(loss)
         engine.step()
 

@@ -46,6 +46,7 @@ from data_pipeline.filters import run_filter
 from data_pipeline.manifest import validate, write_dataset
 from data_pipeline.metadata import check_source, run_metadata
 from data_pipeline.recipe import TRAIN_VQVAE_HINT, load_recipe, recipe_hash
+from vqd.errors import UserError
 from vqd.released import is_released, released_tokenizer_folder
 
 NEEDS = {"filter": "metadata", "download": "filter", "encode": "download", "validate": "encode"}
@@ -56,7 +57,7 @@ def parse_stages(text: str) -> list[str]:
     stages = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
-        raise ValueError(f"--stages: unknown stage(s) {unknown}; expected a comma list of {list(STAGES)}")
+        raise UserError(f"--stages: unknown stage(s) {unknown}; expected a comma list of {list(STAGES)}")
     return [s for s in STAGES if s in stages]
 
 
@@ -67,7 +68,7 @@ def _stamp_recipe(out: Path, recipe) -> None:
     if stamp.is_file():
         old = json.loads(stamp.read_text())
         if old["sha256"] != digest:
-            raise ValueError(f"output folder {str(out)!r} was built from another version of recipe {old['name']!r} "
+            raise UserError(f"output folder {str(out)!r} was built from another version of recipe {old['name']!r} "
                              f"(sha256 {old['sha256'][:12]} != {digest[:12]}): pass a new --out or delete the folder")
     else:
         atomic_write_json(stamp, {"name": recipe.name, "sha256": digest})
@@ -89,16 +90,16 @@ def _build(recipe, out_dir: Path, tokenizer: Optional[str], metadata: Optional[s
     _stamp_recipe(out_dir, recipe)
     if retry_failed:
         if "download" not in stages:
-            raise ValueError("--retry-failed retries the download stage: include 'download' in --stages")
+            raise UserError("--retry-failed retries the download stage: include 'download' in --stages")
         clear_done(out_dir, "download", "encode", "validate")
     if "metadata" in stages and not is_done(out_dir, "metadata"):
         check_source(recipe, metadata)  # offline with a remote source: say so before Ray starts
     elif metadata and is_done(out_dir, "metadata") and read_done(out_dir, "metadata")["source"] != redact_url(metadata):
-        raise ValueError(f"{out_dir} was built from metadata {read_done(out_dir, 'metadata')['source']!r}, not "
+        raise UserError(f"{out_dir} was built from metadata {read_done(out_dir, 'metadata')['source']!r}, not "
                          f"{redact_url(metadata)!r}: build into a new --out")
     if "encode" in stages:  # the tokenizer is checked before anything starts: another tokenizer means re-encode
         if tok is None:
-            raise ValueError(f"recipe {recipe.name!r} names no tokenizer folder: set `tokenizer:` in the recipe or "
+            raise UserError(f"recipe {recipe.name!r} names no tokenizer folder: set `tokenizer:` in the recipe or "
                              f"pass --tokenizer PATH (train one with `{TRAIN_VQVAE_HINT}`)")
         if is_released(tok):  # the released model's VQ-VAE, as the tokenizer folder the manifest names
             tok = released_tokenizer_folder(tok, out_dir / "tokenizer")
@@ -117,7 +118,7 @@ def _build(recipe, out_dir: Path, tokenizer: Optional[str], metadata: Optional[s
             continue
         need = NEEDS.get(stage)
         if need and not is_done(out_dir, need):
-            raise ValueError(f"stage {stage!r} needs stage {need!r} to be complete in {out_dir}: "
+            raise UserError(f"stage {stage!r} needs stage {need!r} to be complete in {out_dir}: "
                              f"run with --stages {need},{stage} (or without --stages)")
         start = time.time()
         if stage == "metadata":

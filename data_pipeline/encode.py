@@ -20,6 +20,7 @@ import numpy as np
 
 from data_pipeline.common import SUCCESS, done_shards, redact_url
 from data_pipeline.recipe import TRAIN_VQVAE_HINT, Recipe
+from vqd.errors import UserError
 from vqd.images import load_image, record_image
 from vqd.io import WEIGHTS_NAME, atomic_write, atomic_write_json, file_sha256
 from vqd.shards import read_tar, sample_record, tar_writer
@@ -34,7 +35,7 @@ META_KEEP = ("uid", "split", "source_url", "original_width", "original_height", 
 def tokenizer_info(folder: Path) -> dict:
     """What the manifest records about the tokenizer: folder, sha256 of its weights, codebook and grid."""
     if not (folder / WEIGHTS_NAME).is_file():
-        raise ValueError(
+        raise UserError(
             f"tokenizer folder {str(folder)!r} does not exist or has no {WEIGHTS_NAME}: train one with "
             f"`{TRAIN_VQVAE_HINT}` (its export/ folder), then set the recipe's `tokenizer:` or pass --tokenizer PATH"
         )

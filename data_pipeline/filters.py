@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from data_pipeline.common import atomic_write_parquet, ray_map
 from data_pipeline.recipe import FilterSpec, Recipe
+from vqd.errors import UserError
 from vqd.io import atomic_write
 
 BUCKET_ROWS = 1 << 20  # input rows per de-duplication bucket (kept rows per bucket are at most this, on average)
@@ -165,7 +166,7 @@ def run_filter(recipe: Recipe, out: Path) -> dict:
     schema = pq.read_schema(parts[0])
     for col, key in required_columns(recipe.filters).items():
         if col not in schema.names:
-            raise ValueError(f"recipe key {key!r} needs a {col!r} column, but the metadata has none: "
+            raise UserError(f"recipe key {key!r} needs a {col!r} column, but the metadata has none: "
                              f"map it with source.columns.{col}: <source column>")
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     buckets = max(1, -(-total // BUCKET_ROWS))
@@ -182,5 +183,5 @@ def run_filter(recipe: Recipe, out: Path) -> dict:
     dropped["duplicate_url"] = sum(d for _, d in kept)
     stats = {"input": total, "kept": sum(k for k, _ in kept), "dropped": {r: n for r, n in dropped.items() if n}}
     if stats["kept"] == 0:
-        raise ValueError(f"the filters of recipe {recipe.name!r} dropped every row: {stats['dropped']}")
+        raise UserError(f"the filters of recipe {recipe.name!r} dropped every row: {stats['dropped']}")
     return stats

@@ -28,6 +28,7 @@ import numpy as np
 
 from data_pipeline.common import ray_map, redact_url
 from data_pipeline.recipe import Recipe, recipe_dict, recipe_hash
+from vqd.errors import UserError
 from vqd.io import atomic_write_json, fsync_dir
 from vqd.shards import FORMAT, MANIFEST, iter_samples, open_manifest, read_tar, write_shard
 
@@ -83,7 +84,7 @@ def accounting(statistics: dict) -> dict:
               ("filter input", filt["input"], "kept + dropped", filt["kept"] + sum(filt["dropped"].values()))]
     for a, x, b, y in checks:
         if x != y:
-            raise ValueError(f"the build's statistics do not add up: {a} {x} != {b} {y}; not publishing a manifest")
+            raise UserError(f"the build's statistics do not add up: {a} {x} != {b} {y}; not publishing a manifest")
     return {"rows": meta["rows"], "samples": enc["encoded"], "dropped": dropped}
 
 
@@ -92,7 +93,7 @@ def write_dataset(recipe: Recipe, out: Path, tokenizer: dict, statistics: dict) 
     parts = encoded_parts(out)
     encoded = sum(sum(p["samples"].values()) for p in parts)
     if encoded == 0:
-        raise ValueError(f"no image of recipe {recipe.name!r} was downloaded and encoded; see {out}/download/*.parquet")
+        raise UserError(f"no image of recipe {recipe.name!r} was downloaded and encoded; see {out}/download/*.parquet")
     failed: dict[str, int] = {}
     for p in parts:
         for reason, n in p["failed"].items():
@@ -142,14 +143,14 @@ def check_shard(path: str, expected: int, num_codes: int, n_tokens: int) -> int:
     for s in iter_samples(Path(path)):
         vq, clip, key = s["vq"], s["clip"], s["key"]
         if vq.dtype != np.uint16 or vq.shape != (n_tokens,) or int(vq.max(initial=0)) >= num_codes:
-            raise ValueError(f"{path}: sample {key} has bad vq ids ({vq.dtype}, {vq.shape})")
+            raise UserError(f"{path}: sample {key} has bad vq ids ({vq.dtype}, {vq.shape})")
         if clip.dtype != np.int32 or clip.shape != (77,):
-            raise ValueError(f"{path}: sample {key} has bad clip ids ({clip.dtype}, {clip.shape})")
+            raise UserError(f"{path}: sample {key} has bad clip ids ({clip.dtype}, {clip.shape})")
         if key in keys:
-            raise ValueError(f"{path}: sample {key} appears twice")
+            raise UserError(f"{path}: sample {key} appears twice")
         keys.add(key)
     if len(keys) != expected:
-        raise ValueError(f"{path}: {len(keys)} samples, manifest says {expected}")
+        raise UserError(f"{path}: {len(keys)} samples, manifest says {expected}")
     return len(keys)
 
 
@@ -164,6 +165,6 @@ def validate(out: Path) -> dict:
     acc = manifest["statistics"]["accounting"]
     dropped = sum(n for reasons in acc["dropped"].values() for n in reasons.values())
     if total != acc["samples"] or acc["rows"] != total + dropped:
-        raise ValueError(f"{out}: {total} samples in shards and {dropped} rows dropped, but the manifest counts "
+        raise UserError(f"{out}: {total} samples in shards and {dropped} rows dropped, but the manifest counts "
                          f"{acc['samples']} samples of {acc['rows']} rows")
     return {"shards": len(shards), "samples": total}

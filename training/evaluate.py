@@ -67,6 +67,7 @@ from training.evaluation.reference import RealSample, Reference, caption_words, 
 from training.evaluation.sweep import best_run, print_sweep, write_best
 from training.tracking.access import access_problem
 from training.tracking.redaction import public_uri, redact_text
+from vqd.errors import UserError
 from vqd.pipeline import TextToImage, to_uint8
 from vqd.sampling import SamplingConfig
 
@@ -79,7 +80,7 @@ def prompts_for(samples: list[RealSample], form: str, model_cfg) -> list[str]:
         key = next((k for k in ("subcategory", "category") if all(str(s.meta.get(k)) in model_cfg.classes
                                                                     for s in samples)), None)
         if key is None:
-            raise ValueError("the model is class-conditional, but neither the subcategory nor the category labels of "
+            raise UserError("the model is class-conditional, but neither the subcategory nor the category labels of "
                              f"the held-out images are all among its {len(model_cfg.classes)} classes")
         return [str(s.meta[key]) for s in samples]
     if form == "none":
@@ -87,7 +88,7 @@ def prompts_for(samples: list[RealSample], form: str, model_cfg) -> list[str]:
     if form == "typed":
         missing = [s.caption for s in samples if not s.meta.get("captions")]
         if missing:
-            raise ValueError(f"--prompts-from typed: {len(missing)} held-out samples have no `captions` in their .json "
+            raise UserError(f"--prompts-from typed: {len(missing)} held-out samples have no `captions` in their .json "
                              f"(e.g. {missing[0]!r}); rebuild the data set with a recipe that writes caption forms")
         return [s.meta["captions"][0] for s in samples]
     return [s.caption for s in samples]

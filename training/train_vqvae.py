@@ -36,131 +36,94 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads must sleep
 
-import time
-from pathlib import Path
-
 import torch
-from tqdm import tqdm
 
-from training.core.budget import StepBudget
-from training.core.checkpoint import export_dir, load_checkpoint, resolve_resume, save_checkpoint
-from training.core.config import load_config, save_config, split_cli
-from training.core.distributed import barrier, cleanup, init_distributed
-from training.core.metrics import MetricWindow
-from training.core.optim import build_optimizer, set_total_steps
+from training.core.checkpoint import export_dir
+from training.core.cli import parse_config
+from training.core.config import save_config
+from training.core.run import Run
 from training.tokenizer.config import VQVAERunConfig
 from training.tokenizer.data import image_loader
 from training.tokenizer.objective import TokenizerObjective, evaluate, prune_codes, recon_grid
-from training.tracking.access import require_access
-from training.tracking.tracker import start_run
+from vqd.errors import exit_on_user_error
 from vqd.vqvae import VQVAE, load_tokenizer
+
+SKIPPED = ("bad_images", "bad_tars")  # images and tars the loader could not read: counted, kept in checkpoints
 
 
 def main(argv: list[str] | None = None) -> None:
-    config_path, overrides = split_cli(argv)
-    cfg: VQVAERunConfig = load_config(VQVAERunConfig, config_path, overrides)
-    info = init_distributed()
-    require_access(cfg.tracking, info)  # wrong or missing tracking credentials end the run here, in one line
-    run_dir = Path(cfg.train.run_dir)
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
-
+    cfg: VQVAERunConfig = parse_config(VQVAERunConfig, argv, __doc__)
+    run = Run(cfg, "train_vqvae")
     vqvae = VQVAE(cfg.model)
     if cfg.train.init_from:
         vqvae.load_state_dict(load_tokenizer(cfg.train.init_from).state_dict())
     objective = TokenizerObjective(vqvae, cfg.loss)
-    opt, sched = build_optimizer(objective, cfg.optim, cfg.train.steps, info.device)
-    import deepspeed
-
-    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, lr_scheduler=sched, config=cfg.deepspeed)
+    engine = run.build_engine(objective)
     if cfg.model.codebook == "ema":  # EMA statistics stay fp32 even when the engine runs in bf16 / fp16
         engine.module.vqvae.quantize.float()
     dtype = next(p for p in engine.module.parameters() if p.requires_grad).dtype
+    state = run.resume()
+    run.rank_state = {f"skipped_{k}": int(state.get(f"skipped_{k}", 0)) for k in SKIPPED}  # this rank's, all run
+    run.start_tracking()
 
-    step, batches_done = 0, 0
-    skipped = {"bad_images": 0, "bad_tars": 0}  # this rank's, since the run began (kept in checkpoints)
-    budget = StepBudget(cfg.train.max_minutes, cfg.train.steps, step, every=cfg.train.log_every)
-    resume_from = resolve_resume(cfg.train.resume, run_dir)
-    if resume_from is not None:
-        state = load_checkpoint(engine, resume_from, info.rank)
-        step, batches_done = int(state["step"]), int(state.get("batches", 0))
-        budget = StepBudget.resumed(cfg.train.max_minutes, cfg.train.steps, state, every=cfg.train.log_every)
-        skipped = {k: int(state.get(f"skipped_{k}", 0)) for k in skipped}
-    tracker = start_run(cfg, run_dir, info.is_main, "train_vqvae", tags={"world_size": str(info.world_size)})
+    data = iter(image_loader(cfg.data, cfg.model.image_size, cfg.train.micro_batch_size, split="train",
+                             rank=run.info.rank, world_size=run.info.world_size, seed=cfg.train.seed,
+                             skip_batches=run.batches, num_workers=cfg.train.num_workers))
+    used = torch.zeros(cfg.model.num_embeddings, device=run.device)  # codes used in this logging window
+    last_batch: list[torch.Tensor] = []
 
-    loader = image_loader(cfg.data, cfg.model.image_size, cfg.train.micro_batch_size, split="train",
-                          rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
-                          skip_batches=batches_done, num_workers=cfg.train.num_workers)
-    data = iter(loader)
-    set_total_steps(sched, budget.planned)
-    bar = tqdm(total=budget.planned, initial=step, disable=not info.is_main, desc="train_vqvae", dynamic_ncols=True)
-    window = MetricWindow()
-    window_counts = torch.zeros(cfg.model.num_embeddings)
-    engine.train()
-    while step < budget.planned:
-        started = time.perf_counter()
+    def train_step(step: int) -> None:
         for _ in range(cfg.train.grad_accum):
             x, bad = next(data)
-            batches_done += 1
+            run.batches += 1
             for k, v in bad.items():
-                skipped[k] = skipped.get(k, 0) + v
-            x = x.to(info.device, dtype)
+                run.rank_state[f"skipped_{k}"] += v
+            x = x.to(run.device, dtype, non_blocking=True)
             loss, metrics = engine(x, step)
             engine.backward(loss)
             engine.step()
-            window.add(x.shape[0], loss=loss.detach(), **metrics)
-            window_counts += objective.counts.detach().float().cpu()
-        window.add(0, time.perf_counter() - started)
-        step += 1
-        if budget.update(step, info.device, info.world_size) != bar.total:  # the time budget moved the end
-            set_total_steps(sched, budget.planned)
-            bar.total = budget.planned
-        bar.update(1)
-        last = step == budget.planned
-        if step % cfg.train.log_every == 0 or last:
-            means = window.flush(info.device)
-            means["images_per_s"] = means.pop("samples_per_s")
-            totals = torch.tensor([float(skipped[k]) for k in sorted(skipped)], dtype=torch.float64)
-            if info.world_size > 1:  # counts add up over ranks
-                totals = totals.to(info.device)
-                torch.distributed.all_reduce(totals)
-            if budget.enabled:
-                means["planned_steps"] = float(budget.planned)
-            means.update({"usage": float((window_counts > 0).float().mean()), "lr": sched.get_last_lr()[0],
-                          **{f"skipped/{k}": float(v) for k, v in zip(sorted(skipped), totals.tolist())}})
-            tracker.log_metrics(means, step)
-            bar.set_postfix(loss=f"{means['loss']:.4f}", psnr=f"{means['psnr']:.2f}",
-                            usage=f"{means['usage']:.2f}", ips=f"{means['images_per_s']:.0f}")
-            window_counts.zero_()
-        if info.is_main and cfg.train.image_every and (step % cfg.train.image_every == 0 or last):
-            tracker.log_image(recon_grid(engine.module.vqvae, x), f"reconstructions/step_{step:08d}.png")
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last:  # the last: after the loop
-            tracker.log_metrics(evaluate(engine.module.vqvae, cfg, info.rank, info.world_size, info.device), step)
-        if step % cfg.train.save_every == 0 or last:
-            save_checkpoint(engine, run_dir, step, info.rank, cfg,
-                            {"batches": batches_done, **{f"skipped_{k}": v for k, v in skipped.items()},
-                             **budget.state()}, cfg.train.keep_checkpoints)
-            if info.is_main:
-                engine.module.vqvae.save(export_dir(run_dir))
-                save_config(cfg, export_dir(run_dir) / "run_config.yaml")
-            barrier()
-    bar.close()
+            run.window.add(x.shape[0], loss=loss.detach(), **metrics)
+            used.add_(objective.counts.detach().float())
+        last_batch[:] = [x]
 
-    vqvae = engine.module.vqvae
-    final = evaluate(vqvae, cfg, info.rank, info.world_size, info.device, max_batches=10 ** 9)
-    barrier()  # no collective follows: the other ranks may leave while rank 0 prunes and uploads
-    if info.is_main:
+    def on_log(means: dict[str, float]) -> None:
+        totals = torch.tensor([float(run.rank_state[f"skipped_{k}"]) for k in SKIPPED], dtype=torch.float64,
+                              device=run.device)
+        if run.info.world_size > 1:  # counts add up over ranks
+            torch.distributed.all_reduce(totals)
+        means.update({"usage": float((used > 0).float().mean()),
+                      **{f"skipped/{k}": float(v) for k, v in zip(SKIPPED, totals.tolist())}})
+        used.zero_()
+
+    def draw(step: int) -> None:
+        if run.info.is_main:
+            run.tracker.log_image(recon_grid(engine.module.vqvae, last_batch[0]), f"reconstructions/step_{step:08d}.png")
+
+    def held_out(step: int) -> None:
+        if not run.last:  # the last: after the loop, over the whole held-out split
+            run.log(evaluate(engine.module.vqvae, cfg, run.info.rank, run.info.world_size, run.device))
+
+    def export(_: int) -> None:
+        if run.info.is_main:
+            engine.module.vqvae.save(export_dir(run.run_dir))
+            save_config(cfg, export_dir(run.run_dir) / "run_config.yaml")
+
+    run.loop(train_step, on_log=on_log, export=export, throughput="images_per_s",
+             periodic=[(cfg.train.image_every, draw), (cfg.train.eval_every, held_out)])
+    data = None  # stops the loader's workers
+
+    final = evaluate(vqvae, cfg, run.info.rank, run.info.world_size, run.device, max_batches=10 ** 9)
+
+    def prune_and_report() -> str:  # one pass over the training images on rank 0: the others need not wait
         if cfg.prune.enabled:
-            counts = prune_codes(vqvae, cfg, info.device)
+            counts = prune_codes(vqvae, cfg, run.device)
             final["pruned_codes"] = vqvae.num_codes
-            tracker.log_metrics({"train/used_codes": float((counts > 0).sum())}, step)
-            vqvae.save(export_dir(run_dir))
-        tracker.log_metrics(final, step)
-        tracker.set_tags({"export": str(export_dir(run_dir).resolve())})
-        ended = f" of {cfg.train.steps} (time budget {cfg.train.max_minutes:g} min)" if step < cfg.train.steps else ""
-        print(f"done: {step} steps{ended}; final: {final}  export: {export_dir(run_dir)}", flush=True)
-    tracker.finish()
-    cleanup()
+            run.tracker.log_metrics({"train/used_codes": float((counts > 0).sum())}, run.step)
+            vqvae.save(export_dir(run.run_dir))
+        run.tracker.log_metrics(final, run.step)
+        return f"final: {final}"
 
+    run.finish(upload_export=False, then_on_main=prune_and_report)
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

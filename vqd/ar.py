@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from vqd.errors import UserError
 from vqd.network import ComposedModel, NetworkConfig
 from vqd.text import TextEncoder, tokenize
 from vqd.transformer import KVCache, TokenGridTransformer, TransformerConfig, check_ids, check_text
@@ -52,7 +53,7 @@ class ARTransformer(TokenGridTransformer):
 
     def __init__(self, cfg: TransformerConfig):
         if not cfg.causal or cfg.num_timesteps != 0:
-            raise ValueError("cfg: the AR network needs causal=True and num_timesteps=0")
+            raise UserError("cfg: the AR network needs causal=True and num_timesteps=0")
         super().__init__(cfg)
 
     @property
@@ -110,9 +111,9 @@ def generate(
     """Sample image tokens in raster order: text [B, L, D] -> Long [B, N] in [0, K)."""
     check_text("text", text, text.shape[0] if text.dim() == 3 else -1, net.cfg.text_dim)
     if not temperature > 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature}")
+        raise UserError(f"temperature: expected > 0, got {temperature}")
     if not 0.0 < top_r <= 1.0:
-        raise ValueError(f"top_r: expected a value in (0, 1], got {top_r}")
+        raise UserError(f"top_r: expected a value in (0, 1], got {top_r}")
     from tqdm.auto import tqdm
 
     batch, n = text.shape[0], net.seq_len
@@ -173,9 +174,9 @@ class VQARModel(ComposedModel):
                         progress: bool = False) -> torch.Tensor:
         """Captions -> token grids Long [len(captions), h*w], in batches of `batch_size` (KV cache)."""
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
-            raise ValueError("captions must be a list of strings")
+            raise UserError("captions must be a list of strings")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         out = [self.generate(self.encode_prompts(list(captions[i:i + batch_size])), generator, temperature, top_r,
                              use_cache=True, progress=progress) for i in range(0, len(captions), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.grid[0] * self.grid[1], dtype=torch.long)

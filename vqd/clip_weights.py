@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vqd.errors import UserError
+
 if TYPE_CHECKING:
     from vqd.text import TextEncoderConfig
 
@@ -50,18 +52,18 @@ def read_weights_file(path: str) -> dict[str, torch.Tensor]:
 
         return load_file(path)
     if _is_torchscript(path):
-        raise ValueError(
+        raise UserError(
             f"pretrained: {path!r} is a TorchScript archive (as OpenAI's original ViT-B-32.pt is); loading one can "
             "run code, so it is not read. Point text.pretrained at open_clip's open_clip_model.safetensors of the "
             "same weights, or at a Hugging Face CLIP folder (e.g. a copy of openai/clip-vit-base-patch32)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling error: the file holds more than tensors, or is no torch file
-        raise ValueError(f"pretrained: {path!r} is not a file of tensors torch reads with weights_only=True ({e})") from e
+        raise UserError(f"pretrained: {path!r} is not a file of tensors torch reads with weights_only=True ({e})") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"pretrained: {path!r} does not hold a dict of tensors")
+        raise UserError(f"pretrained: {path!r} does not hold a dict of tensors")
     return state
 
 
@@ -80,12 +82,12 @@ def read_cached_open_clip_tag(cfg: TextEncoderConfig) -> dict[str, torch.Tensor]
 
     model, tag = cfg.open_clip_model, str(cfg.pretrained)
     if tag not in open_clip.list_pretrained_tags_by_model(model):
-        raise ValueError(f"pretrained: {tag!r} is neither a file, a folder, nor an open_clip tag of {model!r} "
+        raise UserError(f"pretrained: {tag!r} is neither a file, a folder, nor an open_clip tag of {model!r} "
                          f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(model)[:6])}, ...)")
     pretrained_cfg = open_clip.get_pretrained_cfg(model, tag)
     quick = bool(pretrained_cfg.get("quick_gelu", False))
     if quick != (cfg.activation == "quick_gelu"):
-        raise ValueError(f"activation: open_clip weights {model}/{tag} need {'quick_gelu' if quick else 'gelu'}, "
+        raise UserError(f"activation: open_clip weights {model}/{tag} need {'quick_gelu' if quick else 'gelu'}, "
                          f"the config says {cfg.activation!r}")
     # open_clip writes "org/name/" (its default file names) or "org/name/file"
     repo_id, filename = os.path.split(pretrained_cfg.get("hf_hub", ""))
@@ -113,7 +115,7 @@ def read_hf_clip_folder(folder: str, cfg: TextEncoderConfig) -> dict[str, torch.
     try:
         model = CLIPTextModel.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"pretrained: {folder!r} is not a Hugging Face CLIP folder transformers can read ({e})") from e
+        raise UserError(f"pretrained: {folder!r} is not a Hugging Face CLIP folder transformers can read ({e})") from e
     finally:
         hf_logging.set_verbosity(verbosity)
     hf = model.config
@@ -122,7 +124,7 @@ def read_hf_clip_folder(folder: str, cfg: TextEncoderConfig) -> dict[str, torch.
             "intermediate_size": cfg.mlp_ratio * cfg.width, "hidden_act": cfg.activation}
     wrong = [f"{k} {getattr(hf, k)!r} (config: {v!r})" for k, v in want.items() if getattr(hf, k) != v]
     if wrong:
-        raise ValueError(f"pretrained: the CLIP folder {folder!r} does not match the text config: {'; '.join(wrong)}")
+        raise UserError(f"pretrained: the CLIP folder {folder!r} does not match the text config: {'; '.join(wrong)}")
     return hf_clip_text_to_open_clip(model.state_dict(), cfg.layers)
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqd.errors import UserError
+
 LOG_EPS = 1e-30  # probabilities are clamped here before the log, so no -inf enters the maths
 
 
@@ -70,7 +72,7 @@ def cumulative_schedule(num_timesteps: int, schedule: str, mask_rate: float):
         replace_bar = (1.0 - mask_rate) * frac
         alpha_bar = 1.0 - frac
     else:
-        raise ValueError(f"schedule must be 'code' or 'paper', got {schedule!r}")
+        raise UserError(f"schedule must be 'code' or 'paper', got {schedule!r}")
     one, zero = torch.ones(1, **f64), torch.zeros(1, **f64)
     return torch.cat([one, alpha_bar]), torch.cat([zero, gamma_bar]), torch.cat([zero, replace_bar])
 
@@ -85,11 +87,11 @@ class MaskAndReplaceDiffusion(nn.Module):
     def __init__(self, num_codes: int, num_timesteps: int = 100, schedule: str = "code", mask_rate: float = 0.9):
         super().__init__()
         if not isinstance(num_codes, int) or num_codes < 2:
-            raise ValueError(f"num_codes must be an int >= 2, got {num_codes!r}")
+            raise UserError(f"num_codes must be an int >= 2, got {num_codes!r}")
         if not isinstance(num_timesteps, int) or num_timesteps < 2:
-            raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
+            raise UserError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
         if not 0.0 <= mask_rate <= 1.0:
-            raise ValueError(f"mask_rate must be in [0, 1], got {mask_rate!r}")
+            raise UserError(f"mask_rate must be in [0, 1], got {mask_rate!r}")
         self.num_codes = num_codes
         self.num_classes = num_codes + 1
         self.mask_id = num_codes
@@ -104,7 +106,7 @@ class MaskAndReplaceDiffusion(nn.Module):
         alpha_step = alpha_bar[1:] / alpha_bar[:-1].clamp(min=LOG_EPS)
         keep_step = (1.0 - gamma_bar[1:]) / (1.0 - gamma_bar[:-1]).clamp(min=LOG_EPS)
         if (beta_bar < -1e-12).any() or (keep_step - alpha_step < -1e-12).any():
-            raise ValueError(f"schedule {schedule!r} with mask_rate={mask_rate} gives negative replace rates")
+            raise UserError(f"schedule {schedule!r} with mask_rate={mask_rate} gives negative replace rates")
 
         def log(p: torch.Tensor) -> torch.Tensor:
             return p.clamp(min=LOG_EPS).log()
@@ -126,26 +128,26 @@ class MaskAndReplaceDiffusion(nn.Module):
     def _levels(self, t: int | torch.Tensor, batch: int, name: str, low: int, device) -> torch.Tensor:
         """An int or Long [B] timestep in [low, T-1] -> Long [B] level (t + 1)."""
         if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
-            raise ValueError(f"{name} must be an int or a LongTensor [B], got {type(t).__name__}")
+            raise UserError(f"{name} must be an int or a LongTensor [B], got {type(t).__name__}")
         if isinstance(t, int):
             t = torch.full((batch,), t, dtype=torch.long, device=device)
         if t.dtype != torch.long or t.shape != (batch,):
-            raise ValueError(f"{name} must be an int or a LongTensor of shape [{batch}], got {t.dtype} {tuple(t.shape)}")
+            raise UserError(f"{name} must be an int or a LongTensor of shape [{batch}], got {t.dtype} {tuple(t.shape)}")
         if t.numel() and (t.min() < low or t.max() > self.num_timesteps - 1):
-            raise ValueError(f"{name} must lie in [{low}, {self.num_timesteps - 1}], got {t.min().item()}..{t.max().item()}")
+            raise UserError(f"{name} must lie in [{low}, {self.num_timesteps - 1}], got {t.min().item()}..{t.max().item()}")
         return t.to(device) + 1
 
     def _check_ids(self, x: torch.Tensor, name: str, allow_mask: bool) -> None:
         top = self.num_codes if allow_mask else self.num_codes - 1
         if not isinstance(x, torch.Tensor) or x.dtype != torch.long or x.dim() != 2:
-            raise ValueError(f"{name} must be a LongTensor [B, N], got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+            raise UserError(f"{name} must be a LongTensor [B, N], got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
         if x.numel() and (x.min() < 0 or x.max() > top):
-            raise ValueError(f"{name} ids must lie in [0, {top}], got {x.min().item()}..{x.max().item()}")
+            raise UserError(f"{name} ids must lie in [0, {top}], got {x.min().item()}..{x.max().item()}")
 
     def _check_log_p_x0(self, log_p_x0: torch.Tensor, x_t: torch.Tensor) -> None:
         want = (x_t.shape[0], self.num_codes, x_t.shape[1])
         if not isinstance(log_p_x0, torch.Tensor) or not log_p_x0.is_floating_point() or tuple(log_p_x0.shape) != want:
-            raise ValueError(f"log_p_x0 must be a float tensor [B, K, N] = {list(want)}, got {tuple(getattr(log_p_x0, 'shape', ()))}")
+            raise UserError(f"log_p_x0 must be a float tensor [B, K, N] = {list(want)}, got {tuple(getattr(log_p_x0, 'shape', ()))}")
 
     # ----------------------------------------------------------------------------------------------
     # the forward process
@@ -219,7 +221,7 @@ class MaskAndReplaceDiffusion(nn.Module):
         else:
             level_s = self._levels(t_prev, B, "t_prev", -1, device)
             if (level_s >= level_t).any():
-                raise ValueError("t_prev must be smaller than t for every sample")
+                raise UserError("t_prev must be smaller than t for every sample")
         log_p_x0 = log_p_x0.float()
         is_mask = (x_t == self.mask_id).unsqueeze(1)  # [B, 1, N]
         at_xt = x_t.clamp(max=self.num_codes - 1).unsqueeze(1)  # [B, 1, N]: where x_t's own entry sits
@@ -321,6 +323,8 @@ class TimestepSampler:
 
     Across ranks: call `batch_statistics` on the local (t, L_t), all-reduce both returned tensors
     (sum), then `update` with the result, so that every rank holds the same history and draws alike.
+    The statistics live on `device` (`to(device)`): drawing, folding in and warm-up never copy to the host, so
+    a GPU training step never waits on them.
     """
 
     def __init__(
@@ -331,35 +335,48 @@ class TimestepSampler:
         decay: float = 0.9,
         t0_as_t1: bool = True,
         ema_from_zero: bool = True,
+        device: torch.device | str | None = None,
     ):
         if not isinstance(num_timesteps, int) or num_timesteps < 2:
-            raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
+            raise UserError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+            raise UserError(f"decay must be in [0, 1), got {decay!r}")
         if warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {warmup!r}")
+            raise UserError(f"warmup must be >= 0, got {warmup!r}")
         self.num_timesteps = num_timesteps
         self.importance = importance
         self.warmup = warmup
         self.decay = decay
         self.t0_as_t1 = t0_as_t1
         self.ema_from_zero = ema_from_zero
-        self.loss_sq = torch.zeros(num_timesteps, dtype=torch.float64)
-        self.count = torch.zeros(num_timesteps, dtype=torch.long)
+        self.loss_sq = torch.zeros(num_timesteps, dtype=torch.float64, device=device)
+        self.count = torch.zeros(num_timesteps, dtype=torch.long, device=device)
+        self._p: torch.Tensor | None = None  # p(t), computed again after each update
+
+    def to(self, device: torch.device | str) -> "TimestepSampler":
+        """Move the statistics to `device` (where the training step draws)."""
+        self.loss_sq, self.count, self._p = self.loss_sq.to(device), self.count.to(device), None
+        return self
 
     @property
     def ready(self) -> bool:
-        """True once importance sampling is on and every timestep was observed more than `warmup` times."""
+        """True once importance sampling is on and every timestep was observed more than `warmup` times (reads
+        the device: for inspection, not for the training step)."""
         return self.importance and bool((self.count > self.warmup).all())
 
     def probabilities(self) -> torch.Tensor:
-        """p(t) [T] (float64): uniform until ready, then sqrt-EMA weighted."""
-        if not self.ready:
-            return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
-        w = (self.loss_sq.clamp(min=0) + 1e-10).sqrt() + 1e-4
-        if self.t0_as_t1:
-            w[0] = w[1]
-        return w / w.sum()
+        """p(t) [T] (float64, on the statistics' device): uniform until ready, then sqrt-EMA weighted."""
+        if self._p is None:
+            uniform = torch.full_like(self.loss_sq, 1.0 / self.num_timesteps)
+            if not self.importance:
+                self._p = uniform
+            else:
+                w = (self.loss_sq.clamp(min=0) + 1e-10).sqrt() + 1e-4
+                if self.t0_as_t1:
+                    w = torch.cat([w[1:2], w[1:]])
+                ready = (self.count > self.warmup).all()  # a device tensor: chosen without a host round trip
+                self._p = torch.where(ready, w / w.sum(), uniform)
+        return self._p
 
     def sample(self, batch: int, generator: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw t [B] (Long) and its probability p(t) [B] (float32)."""
@@ -368,32 +385,34 @@ class TimestepSampler:
         return t.to(device), p[t].to(device)
 
     def batch_statistics(self, t: torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Local sums of L_t^2 and counts per timestep: ([T] float64, [T] long), ready to all-reduce."""
-        t = t.detach().long().cpu()
-        sq = loss.detach().double().cpu().pow(2)
-        sums = torch.zeros(self.num_timesteps, dtype=torch.float64).index_add_(0, t, sq)
-        counts = torch.zeros(self.num_timesteps, dtype=torch.long).index_add_(0, t, torch.ones_like(t))
+        """Local sums of L_t^2 and counts per timestep: ([T] float64, [T] long) on t's device, ready to all-reduce."""
+        t = t.detach().long()
+        sq = loss.detach().double().to(t.device).pow(2)
+        sums = torch.zeros(self.num_timesteps, dtype=torch.float64, device=t.device).index_add_(0, t, sq)
+        counts = torch.zeros(self.num_timesteps, dtype=torch.long, device=t.device).index_add_(0, t, torch.ones_like(t))
         return sums, counts
 
     def update(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
-        """Fold (all-reduced) batch statistics into the EMA: one update per timestep seen."""
-        sums, counts = sums.double().cpu(), counts.long().cpu()
+        """Fold (all-reduced) batch statistics into the EMA: one update per timestep seen (element-wise, on the
+        device: no masked indexing, which would wait for the device to count the mask)."""
+        sums, counts = sums.to(self.loss_sq.device, torch.float64), counts.to(self.count.device).long()
         seen = counts > 0
-        mean_sq = sums[seen] / counts[seen]
-        old = self.loss_sq[seen]
-        ema = self.decay * old + (1 - self.decay) * mean_sq
+        mean_sq = sums / counts.clamp(min=1)
+        ema = self.decay * self.loss_sq + (1 - self.decay) * mean_sq
         if not self.ema_from_zero:
-            ema = torch.where(self.count[seen] == 0, mean_sq, ema)
-        self.loss_sq[seen] = ema
-        self.count += counts
+            ema = torch.where(self.count == 0, mean_sq, ema)
+        self.loss_sq = torch.where(seen, ema, self.loss_sq)
+        self.count = self.count + counts
+        self._p = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors to resume from (saved with the training checkpoint)."""
-        return {"loss_sq": self.loss_sq.clone(), "count": self.count.clone()}
+        """Tensors to resume from (saved with the training checkpoint), on the CPU."""
+        return {"loss_sq": self.loss_sq.cpu().clone(), "count": self.count.cpu().clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore from `state_dict`, checking the number of timesteps."""
         if state["loss_sq"].shape != (self.num_timesteps,):
-            raise ValueError(f"timestep sampler state has {state['loss_sq'].shape[0]} steps, expected {self.num_timesteps}")
-        self.loss_sq = state["loss_sq"].double().clone()
-        self.count = state["count"].long().clone()
+            raise UserError(f"timestep sampler state has {state['loss_sq'].shape[0]} steps, expected {self.num_timesteps}")
+        self.loss_sq = state["loss_sq"].to(self.loss_sq.device, torch.float64).clone()
+        self.count = state["count"].to(self.count.device, torch.long).clone()
+        self._p = None

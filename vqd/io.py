@@ -24,6 +24,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from vqd.errors import UserError
+
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 SAMPLING_NAME = "sampling.yaml"
@@ -99,13 +101,13 @@ def load_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, to
     """Read a model folder: (config dict, CPU tensors). Errors name the folder and the missing file."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"model folder {str(folder)!r} does not exist or is not a directory")
+        raise UserError(f"model folder {str(folder)!r} does not exist or is not a directory")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
-            raise ValueError(f"model folder {str(folder)!r} has no {name}")
+            raise UserError(f"model folder {str(folder)!r} has no {name}")
     config = yaml.safe_load((folder / CONFIG_NAME).read_text())
     if not isinstance(config, dict):
-        raise ValueError(f"{folder / CONFIG_NAME} must hold a mapping, got {type(config).__name__}")
+        raise UserError(f"{folder / CONFIG_NAME} must hold a mapping, got {type(config).__name__}")
     return config, load_file(str(folder / WEIGHTS_NAME))
 
 
@@ -127,7 +129,7 @@ def load_state_dict_strict(module: torch.nn.Module, tensors: Mapping[str, torch.
     if mismatched:
         problems.append(f"mismatched shapes {_clip_list(mismatched)}")
     if problems:
-        raise ValueError(f"{where}: " + "; ".join(problems))
+        raise UserError(f"{where}: " + "; ".join(problems))
     module.load_state_dict(dict(tensors), strict=True)
 
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from vqd.ar import VQARModel
 from vqd.diffusion import MaskAndReplaceDiffusion
+from vqd.errors import UserError
 from vqd.io import load_folder
 from vqd.network import MODEL_SIZES, ComposedModel, ModelSize, NetworkConfig, count_parameters  # noqa: F401
 from vqd.text import TextEncoder, tokenize, with_caption_mean
@@ -50,9 +51,9 @@ class VQDiffusionConfig(NetworkConfig):
         super().__post_init__()
         self.classes = tuple(self.classes)
         if self.condition not in CONDITIONS:
-            raise ValueError(f"condition: expected one of {CONDITIONS}, got {self.condition!r}")
+            raise UserError(f"condition: expected one of {CONDITIONS}, got {self.condition!r}")
         if (self.condition == "class") != bool(self.classes):
-            raise ValueError("classes: a class-conditional model needs its class names, and only it has them "
+            raise UserError("classes: a class-conditional model needs its class names, and only it has them "
                              f"(condition {self.condition!r}, {len(self.classes)} classes)")
 
     @property
@@ -115,7 +116,7 @@ class VQDiffusionModel(ComposedModel):
         default init's std; the [MASK] row keeps its own init."""
         K = self.config.num_codes
         if tuple(vectors.shape[:1]) != (K,) or vectors.dim() != 2:
-            raise ValueError(f"vectors: expected [{K}, d] (one per code), got {tuple(vectors.shape)}")
+            raise UserError(f"vectors: expected [{K}, d] (one per code), got {tuple(vectors.shape)}")
         g = torch.Generator().manual_seed(seed)
         centred = vectors.float().cpu() - vectors.float().cpu().mean(dim=0)
         projected = centred @ torch.randn(vectors.shape[1], self.denoiser.cfg.width, generator=g)
@@ -128,17 +129,17 @@ class VQDiffusionModel(ComposedModel):
         """CLIP ids Long [B, C] (C = text.context_length) -> frozen, L2-normalised per-token features [B, L, D]
         (no grad); L = C, or C + 1 with pooled_condition (the caption's mean feature first)."""
         if self.text_encoder is None:
-            raise ValueError(f"this model is conditioned on {self.config.condition!r}, not on text")
+            raise UserError(f"this model is conditioned on {self.config.condition!r}, not on text")
         return text_condition(self.config, self.text_encoder(clip_ids), clip_ids)
 
     def encode_classes(self, labels: torch.Tensor) -> torch.Tensor:
         """Class labels Long [B] in [0, num_classes) -> condition features [B, 1, D]."""
         if self.class_embedding is None:
-            raise ValueError(f"this model is conditioned on {self.config.condition!r}, not on a class")
+            raise UserError(f"this model is conditioned on {self.config.condition!r}, not on a class")
         if labels.dtype != torch.long or labels.dim() != 1:
-            raise ValueError(f"labels: expected a LongTensor [B], got {labels.dtype} {tuple(labels.shape)}")
+            raise UserError(f"labels: expected a LongTensor [B], got {labels.dtype} {tuple(labels.shape)}")
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(self.config.classes)):
-            raise ValueError(f"labels must lie in [0, {len(self.config.classes) - 1}], got "
+            raise UserError(f"labels must lie in [0, {len(self.config.classes) - 1}], got "
                              f"[{int(labels.min())}, {int(labels.max())}]")
         return self.class_embedding(labels).unsqueeze(1)
 
@@ -147,7 +148,7 @@ class VQDiffusionModel(ComposedModel):
         index = {name: i for i, name in enumerate(self.config.classes)}
         unknown = [n for n in names if n not in index]
         if unknown:
-            raise ValueError(f"unknown class name(s) {unknown[:5]}; this model knows {len(index)} classes, e.g. "
+            raise UserError(f"unknown class name(s) {unknown[:5]}; this model knows {len(index)} classes, e.g. "
                              f"{list(index)[:5]}")
         return torch.tensor([index[n] for n in names], dtype=torch.long, device=self.null_text.device)
 
@@ -169,7 +170,7 @@ class VQDiffusionModel(ComposedModel):
         check_text("text_features", text_features, text_features.shape[0] if text_features.dim() == 3 else -1,
                    self.text_dim)
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p: expected a probability in [0, 1], got {p}")
+            raise UserError(f"p: expected a probability in [0, 1], got {p}")
         device = generator.device if generator is not None else text_features.device
         drop = torch.rand(text_features.shape[0], generator=generator, device=device).to(text_features.device) < p
         null = self.null_text.to(text_features.dtype).unsqueeze(0)
@@ -203,6 +204,6 @@ def load_model(folder: str | os.PathLike) -> nn.Module:
     kind = config.get("kind")
     where = f"model folder {str(folder)!r}"
     if kind not in MODEL_KINDS:
-        raise ValueError(f"kind: {where} has kind {kind!r}; load_model knows {sorted(MODEL_KINDS)} "
+        raise UserError(f"kind: {where} has kind {kind!r}; load_model knows {sorted(MODEL_KINDS)} "
                          "(a tokenizer folder loads with vqd.vqvae.load_tokenizer)")
     return MODEL_KINDS[kind].from_loaded(config, tensors, where=where)

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from vqd.config import from_dict, to_dict
+from vqd.errors import UserError
 from vqd.io import load_folder, load_state_dict_strict, save_folder
 from vqd.text import TextEncoder, TextEncoderConfig
 
@@ -95,7 +96,7 @@ class NetworkConfig:
         self.grid = tuple(self.grid)
         if self.size is not None:
             if self.size not in MODEL_SIZES:
-                raise ValueError(f"size: unknown model size {self.size!r} (known: {', '.join(MODEL_SIZES)})")
+                raise UserError(f"size: unknown model size {self.size!r} (known: {', '.join(MODEL_SIZES)})")
             preset = MODEL_SIZES[self.size]
             for name in ("depth", "width", "heads", "mlp_ratio"):
                 if getattr(self, name) is None:
@@ -108,9 +109,9 @@ class NetworkConfig:
             self.text = TextEncoderConfig()
         for name in ("depth", "width", "heads"):
             if getattr(self, name) is None:
-                raise ValueError(f"{name}: required when no size is given")
+                raise UserError(f"{name}: required when no size is given")
         if self.num_codes < 1:
-            raise ValueError(f"num_codes: expected a positive integer, got {self.num_codes}")
+            raise UserError(f"num_codes: expected a positive integer, got {self.num_codes}")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -123,7 +124,7 @@ class NetworkConfig:
         data = dict(data)
         kind = data.pop("kind", cls.KIND)
         if kind != cls.KIND:
-            raise ValueError(f"kind: expected {cls.KIND!r} for {cls.__name__}, got {kind!r}")
+            raise UserError(f"kind: expected {cls.KIND!r} for {cls.__name__}, got {kind!r}")
         if data.get("size") in MODEL_SIZES and isinstance(data.get("text"), dict):
             data["text"] = to_dict(MODEL_SIZES[data["size"]].text) | data["text"]
         return from_dict(cls, data)

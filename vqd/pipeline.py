@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from vqd.ar import VQARModel
+from vqd.errors import UserError
 from vqd.models import VQDiffusionModel, load_model
 from vqd.released import is_released, read_released
 from vqd.sampling import SamplingConfig, load_sampling, sample_captions, sample_tokens
@@ -39,7 +40,7 @@ class TextToImage:
     def __init__(self, model: VQDiffusionModel | VQARModel, tokenizer: VQVAE, sampling: SamplingConfig | None = None,
                  chosen_by: dict | None = None):
         if tokenizer.num_codes != model.num_codes or tuple(tokenizer.grid) != tuple(model.grid):
-            raise ValueError(f"tokenizer has {tokenizer.num_codes} codes on a {tuple(tokenizer.grid)} grid, the model "
+            raise UserError(f"tokenizer has {tokenizer.num_codes} codes on a {tuple(tokenizer.grid)} grid, the model "
                              f"expects {model.num_codes} codes on {tuple(model.grid)}: they were not trained together")
         self.model, self.tokenizer = model.eval(), tokenizer.eval()
         # the defaults of generate / inpaint: the folder's sampling.yaml, else the paper's settings
@@ -57,11 +58,11 @@ class TextToImage:
             released = read_released(folder)
             return cls(released.model().to(device), released.tokenizer.to(device), *load_sampling(folder))
         if not (folder / TOKENIZER_DIR).is_dir():
-            raise ValueError(f"model folder {str(folder)!r} has no {TOKENIZER_DIR}/ folder: it cannot decode its "
+            raise UserError(f"model folder {str(folder)!r} has no {TOKENIZER_DIR}/ folder: it cannot decode its "
                              "token ids into images (export it with training/train.py, which copies the tokenizer)")
         model = load_model(folder)
         if not isinstance(model, (VQDiffusionModel, VQARModel)):
-            raise ValueError(f"model folder {str(folder)!r} holds a {type(model).__name__}, not a text-to-image model")
+            raise UserError(f"model folder {str(folder)!r} holds a {type(model).__name__}, not a text-to-image model")
         sampling, chosen_by = load_sampling(folder)
         return cls(model.to(device), load_tokenizer(folder / TOKENIZER_DIR, device=device), sampling, chosen_by)
 
@@ -81,9 +82,9 @@ class TextToImage:
             config.validate(self.model.diffusion.num_timesteps)
             return
         if not 0.0 < config.truncation <= 1.0:
-            raise ValueError(f"truncation r must be in (0, 1], got {config.truncation!r}")
+            raise UserError(f"truncation r must be in (0, 1], got {config.truncation!r}")
         if config.guidance_scale != 1.0 or config.purity:
-            raise ValueError("a VQ-AR model has no null condition and no reveal order: classifier-free guidance "
+            raise UserError("a VQ-AR model has no null condition and no reveal order: classifier-free guidance "
                              f"(got {config.guidance_scale:g}) and purity sampling (got {config.purity}) do not apply")
 
     @property
@@ -131,10 +132,10 @@ class TextToImage:
         masked; the others are held to the image's own tokens."""
         config = config or self.sampling
         if self.autoregressive:
-            raise ValueError("inpainting needs a VQ-Diffusion model: a VQ-AR model only extends a raster prefix")
+            raise UserError("inpainting needs a VQ-Diffusion model: a VQ-AR model only extends a raster prefix")
         size = self.image_size
         if tuple(image.shape) != (3, size, size) or tuple(mask.shape) != (size, size):
-            raise ValueError(f"image must be [3, {size}, {size}] and mask [{size}, {size}], got {tuple(image.shape)} "
+            raise UserError(f"image must be [3, {size}, {size}] and mask [{size}, {size}], got {tuple(image.shape)} "
                              f"and {tuple(mask.shape)}")
         h, w = self.model.grid
         known = self.tokenizer.encode(image[None].to(self.device))  # [1, N]

@@ -23,6 +23,7 @@ import yaml
 
 from vqd.diffusion import MaskAndReplaceDiffusion, sample_categorical
 from vqd.io import SAMPLING_NAME, atomic_write_text
+from vqd.errors import UserError
 
 
 class DenoisingModel(Protocol):
@@ -61,20 +62,20 @@ class SamplingConfig:
     def validate(self, num_timesteps: int) -> None:
         """Raise ValueError naming the field that is out of range."""
         if self.steps is not None and (not isinstance(self.steps, int) or not 1 <= self.steps <= num_timesteps):
-            raise ValueError(f"steps must be an int in [1, {num_timesteps}], got {self.steps!r}")
+            raise UserError(f"steps must be an int in [1, {num_timesteps}], got {self.steps!r}")
         if not 0.0 < self.truncation <= 1.0:
-            raise ValueError(f"truncation r must be in (0, 1], got {self.truncation!r}")
+            raise UserError(f"truncation r must be in (0, 1], got {self.truncation!r}")
         if not self.guidance_scale >= 0.0:
-            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale!r}")
+            raise UserError(f"guidance_scale must be >= 0, got {self.guidance_scale!r}")
         if not self.purity_strength >= 0.0:
-            raise ValueError(f"purity_strength must be >= 0, got {self.purity_strength!r}")
+            raise UserError(f"purity_strength must be >= 0, got {self.purity_strength!r}")
         if self.reveal_order not in REVEAL_ORDERS:
-            raise ValueError(f"reveal_order must be one of {REVEAL_ORDERS}, got {self.reveal_order!r}")
+            raise UserError(f"reveal_order must be one of {REVEAL_ORDERS}, got {self.reveal_order!r}")
         if self.max_reveal is not None:
             if isinstance(self.max_reveal, bool) or not isinstance(self.max_reveal, int) or self.max_reveal < 1:
-                raise ValueError(f"max_reveal must be None or an int >= 1, got {self.max_reveal!r}")
+                raise UserError(f"max_reveal must be None or an int >= 1, got {self.max_reveal!r}")
             if not self.purity:
-                raise ValueError("max_reveal limits the reveals of purity sampling: it needs purity=True")
+                raise UserError("max_reveal limits the reveals of purity sampling: it needs purity=True")
 
     def override(self, **changes: Any) -> "SamplingConfig":
         """A copy with the fields given a value other than None replaced (command-line flags over a folder's)."""
@@ -237,17 +238,17 @@ def _draw_without_replacement(log_weight: torch.Tensor, allowed: torch.Tensor, c
 def _check_inputs(model: DenoisingModel, text_features, known_tokens, fill_mask) -> int:
     h, w = model.grid
     if not isinstance(text_features, torch.Tensor) or text_features.dim() != 3:
-        raise ValueError(f"text_features must be a float tensor [B, L, D], got {tuple(getattr(text_features, 'shape', ()))}")
+        raise UserError(f"text_features must be a float tensor [B, L, D], got {tuple(getattr(text_features, 'shape', ()))}")
     B, N = text_features.shape[0], h * w
     if (known_tokens is None) != (fill_mask is None):
-        raise ValueError("inpainting needs both known_tokens [B, N] and fill_mask [B, N] (True = generate)")
+        raise UserError("inpainting needs both known_tokens [B, N] and fill_mask [B, N] (True = generate)")
     if known_tokens is not None:
         if known_tokens.dtype != torch.long or tuple(known_tokens.shape) != (B, N):
-            raise ValueError(f"known_tokens must be a LongTensor [{B}, {N}], got {known_tokens.dtype} {tuple(known_tokens.shape)}")
+            raise UserError(f"known_tokens must be a LongTensor [{B}, {N}], got {known_tokens.dtype} {tuple(known_tokens.shape)}")
         if known_tokens.min() < 0 or known_tokens.max() >= model.diffusion.num_codes:
-            raise ValueError(f"known_tokens ids must lie in [0, {model.diffusion.num_codes - 1}]")
+            raise UserError(f"known_tokens ids must lie in [0, {model.diffusion.num_codes - 1}]")
         if fill_mask.dtype != torch.bool or tuple(fill_mask.shape) != (B, N):
-            raise ValueError(f"fill_mask must be a BoolTensor [{B}, {N}], got {fill_mask.dtype} {tuple(fill_mask.shape)}")
+            raise UserError(f"fill_mask must be a BoolTensor [{B}, {N}], got {fill_mask.dtype} {tuple(fill_mask.shape)}")
     return N
 
 
@@ -322,9 +323,9 @@ def sample_captions(
     class names when it is class-conditional, and ignores them when it is unconditional.
     """
     if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
-        raise ValueError("captions must be a list of strings")
+        raise UserError("captions must be a list of strings")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     out = []
     for start in range(0, len(captions), batch_size):
         features = model.encode_prompts(list(captions[start : start + batch_size]))

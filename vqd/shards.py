@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from vqd.errors import UserError
 from vqd.io import atomic_write, file_sha256
 
 MANIFEST = "manifest.json"
@@ -92,23 +93,23 @@ def open_manifest(folder, verify_sha256: bool = False) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        raise ValueError(f"dataset folder {str(folder)!r} has no {MANIFEST}: {BUILD_HINT}")
+        raise UserError(f"dataset folder {str(folder)!r} has no {MANIFEST}: {BUILD_HINT}")
     manifest = json.loads(path.read_text())
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
-        raise ValueError(f"{path}: manifest lacks {missing}")
+        raise UserError(f"{path}: manifest lacks {missing}")
     if manifest["format"] != FORMAT:
-        raise ValueError(f"{path}: format {manifest['format']!r}, expected {FORMAT!r}; rebuild the dataset")
+        raise UserError(f"{path}: format {manifest['format']!r}, expected {FORMAT!r}; rebuild the dataset")
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
             shard_path = folder / shard["name"]
             if not shard_path.is_file():
-                raise ValueError(f"{path}: shard {shard['name']} of split {split!r} is missing; {BUILD_HINT}")
+                raise UserError(f"{path}: shard {shard['name']} of split {split!r} is missing; {BUILD_HINT}")
             if "bytes" in shard and shard_path.stat().st_size != shard["bytes"]:
-                raise ValueError(f"{shard_path}: {shard_path.stat().st_size} bytes, the manifest says {shard['bytes']} "
+                raise UserError(f"{shard_path}: {shard_path.stat().st_size} bytes, the manifest says {shard['bytes']} "
                                  f"(file changed or truncated); {BUILD_HINT}")
             if verify_sha256 and file_sha256(shard_path) != shard["sha256"]:
-                raise ValueError(f"{shard_path}: sha256 differs from the manifest (file changed or corrupt)")
+                raise UserError(f"{shard_path}: sha256 differs from the manifest (file changed or corrupt)")
     manifest["folder"] = str(folder)
     return manifest
 
@@ -118,13 +119,13 @@ def check_compatible(manifest: dict, num_codes: int, grid) -> None:
     tok = manifest["tokenizer"]
     where = manifest.get("folder", "the dataset")
     if int(tok["num_codes"]) != int(num_codes):
-        raise ValueError(
+        raise UserError(
             f"{where} was encoded with a codebook of {tok['num_codes']} codes (tokenizer sha256 {tok['sha256'][:12]}), "
             f"but the model expects num_codes={num_codes}: re-encode the data with the model's tokenizer "
             f"(build.py --tokenizer PATH --stages encode,validate) or set the model's num_codes to match"
         )
     if tuple(int(g) for g in tok["grid"]) != tuple(int(g) for g in grid):
-        raise ValueError(
+        raise UserError(
             f"{where} has a token grid {tuple(tok['grid'])}, but the model expects grid={tuple(grid)}: "
             f"re-encode with the model's tokenizer or change the model's grid"
         )
@@ -146,7 +147,7 @@ def _sample(record: dict) -> dict:
     key = record["__key__"]
     for ext in ("vq.npy", "clip.npy", "txt"):
         if ext not in record:
-            raise ValueError(f"sample {key!r} of {record['__url__']} has no .{ext} member")
+            raise UserError(f"sample {key!r} of {record['__url__']} has no .{ext} member")
     return {"key": key, "vq": np.load(io.BytesIO(record["vq.npy"]), allow_pickle=False),
             "clip": np.load(io.BytesIO(record["clip.npy"]), allow_pickle=False),
             "txt": record["txt"].decode("utf-8"), "json": json.loads(record["json"]) if "json" in record else {}}
@@ -181,7 +182,7 @@ class ShardDataset(_Base):
                  rank: Optional[int] = None, world_size: Optional[int] = None):
         self.manifest = open_manifest(folder)
         if split not in self.manifest["splits"]:
-            raise ValueError(f"split {split!r} not in {folder}: it has {sorted(self.manifest['splits'])}")
+            raise UserError(f"split {split!r} not in {folder}: it has {sorted(self.manifest['splits'])}")
         if num_codes is not None or grid is not None:
             tok = self.manifest["tokenizer"]
             check_compatible(self.manifest, tok["num_codes"] if num_codes is None else num_codes,

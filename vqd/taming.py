@@ -19,6 +19,7 @@ from typing import Mapping
 
 import torch
 
+from vqd.errors import UserError
 from vqd.vqvae import VQVAE, VQVAEConfig
 
 # Architectures of taming's released models (from their model.yaml: ch 128, 2 res blocks, z 256, d 256, and
@@ -60,14 +61,14 @@ def _load_weights_only(path: str | os.PathLike):
 def read_taming_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model tensors of a taming .ckpt / .pth (weights_only load), without the loss.* entries."""
     if not os.path.isfile(path):
-        raise ValueError(f"taming checkpoint {str(path)!r} is not a file")
+        raise UserError(f"taming checkpoint {str(path)!r} is not a file")
     try:
         ckpt = _load_weights_only(path)
     except Exception as e:  # anything weights_only cannot read is refused rather than unpickled
-        raise ValueError(f"cannot read {str(path)!r} with torch.load(weights_only=True): {e}") from e
+        raise UserError(f"cannot read {str(path)!r} with torch.load(weights_only=True): {e}") from e
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
     if not isinstance(sd, Mapping) or not any(k.startswith("encoder.") for k in sd):
-        raise ValueError(f"{str(path)!r} does not hold a taming VQGAN state dict (no 'state_dict' with encoder.* keys)")
+        raise UserError(f"{str(path)!r} does not hold a taming VQGAN state dict (no 'state_dict' with encoder.* keys)")
     return {k: v for k, v in sd.items() if not k.startswith("loss.") and isinstance(v, torch.Tensor)}
 
 

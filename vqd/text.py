@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vqd.clip_weights import read_text_weights
+from vqd.errors import UserError
 from vqd.io import installed_package_folder, load_state_dict_strict
 
 CONTEXT_LENGTH = 77
@@ -55,10 +56,10 @@ def text_config_from_open_clip(model_name: str = "ViT-B-32", **overrides) -> Tex
 
     model_cfg = open_clip.get_model_config(model_name)
     if model_cfg is None:
-        raise ValueError(f"model_name: open_clip has no model config named {model_name!r}")
+        raise UserError(f"model_name: open_clip has no model config named {model_name!r}")
     text = model_cfg["text_cfg"]
     if text.get("hf_model_name"):
-        raise ValueError(f"model_name: {model_name!r} uses a Hugging Face text tower; only CLIP towers are supported")
+        raise UserError(f"model_name: {model_name!r} uses a Hugging Face text tower; only CLIP towers are supported")
     cfg = TextEncoderConfig(
         width=text.get("width", 512),
         layers=text.get("layers", 12),
@@ -71,7 +72,7 @@ def text_config_from_open_clip(model_name: str = "ViT-B-32", **overrides) -> Tex
     )
     for key, value in overrides.items():
         if not hasattr(cfg, key):
-            raise ValueError(f"{key}: not a TextEncoderConfig field")
+            raise UserError(f"{key}: not a TextEncoderConfig field")
         setattr(cfg, key, value)
     return cfg
 
@@ -101,9 +102,9 @@ def _tokenizer(context_length: int):
 def tokenize(captions: list[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
     """CLIP BPE ids of each caption, <sot> ... <eot> then zero padding (truncated to fit): Long [B, 77]."""
     if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
-        raise ValueError("captions: expected a list of str")
+        raise UserError("captions: expected a list of str")
     if context_length < 2:
-        raise ValueError(f"context_length: expected >= 2, got {context_length}")
+        raise UserError(f"context_length: expected >= 2, got {context_length}")
     return _tokenizer(context_length)(list(captions), context_length=context_length).long()
 
 
@@ -183,9 +184,9 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig, load_weights: bool = True):
         super().__init__()
         if cfg.width % cfg.heads:
-            raise ValueError(f"text.width: {cfg.width} is not divisible by text.heads={cfg.heads}")
+            raise UserError(f"text.width: {cfg.width} is not divisible by text.heads={cfg.heads}")
         if cfg.activation not in ("gelu", "quick_gelu"):
-            raise ValueError(f"text.activation: expected 'gelu' or 'quick_gelu', got {cfg.activation!r}")
+            raise UserError(f"text.activation: expected 'gelu' or 'quick_gelu', got {cfg.activation!r}")
         self.cfg = cfg
         # Weights are read first, so that missing ones fail before anything is built. A model folder carries
         # the tower's weights itself (load_weights=False), and a tower built on the meta device (to count
@@ -240,7 +241,7 @@ class TextEncoder(nn.Module):
             if set(found) == own:
                 load_state_dict_strict(self, found, where="text encoder weights")
                 return
-        raise ValueError(f"pretrained: the weights hold no complete CLIP text tower (expected keys like {sorted(own)[:3]})")
+        raise UserError(f"pretrained: the weights hold no complete CLIP text tower (expected keys like {sorted(own)[:3]})")
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -252,11 +253,11 @@ class TextEncoder(nn.Module):
         the tower, e.g. a small random one on CPU, calls this; the frozen CLIP tower is always `forward`)."""
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
             got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise ValueError(f"clip_ids: expected an integer tensor [B, {self.cfg.context_length}], got {got}")
+            raise UserError(f"clip_ids: expected an integer tensor [B, {self.cfg.context_length}], got {got}")
         if ids.shape[1] != self.cfg.context_length:
-            raise ValueError(f"clip_ids: expected {self.cfg.context_length} ids per row, got {ids.shape[1]}")
+            raise UserError(f"clip_ids: expected {self.cfg.context_length} ids per row, got {ids.shape[1]}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
-            raise ValueError(f"clip_ids: ids must lie in [0, {self.cfg.vocab_size - 1}], got "
+            raise UserError(f"clip_ids: ids must lie in [0, {self.cfg.vocab_size - 1}], got "
                              f"[{int(ids.min())}, {int(ids.max())}]")
         # Features must not depend on whether the caller runs under autocast: the tower runs in its own dtype.
         with torch.autocast(device_type=ids.device.type, enabled=False):

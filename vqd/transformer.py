@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from vqd.errors import UserError
+
 
 @dataclass
 class TransformerConfig:
@@ -91,7 +93,7 @@ class KVCache:
             self.v = v.new_zeros(shape)
         end = self.length + k.shape[2]
         if end > self.k.shape[2]:
-            raise ValueError(f"KV cache overflow: {end} positions, room for {self.k.shape[2]}")
+            raise UserError(f"KV cache overflow: {end} positions, room for {self.k.shape[2]}")
         self.k[:, :, self.length:end] = k.to(self.k.dtype)
         self.v[:, :, self.length:end] = v.to(self.v.dtype)
         self.length = end
@@ -264,17 +266,17 @@ class Denoiser(TokenGridTransformer):
 
     def __init__(self, cfg: TransformerConfig):
         if cfg.causal or cfg.num_timesteps <= 0:
-            raise ValueError("cfg: the denoiser needs causal=False and num_timesteps > 0")
+            raise UserError("cfg: the denoiser needs causal=False and num_timesteps > 0")
         super().__init__(cfg)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         check_ids("x_t", x_t, self.seq_len, self.cfg.num_codes)
         check_text("text", text, x_t.shape[0], self.cfg.text_dim)
         if t.dtype not in _INT_DTYPES or t.shape != (x_t.shape[0],):
-            raise ValueError(f"t: expected an integer tensor of shape [{x_t.shape[0]}], got {t.dtype} {tuple(t.shape)}")
+            raise UserError(f"t: expected an integer tensor of shape [{x_t.shape[0]}], got {t.dtype} {tuple(t.shape)}")
         low, high = _min_max(t) if t.numel() else (0, 0)
         if low < 0 or high >= self.cfg.num_timesteps:
-            raise ValueError(f"t: timesteps must lie in [0, {self.cfg.num_timesteps - 1}], got [{low}, {high}]")
+            raise UserError(f"t: timesteps must lie in [0, {self.cfg.num_timesteps - 1}], got [{low}, {high}]")
         return self.trunk(x_t, t, text)
 
 
@@ -285,13 +287,13 @@ def check_ids(name: str, ids: torch.Tensor, seq_len: int | None, max_id: int) ->
     """Raise ValueError unless ids is an integer tensor [B, seq_len] with values in [0, max_id]."""
     if not isinstance(ids, torch.Tensor) or ids.dtype not in _INT_DTYPES or ids.dim() != 2:
         got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(f"{name}: expected an integer (Long) tensor [B, N], got {got}")
+        raise UserError(f"{name}: expected an integer (Long) tensor [B, N], got {got}")
     if seq_len is not None and ids.shape[1] != seq_len:
-        raise ValueError(f"{name}: expected {seq_len} tokens per row (the h*w grid), got {ids.shape[1]}")
+        raise UserError(f"{name}: expected {seq_len} tokens per row (the h*w grid), got {ids.shape[1]}")
     if ids.numel():
         low, high = _min_max(ids)
         if low < 0 or high > max_id:
-            raise ValueError(f"{name}: token ids must lie in [0, {max_id}], got [{low}, {high}]")
+            raise UserError(f"{name}: token ids must lie in [0, {max_id}], got [{low}, {high}]")
 
 
 def _min_max(x: torch.Tensor) -> tuple[int, int]:
@@ -303,23 +305,23 @@ def check_text(name: str, text: torch.Tensor, batch: int, dim: int) -> None:
     """Raise ValueError unless text is a floating tensor [batch, L, dim]."""
     if not isinstance(text, torch.Tensor) or not text.is_floating_point() or text.dim() != 3:
         got = f"{text.dtype} {tuple(text.shape)}" if isinstance(text, torch.Tensor) else type(text).__name__
-        raise ValueError(f"{name}: expected float text features [B, L, {dim}], got {got}")
+        raise UserError(f"{name}: expected float text features [B, L, {dim}], got {got}")
     if text.shape[0] != batch or text.shape[2] != dim:
-        raise ValueError(f"{name}: expected shape [{batch}, L, {dim}], got {tuple(text.shape)}")
+        raise UserError(f"{name}: expected shape [{batch}, L, {dim}], got {tuple(text.shape)}")
 
 
 def _check_config(cfg: TransformerConfig) -> None:
     if cfg.width % cfg.heads:
-        raise ValueError(f"width: {cfg.width} is not divisible by heads={cfg.heads}")
+        raise UserError(f"width: {cfg.width} is not divisible by heads={cfg.heads}")
     if cfg.pooled_condition and cfg.num_timesteps <= 0:
-        raise ValueError("pooled_condition: the condition joins t in the AdaLN layers; a network without t has none")
+        raise UserError("pooled_condition: the condition joins t in the AdaLN layers; a network without t has none")
     if cfg.local_mixing and cfg.causal:
-        raise ValueError("local_mixing: a convolution over the grid sees later tokens; a causal network cannot have it")
+        raise UserError("local_mixing: a convolution over the grid sees later tokens; a causal network cannot have it")
     if len(cfg.grid) != 2 or min(cfg.grid) < 1:
-        raise ValueError(f"grid: expected (h, w) with h, w >= 1, got {cfg.grid}")
+        raise UserError(f"grid: expected (h, w) with h, w >= 1, got {cfg.grid}")
     for name in ("num_codes", "depth", "width", "heads", "text_dim", "mlp_ratio"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
+            raise UserError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
 
 
 def _init_weights(module: nn.Module) -> None:

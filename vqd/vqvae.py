@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from vqd.autoencoder import Decoder, Encoder, group_count
 from vqd.config import from_dict
+from vqd.errors import UserError
 from vqd.io import load_folder, load_state_dict_strict, save_folder
 
 MAX_TOKEN_ID = 65535  # token ids are stored as uint16 in the shards
@@ -63,21 +64,21 @@ class VQVAEConfig:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
         if self.codebook not in CODEBOOKS:
-            raise ValueError(f"codebook must be one of {CODEBOOKS}, got {self.codebook!r}")
+            raise UserError(f"codebook must be one of {CODEBOOKS}, got {self.codebook!r}")
         if len(self.ch_mult) < 1:
-            raise ValueError("ch_mult must have at least one level")
+            raise UserError("ch_mult must have at least one level")
         f = self.downsample_factor
         if self.image_size % f != 0:
-            raise ValueError(
+            raise UserError(
                 f"image_size {self.image_size} is not divisible by the downsampling factor {f} "
                 f"(ch_mult {list(self.ch_mult)} has {len(self.ch_mult) - 1} stride-2 levels)")
         if self.num_embeddings < 2:
-            raise ValueError(f"num_embeddings must be >= 2, got {self.num_embeddings}")
+            raise UserError(f"num_embeddings must be >= 2, got {self.num_embeddings}")
         if self.codebook == "gumbel" and self.z_channels != self.embed_dim:
-            raise ValueError(f"codebook 'gumbel' needs z_channels == embed_dim, "
+            raise UserError(f"codebook 'gumbel' needs z_channels == embed_dim, "
                              f"got {self.z_channels} and {self.embed_dim}")
         if not 0 <= self.used_codes <= self.num_embeddings:
-            raise ValueError(f"used_codes must be in [0, num_embeddings={self.num_embeddings}], got {self.used_codes}")
+            raise UserError(f"used_codes must be in [0, num_embeddings={self.num_embeddings}], got {self.used_codes}")
 
     def one_channel_groups(self) -> list[int]:
         """Channel counts of the levels whose GroupNorm has one channel a group, i.e. is instance norm.
@@ -283,10 +284,10 @@ class VQVAE(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images float [B, 3, H, W] in [-1, 1] -> ids LongTensor [B, h*w] (remapped ids when a map is set)."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+            raise UserError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
         f = self.cfg.downsample_factor
         if images.shape[2] % f or images.shape[3] % f:
-            raise ValueError(f"image height/width {tuple(images.shape[2:])} must be divisible by the "
+            raise UserError(f"image height/width {tuple(images.shape[2:])} must be divisible by the "
                              f"downsampling factor {f}")
         h = self.quant_conv(self.encoder(images))
         b = h.shape[0]
@@ -307,9 +308,9 @@ class VQVAE(nn.Module):
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Differentiable-in-weights decode without clamping. [B, h*w] -> [B, 3, H, W]."""
         if ids.ndim != 2:
-            raise ValueError(f"ids must be [B, h*w], got shape {tuple(ids.shape)}")
+            raise UserError(f"ids must be [B, h*w], got shape {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_codes):
-            raise ValueError(f"ids must lie in [0, num_codes={self.num_codes}), got range "
+            raise UserError(f"ids must lie in [0, num_codes={self.num_codes}), got range "
                              f"[{int(ids.min())}, {int(ids.max())}]")
         h, w = self._grid_for(ids.shape[1])
         raw = self.code_map[ids] if hasattr(self, "code_map") else ids
@@ -337,12 +338,12 @@ class VQVAE(nn.Module):
         """Keep only `used_ids` (raw code ids, any order -> sorted): encode returns positions in this list."""
         used = torch.unique(torch.as_tensor(used_ids, dtype=torch.long).flatten())  # sorted, no duplicates
         if used.numel() == 0:
-            raise ValueError("used_ids is empty: no code was used, nothing to remap to")
+            raise UserError("used_ids is empty: no code was used, nothing to remap to")
         if used.numel() > MAX_TOKEN_ID:
-            raise ValueError(f"used_ids has {used.numel()} codes but token ids are stored as uint16: "
+            raise UserError(f"used_ids has {used.numel()} codes but token ids are stored as uint16: "
                              f"at most {MAX_TOKEN_ID} codes may be kept")
         if int(used.min()) < 0 or int(used.max()) >= self.cfg.num_embeddings:
-            raise ValueError(f"used_ids must lie in [0, num_embeddings={self.cfg.num_embeddings})")
+            raise UserError(f"used_ids must lie in [0, num_embeddings={self.cfg.num_embeddings})")
         if hasattr(self, "code_map"):
             del self.code_map
         self.register_buffer("code_map", used.to(self.quant_conv.weight.device))
@@ -353,14 +354,14 @@ class VQVAE(nn.Module):
             return self.grid
         side = math.isqrt(n)
         if side * side != n:
-            raise ValueError(f"ids has {n} tokens per image: not the configured grid {self.grid} nor a square")
+            raise UserError(f"ids has {n} tokens per image: not the configured grid {self.grid} nor a square")
         return side, side
 
     # ---- folders ----
     def save(self, folder) -> None:
         """Write config.yaml (kind: vqvae) + model.safetensors (weights, EMA state, code map)."""
         if self.num_codes > MAX_TOKEN_ID + 1:
-            raise ValueError(f"num_codes {self.num_codes} does not fit uint16 token ids; prune with set_code_remap")
+            raise UserError(f"num_codes {self.num_codes} does not fit uint16 token ids; prune with set_code_remap")
         save_folder(folder, {"kind": "vqvae", **self.config}, self.state_dict())
 
 
@@ -368,7 +369,7 @@ class VQVAE(nn.Module):
 def count_code_usage(model: VQVAE, batches, device: torch.device | str | None = None) -> torch.Tensor:
     """How often each RAW code is chosen over an iterable of image batches [B,3,H,W] in [-1,1]. -> LongTensor [K]."""
     if hasattr(model, "code_map"):
-        raise ValueError("count_code_usage needs a model without a code remap (counts are over all K codes)")
+        raise UserError("count_code_usage needs a model without a code remap (counts are over all K codes)")
     device = device or model.quant_conv.weight.device
     counts = torch.zeros(model.cfg.num_embeddings, dtype=torch.long, device=device)
     for images in batches:
@@ -382,7 +383,7 @@ def load_tokenizer(folder, device: torch.device | str = "cpu") -> VQVAE:
     config, tensors = load_folder(folder)
     kind = config.pop("kind", "vqvae")
     if kind != "vqvae":
-        raise ValueError(f"{folder}: config.yaml has kind {kind!r}, expected 'vqvae'")
+        raise UserError(f"{folder}: config.yaml has kind {kind!r}, expected 'vqvae'")
     model = VQVAE(VQVAEConfig.from_dict(config))
     load_state_dict_strict(model, tensors, where=str(folder))
     return model.to(device).eval()

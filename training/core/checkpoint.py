@@ -30,6 +30,7 @@ import torch
 
 from training.core.config import save_config
 from training.core.distributed import barrier
+from vqd.errors import UserError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 DONE_FILE = "complete"  # written last: a checkpoint without it was interrupted and is never resumed from
@@ -62,7 +63,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / DONE_FILE).is_file():
-        raise ValueError(f"train.resume={resume!r} is not a complete checkpoint folder (no {DONE_FILE} file)")
+        raise UserError(f"train.resume={resume!r} is not a complete checkpoint folder (no {DONE_FILE} file)")
     return path
 
 
@@ -136,14 +137,14 @@ def load_checkpoint(engine, path: str | Path, rank: int) -> dict[str, Any]:
     rank_file = path / f"rank_{rank}.pt"
     saved = torch.load(path / "rank_0.pt", map_location="cpu", weights_only=True).get("world_size", world)
     if saved != world or not rank_file.is_file():
-        raise ValueError(
+        raise UserError(
             f"checkpoint {path} was written by {saved} ranks and this run has {world}: its data position and "
             f"optimizer partitions cannot be resumed exactly. Continue from its weights instead: start a new run "
             f"with --train.init_from={export_dir(path.parent.parent)} (the export written with it) and a new "
             f"--train.run_dir")
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
-        raise ValueError(f"DeepSpeed could not load the checkpoint in {path}")
+        raise UserError(f"DeepSpeed could not load the checkpoint in {path}")
     state = torch.load(rank_file, map_location="cpu", weights_only=True)
     set_rng_state(state.pop("rng"))
     return state

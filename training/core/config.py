@@ -3,9 +3,10 @@
 A run config is a dataclass whose fields are sections (model, data, optim, train, deepspeed, tracking, and
 whatever a program adds, e.g. diffusion); each section is a dataclass of typed fields (the `deepspeed`
 section is a plain dict: it is the DeepSpeed config). Loading does, in order:
-  1. read the YAML; `base: other.yaml` (path relative to the file) is read first and deep-merged under it;
+  1. read the YAML (a path, or a bare name found in configs/); `base: other.yaml` (beside the file, else in
+     configs/) is read first and deep-merged under it;
   2. apply command-line overrides `--section.key=value` (or `--section.key value`), parsed to the field's type;
-  3. build the dataclasses; an unknown section or key, or a value of the wrong type, is a ValueError naming it;
+  3. build the dataclasses; an unknown section or key, or a value of the wrong type, is a UserError naming it;
   4. derive the DeepSpeed batch size, accumulation, clipping and precision from `train` (one source of truth).
 
     cfg = load_config(VQVAERunConfig, "configs/vqvae_emoji.yaml", ["--train.steps=100"])
@@ -14,19 +15,22 @@ section is a plain dict: it is the DeepSpeed config). Loading does, in order:
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from training.tracking.redaction import redact_tree
-from vqd.config import check_value, from_dict
+from vqd.config import deep_merge, find_config, from_dict, parse_overrides, parse_value, read_yaml_with_base, set_dotted
 from vqd.config import to_dict as config_to_dict
+from vqd.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # where a bare config name (`base_cc.yaml`) is found
 
 # ---- generic sections (programs add their own `model` / `data` / ... dataclasses) ----
 
@@ -45,9 +49,9 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"schedule: expected constant, cosine or linear, got {self.schedule!r}")
+            raise UserError(f"schedule: expected constant, cosine or linear, got {self.schedule!r}")
         if self.warmup_steps < 0 or self.lr < 0:
-            raise ValueError("lr and warmup_steps must be >= 0")
+            raise UserError("lr and warmup_steps must be >= 0")
 
 
 @dataclass
@@ -96,54 +100,10 @@ DERIVED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_step
 # ---- loading ----
 
 
-def read_yaml_with_base(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML mapping; if it has `base: other.yaml`, that file (relative path) is merged underneath."""
-    path = Path(path).resolve()
-    if path in _seen:
-        raise ValueError(f"config base cycle: {' -> '.join(str(p) for p in _seen + (path,))}")
-    if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise ValueError(f"{path}: 'base' must be a file name (one file), got {base!r}")
-    return deep_merge(read_yaml_with_base(path.parent / base, _seen + (path,)), data)
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` wins; nested mappings merge key by key."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_overrides(argv: list[str]) -> dict[str, str]:
-    """['--train.steps=10', '--optim.lr', '1e-4'] -> {'train.steps': '10', 'optim.lr': '1e-4'}."""
-    out, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ValueError(f"override {arg!r} must look like --section.key=value")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            key, value, i = arg[2:], argv[i + 1], i + 1
-        else:
-            raise ValueError(f"override {arg!r} has no value")
-        out[key] = value
-        i += 1
-    return out
-
-
 def split_cli(argv: list[str] | None = None) -> tuple[str, list[str]]:
-    """(config path, overrides) from the command line; drops the --local_rank the deepspeed launcher appends."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = [a for a in argv if not a.startswith("--local_rank")]
+    """(config name or path, overrides) from the command line; drops the --local_rank the deepspeed launcher
+    appends."""
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     config = None
     for i, a in enumerate(argv):
         if a == "--config" and i + 1 < len(argv):
@@ -155,30 +115,33 @@ def split_cli(argv: list[str] | None = None) -> tuple[str, list[str]]:
             del argv[i]
             break
     if config is None:
-        raise ValueError("missing --config path/to/run.yaml")
+        raise UserError(f"missing --config NAME (a file in {CONFIG_DIR}) or --config path/to/run.yaml; --help lists "
+                        "the sections and keys")
     return config, argv
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | dict[str, str] | None = None,
                 data: dict[str, Any] | None = None):
-    """Build the run dataclass `cls` from a YAML file (or a dict) plus overrides; validated and derived."""
-    raw = read_yaml_with_base(path) if path is not None else {}
+    """Build the run dataclass `cls` from a YAML file (a path, or a name in configs/) or a dict, plus overrides;
+    validated and derived."""
+    raw = read_yaml_with_base(find_config(path, [CONFIG_DIR]), [CONFIG_DIR]) if path is not None else {}
     raw = deep_merge(raw, data or {})
     ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     hints = typing.get_type_hints(cls)
     for dotted, text in ov.items():
         section, _, key = dotted.partition(".")
         if section not in hints:
-            raise ValueError(f"override --{dotted}: unknown section {section!r}; sections: {sorted(hints)}")
+            raise UserError(f"--{dotted}: unknown section {section!r}{_did_you_mean(section, hints)}; sections: "
+                            f"{', '.join(sorted(hints))}")
         sec_type = hints[section]
         if _is_dict_type(sec_type):  # free-form section (deepspeed): YAML-parse the value
             raw.setdefault(section, {})
-            _set_dotted(raw[section], key, yaml.safe_load(text))
+            set_dotted(raw[section], key, yaml.safe_load(text))
             continue
         sec_hints = typing.get_type_hints(sec_type)
         if key not in sec_hints:
-            raise ValueError(f"override --{dotted}: unknown key {key!r} in section {section!r}; "
-                             f"known: {sorted(sec_hints)}")
+            raise UserError(f"--{dotted}: unknown key {key!r} in section {section!r}"
+                            f"{_did_you_mean(key, sec_hints, section + '.')}; keys: {', '.join(sorted(sec_hints))}")
         raw.setdefault(section, {})[key] = parse_value(text, sec_hints[key], dotted)
     cfg = from_dict(cls, raw)
     if hasattr(cfg, "deepspeed") and hasattr(cfg, "train"):
@@ -189,41 +152,21 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     return cfg
 
 
-def parse_value(text: str, tp: Any, key: str) -> Any:
-    """A command-line string to the field type: int, float, bool, str, None, tuples/lists/dicts (YAML syntax)."""
-    origin = typing.get_origin(tp)
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin in (Union, types.UnionType):
-        if text.lower() in ("none", "null", "~"):
-            return None
-        return parse_value(text, args[0], key)
-    if tp is str:
-        return text
-    if tp is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{key}: expected a bool (true/false), got {text!r}")
-    if tp in (int, float):
-        try:
-            return tp(text) if tp is float else int(text)
-        except ValueError:
-            raise ValueError(f"--{key}: expected {tp.__name__}, got {text!r}") from None
-    return check_value(yaml.safe_load(text), tp, key)
+def _did_you_mean(name: str, known, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean --{prefix}{close[0]}?)" if close else ""
 
 
 def derive_deepspeed(ds: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
     """The DeepSpeed config dict with batch, accumulation, clipping and precision taken from `train`."""
     ds = dict(ds or {})
     if train.precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {train.precision!r}")
+        raise UserError(f"train.precision must be one of {PRECISIONS}, got {train.precision!r}")
     train.precision = resolve_precision(train.precision)
     if train.micro_batch_size < 1 or train.grad_accum < 1:
-        raise ValueError("train.micro_batch_size and train.grad_accum must be >= 1")
+        raise UserError("train.micro_batch_size and train.grad_accum must be >= 1")
     if train.max_minutes < 0:
-        raise ValueError(f"train.max_minutes must be >= 0 (0: no time budget), got {train.max_minutes}")
+        raise UserError(f"train.max_minutes must be >= 0 (0: no time budget), got {train.max_minutes}")
     derived = {"train_micro_batch_size_per_gpu": train.micro_batch_size,
                "gradient_accumulation_steps": train.grad_accum,
                "gradient_clipping": float(train.grad_clip),
@@ -231,7 +174,7 @@ def derive_deepspeed(ds: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
                "fp16": {**ds.get("fp16", {}), "enabled": train.precision == "fp16"}}
     for k in DERIVED_DS_KEYS:
         if k in ds and not (k in ("bf16", "fp16") and "enabled" not in ds[k]):  # bf16: {other options} is fine
-            raise ValueError(f"deepspeed.{k} is derived from the train section; set train.micro_batch_size, "
+            raise UserError(f"deepspeed.{k} is derived from the train section; set train.micro_batch_size, "
                              f"train.grad_accum, train.grad_clip or train.precision instead")
     ds.update(derived)
     ds.setdefault("steps_per_print", 10 ** 9)  # our progress bar and MLflow do the reporting
@@ -296,10 +239,3 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _is_dict_type(tp: Any) -> bool:
     return tp is dict or typing.get_origin(tp) is dict
-
-
-def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    for p in parts[:-1]:
-        d = d.setdefault(p, {})
-    d[parts[-1]] = value

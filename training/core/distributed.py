@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vqd.errors import UserError
+
 TIMEOUT_ENV = "VQD_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 # what gloo and NCCL say when a peer is gone or silent (they raise plain RuntimeErrors as often as DistErrors)
@@ -102,9 +104,9 @@ def collective_timeout(timeout_s: float | None = None) -> float:
         try:
             timeout_s = float(text) if text else DEFAULT_TIMEOUT_S
         except ValueError:
-            raise ValueError(f"{TIMEOUT_ENV}={text!r} must be a number of seconds") from None
+            raise UserError(f"{TIMEOUT_ENV}={text!r} must be a number of seconds") from None
     if timeout_s <= 0:
-        raise ValueError(f"the collective timeout must be > 0 seconds, got {timeout_s}")
+        raise UserError(f"the collective timeout must be > 0 seconds, got {timeout_s}")
     return float(timeout_s)
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from vqd.errors import UserError
+
 
 def _zero3_shard(p: torch.nn.Parameter) -> torch.Tensor | None:
     return getattr(p, "ds_tensor", None)
@@ -29,7 +31,7 @@ class EMA:
 
     def __init__(self, named_params: dict[str, torch.nn.Parameter], decay: float, warmup: bool = True):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"train.ema_decay: expected a value in (0, 1), got {decay}")
+            raise UserError(f"train.ema_decay: expected a value in (0, 1), got {decay}")
         self.params, self.decay, self.warmup, self.updates = dict(named_params), decay, warmup, 0
         self.zero3 = any(_zero3_shard(p) is not None for p in self.params.values())
         self.shadow = {n: self._local(p).detach().float().clone() for n, p in self.params.items()}
@@ -44,10 +46,16 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        """shadow <- d * shadow + (1 - d) * weights, after an optimizer step."""
+        """shadow <- d * shadow + (1 - d) * weights, after an optimizer step: a few fused kernels over every
+        tensor on the device (no host copy, no fp32 copy of bf16 weights)."""
         d = self.current_decay()
-        for name, p in self.params.items():
-            self.shadow[name].lerp_(self._local(p).float(), 1.0 - d)
+        shadows = list(self.shadow.values())
+        weights = [self._local(p) for p in self.params.values()]
+        if all(w.dtype == torch.float32 for w in weights):
+            torch._foreach_lerp_(shadows, weights, 1.0 - d)
+        else:  # lerp wants one dtype; multiply-add promotes bf16 weights into the fp32 shadows as it goes
+            torch._foreach_mul_(shadows, d)
+            torch._foreach_add_(shadows, weights, alpha=1.0 - d)
         self.updates += 1
 
     @torch.no_grad()
@@ -74,11 +82,11 @@ class EMA:
         """Restore what `save` wrote (the same ZeRO layout and world size)."""
         path = folder / self._file(rank)
         if not path.is_file():
-            raise ValueError(f"checkpoint {folder} has no {path.name}: it was written without EMA, with another "
+            raise UserError(f"checkpoint {folder} has no {path.name}: it was written without EMA, with another "
                              "ZeRO stage or another number of ranks")
         tensors = load_file(str(path))
         if set(tensors) != set(self.shadow) or any(tensors[n].shape != t.shape for n, t in self.shadow.items()):
-            raise ValueError(f"{path}: EMA tensors do not match this model's trainable parameters")
+            raise UserError(f"{path}: EMA tensors do not match this model's trainable parameters")
         for n, t in tensors.items():
             self.shadow[n].copy_(t)
         from safetensors import safe_open

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from training.tracking.redaction import redact_text, redact_tree
+from vqd.errors import UserError
 from vqd.io import WEIGHTS_NAME, file_sha256, load_folder, save_folder
 from vqd.pipeline import TOKENIZER_DIR
 from vqd.released import is_released
@@ -42,7 +43,7 @@ def tokenizer_folder(manifest: dict, override: str = "") -> Path | None:
                       stacklevel=2)
         return None
     if file_sha256(weights) != tok["sha256"]:
-        raise ValueError(f"data.tokenizer: {folder} is not the tokenizer {manifest['folder']} was encoded with "
+        raise UserError(f"data.tokenizer: {folder} is not the tokenizer {manifest['folder']} was encoded with "
                          f"(sha256 {file_sha256(weights)[:12]} != manifest {tok['sha256'][:12]})")
     return folder
 
@@ -56,7 +57,7 @@ def export_model(model, trained: dict[str, torch.Tensor], folder: str | os.PathL
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
     unknown = sorted(set(trained) - set(state))
     if unknown:
-        raise ValueError(f"export: trained tensors {unknown[:4]} are not in the model")
+        raise UserError(f"export: trained tensors {unknown[:4]} are not in the model")
     state.update(trained)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent if folder.parent.exists() else None))
 
@@ -93,7 +94,7 @@ def resolve_init_from(init_from: str, tracking_uri: str, cache: Path) -> tuple[P
                 local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="export",
                                                             tracking_uri=tracking_uri, dst_path=str(cache / ".download"))
             except Exception as e:
-                raise ValueError(redact_text(f"train.init_from={init_from!r}: could not fetch the run's export from "
+                raise UserError(redact_text(f"train.init_from={init_from!r}: could not fetch the run's export from "
                                              f"the MLflow store {tracking_uri!r} ({type(e).__name__}: {e})")) from e
             shutil.rmtree(target, ignore_errors=True)
             os.replace(local, target)
@@ -102,7 +103,7 @@ def resolve_init_from(init_from: str, tracking_uri: str, cache: Path) -> tuple[P
     if is_released(folder):  # a diffusers VQ-Diffusion pipeline folder: no MLflow run, converted when read
         return folder, ""
     if not (folder / WEIGHTS_NAME).is_file():
-        raise ValueError(f"train.init_from={init_from!r} is not a model folder (no {WEIGHTS_NAME}); give an export "
+        raise UserError(f"train.init_from={init_from!r} is not a model folder (no {WEIGHTS_NAME}); give an export "
                          "folder (runs/<name>/export), a released model folder (diffusers' VQ-Diffusion pipeline "
                          "layout) or an MLflow run as runs:/<run id>")
     return folder, str(read_provenance(folder).get("mlflow_run_id") or "")

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.diffusion.data import token_loader
 from vqd.ar import VQARModel
 
 
@@ -54,11 +53,8 @@ def ar_micro_step(engine, model: VQARModel, batch: dict, device: torch.device):
 
 
 @torch.no_grad()
-def ar_validation_loss(engine, model: VQARModel, manifest: dict, cfg, info, batches: int = 4) -> dict[str, float]:
+def ar_validation_loss(engine, model: VQARModel, loader, info, batches: int = 4) -> dict[str, float]:
     """Held-out next-token cross-entropy (nats per token) over `batches` fixed batches per rank."""
-    loader = token_loader(manifest, cfg.data, cfg.train.micro_batch_size, seed=12345, rank=info.rank,
-                          world_size=info.world_size, num_workers=0, split=cfg.data.eval_split,
-                          context_length=model.config.text.context_length)
     was_training = engine.module.training
     engine.module.eval()
     total = torch.zeros(2, dtype=torch.float64, device=info.device)  # summed nats, tokens

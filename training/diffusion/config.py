@@ -19,6 +19,7 @@ from training.core.config import OptimConfig, TrackingConfig, TrainConfig
 from training.core.metrics import denoiser_flops_per_sample, text_tower_flops_per_sample
 from training.diffusion.data import TokenDataConfig
 from vqd.ar import VQARConfig
+from vqd.errors import UserError
 from vqd.models import VQDiffusionConfig
 from vqd.network import AR_SIZE_OF
 from vqd.sampling import SamplingConfig
@@ -102,26 +103,26 @@ class DiffusionRunConfig:
 
     def validate(self) -> None:
         if self.model.kind not in MODEL_KINDS:
-            raise ValueError(f"model.kind: expected one of {sorted(MODEL_KINDS)}, got {self.model.kind!r}")
+            raise UserError(f"model.kind: expected one of {sorted(MODEL_KINDS)}, got {self.model.kind!r}")
         if self.model.kind == VQARConfig.KIND:
             if self.model.condition != "text":
-                raise ValueError(f"model.condition: the VQ-AR baseline is text-conditional, got {self.model.condition!r}")
+                raise UserError(f"model.condition: the VQ-AR baseline is text-conditional, got {self.model.condition!r}")
             if self.model.size in AR_SIZE_OF and self.model.mlp_ratio is None:
                 warnings.warn(f"model.size {self.model.size!r} is a VQ-Diffusion size: as VQ-AR it has fewer parameters "
                               f"than the VQ-Diffusion model of that name; {AR_SIZE_OF[self.model.size]!r} is its equal "
                               "(the paper compares equal sizes)", stacklevel=2)
         if not 0.0 <= self.data.drop_text <= 1.0:
-            raise ValueError(f"data.drop_text: expected a probability in [0, 1], got {self.data.drop_text}")
+            raise UserError(f"data.drop_text: expected a probability in [0, 1], got {self.data.drop_text}")
         if self.data.balance < 0:
-            raise ValueError(f"data.balance: expected a power >= 0 (0: every sample an epoch), got {self.data.balance}")
+            raise UserError(f"data.balance: expected a power >= 0 (0: every sample an epoch), got {self.data.balance}")
         if self.train.ema_decay and not 0.0 < self.train.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay: expected 0 (off) or a value in (0, 1), got {self.train.ema_decay}")
+            raise UserError(f"train.ema_decay: expected 0 (off) or a value in (0, 1), got {self.train.ema_decay}")
         if self.train.save_every < 1 or self.train.log_every < 1:
-            raise ValueError("train.save_every and train.log_every must be >= 1")
+            raise UserError("train.save_every and train.log_every must be >= 1")
         if self.model.train_text and self.model.condition != "text":
-            raise ValueError("model.train_text: only a text-conditional model has a text tower to train")
+            raise UserError("model.train_text: only a text-conditional model has a text tower to train")
         if self.train.steps < 1:
-            raise ValueError(f"train.steps: expected >= 1, got {self.train.steps}")
+            raise UserError(f"train.steps: expected >= 1, got {self.train.steps}")
         # every model field is checked now, before any rank starts (the grid and codebook are placeholders here)
         build_model_config(self, {"tokenizer": {"num_codes": 2, "grid": [1, 1]}},
                            ("a",) if self.model.condition == "class" else ())
@@ -153,14 +154,14 @@ def build_model_config(cfg: DiffusionRunConfig, manifest: dict, classes: tuple[s
     if base is None:
         return wanted
     if base.get("kind", config_cls.KIND) != config_cls.KIND:
-        raise ValueError(f"train.init_from: the base model is a {base.get('kind')!r} model, this config trains "
+        raise UserError(f"train.init_from: the base model is a {base.get('kind')!r} model, this config trains "
                          f"model.kind {config_cls.KIND!r}")
     base_cfg = config_cls.from_dict(base)
     differ = [f.name for f in fields(config_cls)
               if f.name not in TRAINING_ONLY + ("size",) and getattr(base_cfg, f.name) != getattr(wanted, f.name)]
     if differ:
         detail = "; ".join(f"{n}: base {getattr(base_cfg, n)!r}, config {getattr(wanted, n)!r}" for n in differ[:4])
-        raise ValueError(f"train.init_from: the base model differs from this config in {differ} ({detail}). "
+        raise UserError(f"train.init_from: the base model differs from this config in {differ} ({detail}). "
                          "A fine-tune keeps its base's architecture, codebook, grid and classes: fix the config "
                          "(or the data set) to match")
     for name in TRAINING_ONLY:

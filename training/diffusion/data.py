@@ -35,6 +35,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from vqd.errors import UserError
 from vqd.io import file_sha256
 from vqd.shards import MANIFEST, iter_samples, open_manifest
 from vqd.text import CONTEXT_LENGTH, fit_context, tokenize
@@ -59,10 +60,10 @@ class TokenDataConfig:
 def split_shards(manifest: dict, split: str) -> list[tuple[Path, int]]:
     """(path, sample count) of every shard of `split`, in manifest order."""
     if split not in manifest["splits"]:
-        raise ValueError(f"data.split: {manifest['folder']} has no split {split!r} (it has {sorted(manifest['splits'])})")
+        raise UserError(f"data.split: {manifest['folder']} has no split {split!r} (it has {sorted(manifest['splits'])})")
     shards = [(Path(manifest["folder"]) / s["name"], int(s["samples"])) for s in manifest["splits"][split]["shards"]]
     if not shards or sum(n for _, n in shards) == 0:
-        raise ValueError(f"data.split: split {split!r} of {manifest['folder']} holds no samples")
+        raise UserError(f"data.split: split {split!r} of {manifest['folder']} holds no samples")
     return shards
 
 
@@ -76,7 +77,7 @@ def json_values(shards: list[tuple[Path, int]], key: str, setting: str, empty_ok
         for sample in iter_samples(path):
             value = sample["json"].get(key)
             if value is None or (value == "" and not empty_ok):
-                raise ValueError(f"{setting}: sample {sample['key']} of {path.name} has no {key!r} field "
+                raise UserError(f"{setting}: sample {sample['key']} of {path.name} has no {key!r} field "
                                  f"(its .json has {sorted(sample['json'])}){hint}")
             values[path].append(str(value))
     return values
@@ -134,7 +135,7 @@ class TokenStream(torch.utils.data.IterableDataset):
                 mine.append((path, range((reader - offset) % readers, n, readers)))
                 offset += n
         if sum(len(indices) for _, indices in mine) == 0:
-            raise ValueError(f"data: reader {reader} of {readers} (ranks x data workers) gets no sample of "
+            raise UserError(f"data: reader {reader} of {readers} (ranks x data workers) gets no sample of "
                              f"{len(self.shards)} shards: lower train.num_workers or use fewer ranks")
         if self.weights is not None:
             mine = [(path, self._balanced(path, indices, epoch)) for path, indices in mine]
@@ -186,7 +187,7 @@ class TokenStream(torch.utils.data.IterableDataset):
             return -1
         name = str(sample["json"].get(self.cfg.label_key, ""))
         if name not in self.class_index:
-            raise ValueError(f"data.label_key: sample {sample['key']} has {self.cfg.label_key}={name!r}, which is not "
+            raise UserError(f"data.label_key: sample {sample['key']} has {self.cfg.label_key}={name!r}, which is not "
                              f"one of the model's {len(self.class_index)} classes")
         return self.class_index[name]
 
@@ -215,13 +216,15 @@ class TokenStream(torch.utils.data.IterableDataset):
 
 def token_loader(manifest: dict, cfg: TokenDataConfig, batch_size: int, seed: int, rank: int, world_size: int,
                  skip_batches: int = 0, num_workers: int = 1, classes: tuple[str, ...] = (),
-                 split: str | None = None, context_length: int = CONTEXT_LENGTH) -> torch.utils.data.DataLoader:
-    """DataLoader over a TokenStream (the stream batches; workers are taken in order, so resume is exact)."""
+                 split: str | None = None, context_length: int = CONTEXT_LENGTH, persistent: bool = False,
+                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """DataLoader over a TokenStream (the stream batches; workers are taken in order, so resume is exact).
+    pin_memory: batches in page-locked memory, so that the copy to a GPU does not block the host."""
     stream = TokenStream(manifest, cfg, batch_size, seed, rank, world_size, skip_batches, classes, split, context_length)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                        worker_init_fn=_one_thread if num_workers else None,
                                        prefetch_factor=4 if num_workers else None,
-                                       persistent_workers=False)
+                                       persistent_workers=persistent and num_workers > 0, pin_memory=pin_memory)
 
 
 def open_dataset(cfg: TokenDataConfig) -> dict:
@@ -232,7 +235,7 @@ def open_dataset(cfg: TokenDataConfig) -> dict:
     for path in cfg.more_paths:
         other = open_manifest(path)
         if other["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
-            raise ValueError(f"data.more_paths: {path} was encoded by tokenizer {other['tokenizer']['sha256'][:12]}, "
+            raise UserError(f"data.more_paths: {path} was encoded by tokenizer {other['tokenizer']['sha256'][:12]}, "
                              f"{cfg.path} by {manifest['tokenizer']['sha256'][:12]}: their token ids mean different "
                              "things; re-encode one with the other's tokenizer")
         for split, info in other["splits"].items():

@@ -48,7 +48,17 @@ def sample_grid(export: Path, cfg, prompts: list[str], info: DistInfo) -> np.nda
 
 
 @torch.no_grad()
-def validation_loss(engine, model, manifest: dict, cfg, info: DistInfo, batches: int = 4) -> dict[str, float]:
+def validation_loader(manifest: dict, cfg, model, info: DistInfo, pin_memory: bool = False):
+    """The held-out split's fixed batches (seed 12345), built once: its workers stay up between evaluations and
+    every evaluation reads the same samples from the start."""
+    workers = min(1, cfg.train.num_workers)
+    return token_loader(manifest, cfg.data, cfg.train.micro_batch_size, seed=12345, rank=info.rank,
+                        world_size=info.world_size, num_workers=workers, classes=getattr(model.config, "classes", ()),
+                        split=cfg.data.eval_split, context_length=model.config.text.context_length,
+                        persistent=workers > 0, pin_memory=pin_memory)
+
+
+def validation_loss(engine, model, loader, info: DistInfo, batches: int = 4) -> dict[str, float]:
     """Held-out bound estimate (nats per token): `batches` fixed batches per rank, t stratified over [0, T).
 
     The same samples, timesteps and noise at every evaluation, so successive values compare the weights only.
@@ -58,12 +68,9 @@ def validation_loss(engine, model, manifest: dict, cfg, info: DistInfo, batches:
     A VQ-AR model reports its held-out next-token cross-entropy instead (val/nll).
     """
     if isinstance(model, VQARModel):
-        return ar_validation_loss(engine, model, manifest, cfg, info, batches)
+        return ar_validation_loss(engine, model, loader, info, batches)
 
     diffusion, T = model.diffusion, model.diffusion.num_timesteps
-    loader = token_loader(manifest, cfg.data, cfg.train.micro_batch_size, seed=12345, rank=info.rank,
-                          world_size=info.world_size, num_workers=0, classes=model.config.classes,
-                          split=cfg.data.eval_split, context_length=model.config.text.context_length)
     was_training = engine.module.training
     engine.module.eval()
     total, count = torch.zeros(3, dtype=torch.float64, device=info.device), 0

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from vqd.clip_weights import read_weights_file
+from vqd.errors import UserError
 
 
 def load_clip(arch: str, weights: str, device: str = "cpu") -> torch.nn.Module:
@@ -25,7 +26,7 @@ def load_clip(arch: str, weights: str, device: str = "cpu") -> torch.nn.Module:
 
 
     if open_clip.get_model_config(arch) is None:
-        raise ValueError(f"--clip-model: open_clip has no architecture {arch!r} (e.g. ViT-B-32, ViT-L-14)")
+        raise UserError(f"--clip-model: open_clip has no architecture {arch!r} (e.g. ViT-B-32, ViT-L-14)")
     state = read_weights_file(weights)
     def not_random_init(record: logging.LogRecord) -> bool:  # open_clip's notice; the weights load right below
         return "initialized randomly" not in record.getMessage()
@@ -38,7 +39,7 @@ def load_clip(arch: str, weights: str, device: str = "cpu") -> torch.nn.Module:
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"--clip-weights {weights!r} is not a full {arch} CLIP (image and text towers): "
+        raise UserError(f"--clip-weights {weights!r} is not a full {arch} CLIP (image and text towers): "
                          f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
                          f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
     model.load_state_dict(state, strict=True)
@@ -52,7 +53,7 @@ def clip_score(model: torch.nn.Module, arch: str, images: torch.Tensor, captions
     import open_clip
 
     if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        raise UserError(f"{len(images)} images but {len(captions)} captions")
     tokenizer = open_clip.get_tokenizer(arch)
     cfg = model.visual.preprocess_cfg
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqd.errors import UserError
 from vqd.io import file_sha256, installed_package_folder
 
 INCEPTION_FILE = "default_1.pt"
@@ -93,7 +94,7 @@ def inception_features(images: torch.Tensor, batch_size: int = 50, device: str =
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Features [N, D] -> (mean [D], covariance [D, D]) in float64 (unbiased covariance, as the reference)."""
     if len(features) < 2:
-        raise ValueError(f"FID needs at least 2 images per set, got {len(features)}")
+        raise UserError(f"FID needs at least 2 images per set, got {len(features)}")
     f = np.asarray(features, np.float64)
     return f.mean(0), np.cov(f, rowvar=False)
 
@@ -112,7 +113,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     where a general sqrtm of the singular S1 S2 returns complex noise. O(D^3): ~20 s at D = 2,048 on a CPU core.
     """
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics differ in shape: {mu1.shape} / {sigma1.shape} vs {mu2.shape} / {sigma2.shape}")
+        raise UserError(f"statistics differ in shape: {mu1.shape} / {sigma1.shape} vs {mu2.shape} / {sigma2.shape}")
     root1 = _sqrt_psd(sigma1)
     middle = root1 @ sigma2 @ root1
     eig = np.linalg.eigvalsh((middle + middle.T) / 2)
@@ -131,7 +132,7 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"FID needs at least 2 images per set, got {len(a)} and {len(b)}")
+        raise UserError(f"FID needs at least 2 images per set, got {len(a)} and {len(b)}")
     if min(len(a), len(b)) > a.shape[1]:
         return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
     centred_a = (a - a.mean(0)) / np.sqrt(len(a) - 1)

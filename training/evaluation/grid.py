@@ -7,12 +7,14 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from vqd.errors import UserError
+
 
 def captioned_grid(images: np.ndarray, captions: list[str], ncols: int = 8, cell: int = 128,
                    lines: int = 3) -> Image.Image:
     """uint8 [B, H, W, 3] + B captions -> one RGB image: a grid of `cell`-pixel pictures, captions wrapped below."""
     if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        raise UserError(f"{len(images)} images but {len(captions)} captions")
     font = ImageFont.load_default()
     line_h = 12
     chars = max(8, cell // 6)  # the default bitmap font is ~6 px a character

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from training.evaluation.fid import load_inception, resize_like_tf1
+from vqd.errors import UserError
 
 PROBE_SIZE = 107
 
@@ -87,7 +88,7 @@ class LinearProbe:
             keep = [i for i, v in enumerate(values) if v]
             classes = sorted({values[i] for i in keep})
             if len(classes) < 2:
-                raise ValueError(f"probe label {name!r}: the training images carry {len(classes)} class(es), need 2+")
+                raise UserError(f"probe label {name!r}: the training images carry {len(classes)} class(es), need 2+")
             index = {c: j for j, c in enumerate(classes)}
             y = torch.tensor([index[values[i]] for i in keep])
             w, b = fit_logistic(x[keep], y, len(classes), weight_decay)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from training.evaluation.fid import INCEPTION_SHA256, fid_from_features, inception_features
 from training.evaluation.judge import JUDGE_MAX_SIZE, CNNJudge
 from training.evaluation.probe import LinearProbe, chance_rates, probe_features, top1
+from vqd.errors import UserError
 from vqd.images import load_image, record_image
 from vqd.io import file_sha256
 from vqd.shards import read_tar
@@ -56,7 +57,7 @@ def index_real_images(data: Path) -> tuple[list[RealSample], str]:
 
     tars = sorted((data / "download").glob("*.tar"))
     if not tars:
-        raise ValueError(f"data folder {str(data)!r} has no download/*.tar (the real images): build it with "
+        raise UserError(f"data folder {str(data)!r} has no download/*.tar (the real images): build it with "
                          "`python data_pipeline/build.py <recipe> --stages metadata,filter,download`")
     digest = hashlib.sha256(f"v{CACHE_VERSION} {INCEPTION_SHA256}".encode())
     samples = []
@@ -90,7 +91,7 @@ def select(samples: list[RealSample], split: str | None, n: int | None, exclude:
                                    s.meta.get("split", "train") != exclude)]
     if not pool and split:
         have = sorted({s.meta.get("split", "train") for s in samples})
-        raise ValueError(f"the data set has no {split!r} images (its splits: {have})")
+        raise UserError(f"the data set has no {split!r} images (its splits: {have})")
     order = np.random.default_rng(SELECTION_SEED).permutation(len(pool))
     return [pool[i] for i in order[: len(pool) if n is None else min(n, len(pool))]]
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from training.core.config import OptimConfig, TrackingConfig, TrainConfig
 from training.diffusion.data import TokenDataConfig, split_shards
+from vqd.errors import UserError
 from vqd.network import MODEL_SIZES
 from vqd.shards import iter_samples
 from vqd.text import TextEncoder, TextEncoderConfig, fit_context, tokenize, with_caption_mean
@@ -45,29 +46,32 @@ class AlignRunConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.1, warmup_steps=50,
                                                                    schedule="cosine", min_lr_ratio=0.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, micro_batch_size=128, num_workers=1,
-                                                                   run_dir="runs/text"))
+                                                                   run_dir="runs/text", precision="fp32"))
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="vqd-text"))
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # the DeepSpeed config (batch, clipping: from train)
 
     def validate(self) -> None:
         if self.model.size not in MODEL_SIZES:
-            raise ValueError(f"model.size: unknown size {self.model.size!r} (known: {', '.join(MODEL_SIZES)})")
+            raise UserError(f"model.size: unknown size {self.model.size!r} (known: {', '.join(MODEL_SIZES)})")
         if self.text.get("pretrained"):
-            raise ValueError("text.pretrained: this program trains a tower from its seeded init; a pretrained CLIP "
+            raise UserError("text.pretrained: this program trains a tower from its seeded init; a pretrained CLIP "
                              "tower already knows its words (point the diffusion config at it instead)")
-        if self.train.precision not in ("auto", "fp32"):
-            raise ValueError(f"train.precision: the tower trains in fp32 (its features are fp32), got "
-                             f"{self.train.precision!r}")
+        if self.train.precision != "fp32":  # `auto` has been resolved by now: bf16 on a CPU or GPU that has it
+            raise UserError(f"train.precision: the tower trains in fp32 (its features are fp32), got "
+                            f"{self.train.precision!r}; set train.precision: fp32")
         if self.train.micro_batch_size < 2 or self.train.grad_accum != 1:
-            raise ValueError("train.micro_batch_size: a contrastive batch needs >= 2 samples (and train.grad_accum 1: "
+            raise UserError("train.micro_batch_size: a contrastive batch needs >= 2 samples (and train.grad_accum 1: "
                              "the negatives are the batch's)")
         if self.train.steps < 1 or self.train.log_every < 1:
-            raise ValueError("train.steps and train.log_every must be >= 1")
+            raise UserError("train.steps and train.log_every must be >= 1")
         if self.image.width % self.image.heads:
-            raise ValueError(f"image.width: {self.image.width} is not divisible by image.heads={self.image.heads}")
+            raise UserError(f"image.width: {self.image.width} is not divisible by image.heads={self.image.heads}")
         tower_config(self)  # every text field is checked now
 
     def __post_init__(self):
         self.text = dict(self.text or {})
+        if self.train.precision == "auto":  # the tower's features are fp32 by contract: `auto` means fp32 here
+            self.train.precision = "fp32"
 
 
 def tower_config(cfg: AlignRunConfig) -> TextEncoderConfig:
@@ -75,7 +79,7 @@ def tower_config(cfg: AlignRunConfig) -> TextEncoderConfig:
     base = asdict(MODEL_SIZES[cfg.model.size].text)
     unknown = sorted(set(cfg.text) - set(base))
     if unknown:
-        raise ValueError(f"text: {unknown} are not TextEncoderConfig fields (known: {sorted(base)})")
+        raise UserError(f"text: {unknown} are not TextEncoderConfig fields (known: {sorted(base)})")
     return TextEncoderConfig(**(base | cfg.text))
 
 
@@ -105,7 +109,7 @@ class Aligner(nn.Module):
         self.tower = tower.requires_grad_(True)
         self.image = TokenGridEncoder(num_codes, tokens, side)
         self.project = nn.Linear(tower.dim, side.dim)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # [1]: DeepSpeed broadcasts no 0-d tensor
 
     def caption_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """CLIP ids [B, C] -> unit vectors [B, dim] of each caption's pooled feature (what the AdaLN reads)."""

@@ -8,6 +8,7 @@ from typing import Any
 
 from training.core.config import OptimConfig, TrackingConfig, TrainConfig
 from training.tokenizer.data import ImageDataConfig
+from vqd.errors import UserError
 from vqd.vqvae import VQVAEConfig
 
 
@@ -43,13 +44,13 @@ class VQVAERunConfig:
 
     def validate(self) -> None:
         if self.model.codebook == "gumbel":
-            raise ValueError("model.codebook 'gumbel' is for loading taming checkpoints; train with 'ema' or 'learned'")
+            raise UserError("model.codebook 'gumbel' is for loading taming checkpoints; train with 'ema' or 'learned'")
         if self.train.ema_decay:
-            raise ValueError("train.ema_decay is not used by the tokenizer trainer (the codebook has its own EMA)")
+            raise UserError("train.ema_decay is not used by the tokenizer trainer (the codebook has its own EMA)")
         if self.model.used_codes:
-            raise ValueError("model.used_codes is set by pruning after training, not in a training config")
+            raise UserError("model.used_codes is set by pruning after training, not in a training config")
         if instance := self.model.one_channel_groups():
-            raise ValueError(f"model.norm_groups {self.model.norm_groups} leaves one channel a group at {instance} "
+            raise UserError(f"model.norm_groups {self.model.norm_groups} leaves one channel a group at {instance} "
                              f"channels: GroupNorm is then instance norm, which erases each channel's per-image "
                              f"mean and with it flat colours (a red heart comes back brown); use at most "
                              f"{min(instance) // 2} groups")

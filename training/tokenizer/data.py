@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from vqd.errors import UserError
 from vqd.images import is_heldout, is_image_file, load_image, record_image
 from vqd.io import installed_package_folder
 from vqd.shards import read_tar
@@ -46,12 +47,12 @@ def list_sources(source: str) -> tuple[str, list[str]]:
     """('tars', [paths]) or ('folder', [image paths]) for a glob, a folder of tars or a folder of images, or
     several of one kind, comma-separated (a tokenizer trained on every style it will encode)."""
     if not source:
-        raise ValueError("data.source is empty: give a tars glob, a folder of tars or a folder of images")
+        raise UserError("data.source is empty: give a tars glob, a folder of tars or a folder of images")
     if "," in source:
         found = [list_sources(part.strip()) for part in source.split(",") if part.strip()]
         kinds = {kind for kind, _ in found}
         if len(kinds) > 1:
-            raise ValueError(f"data.source {source!r} mixes tars and image folders: give sources of one kind")
+            raise UserError(f"data.source {source!r} mixes tars and image folders: give sources of one kind")
         return kinds.pop(), [path for _, paths in found for path in paths]
     source = resolve_pkg(source)
     p = Path(source)
@@ -61,11 +62,11 @@ def list_sources(source: str) -> tuple[str, list[str]]:
             return "tars", tars
         files = sorted(str(f) for f in p.rglob("*") if is_image_file(f) and f.is_file())
         if not files:
-            raise ValueError(f"data.source folder {source!r} holds no .tar and no image files")
+            raise UserError(f"data.source folder {source!r} holds no .tar and no image files")
         return "folder", files
     paths = sorted(glob.glob(source))
     if not paths:
-        raise ValueError(f"data.source {source!r} matches no file")
+        raise UserError(f"data.source {source!r} matches no file")
     if all(x.endswith(".tar") for x in paths):
         return "tars", paths
     return "folder", [x for x in paths if is_image_file(x)]
@@ -78,7 +79,7 @@ def resolve_pkg(source: str) -> str:
     name, _, rest = source[4:].partition("/")
     package = installed_package_folder(name)
     if package is None:
-        raise ValueError(f"data.source {source!r}: package {name!r} is not installed")
+        raise UserError(f"data.source {source!r}: package {name!r} is not installed")
     return str(package / rest)
 
 
@@ -116,7 +117,7 @@ class ImageStream(torch.utils.data.IterableDataset):
                  world_size: int = 1, seed: int = 0, epochs: int | None = None, skip_batches: int = 0,
                  drop_last: bool = True):
         if split not in ("train", "heldout", "all"):
-            raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+            raise UserError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
         self.kind, self.paths = list_sources(cfg.source)
         self.cfg, self.size, self.batch_size, self.split = cfg, size, batch_size, split
         self.rank, self.world_size, self.seed, self.epochs = rank, world_size, seed, epochs
@@ -210,7 +211,7 @@ class ImageStream(torch.utils.data.IterableDataset):
                 produced += 1
             empty_epochs = empty_epochs + 1 if produced == 0 else 0
             if empty_epochs >= 5 and self.epochs is None:  # (one empty epoch can be a shard of only bad tars)
-                raise ValueError(f"data.source {self.cfg.source!r} gave no usable {self.split} image batch of "
+                raise UserError(f"data.source {self.cfg.source!r} gave no usable {self.split} image batch of "
                                  f"{self.batch_size} for rank {self.rank} worker {wid} ({dict(counts)} skipped)")
             epoch += 1
         self.totals.update(counts)  # skips after the last batch (a finite stream ends here)
