@@ -278,7 +278,7 @@ def check_same_data(manifest: dict, rank: int, world_size: int) -> None:
         hosts = ", ".join(dict.fromkeys(h for _, h in where))
         folders = ", ".join(f"{path} (manifest sha256 {sha[:12]})" for path, sha in view)
         parts.append(f"{hosts} ({_ranks_text([r for r, _ in where])}) reads {folders}")
-    raise ValueError("the ranks read different data: " + "; ".join(parts) + ". Give data.path as an absolute path "
+    raise UserError("the ranks read different data: " + "; ".join(parts) + ". Give data.path as an absolute path "
                      "on a filesystem every node sees, or put the same build at that path on every node (docs/cluster.md)")
 
 

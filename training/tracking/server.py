@@ -12,6 +12,7 @@ import os
 import requests
 
 from training.tracking.redaction import public_uri
+from vqd.errors import UserError
 
 ANSWER_S = 4.0  # to connect, and then to the first byte of the answer: /health answers in milliseconds
 READ_RETRIES = "2"  # MLflow's retries for the reads that follow (its default, 7 with back-off, takes minutes)
@@ -39,5 +40,5 @@ def require_server(uri: str, seconds: float = ANSWER_S) -> None:
         if status in (200, 401, 403):
             return
         reason = f"HTTP {status} for /health: not an MLflow server, or a proxy whose server is down"
-    raise ValueError(f"no MLflow server answers at {shown} ({reason}): start it with "
+    raise UserError(f"no MLflow server answers at {shown} ({reason}): start it with "
                      f"cluster/mlflow_server.sh ROOT on that host, or pass --uri (or MLFLOW_TRACKING_URI) of one that runs")
