@@ -24,6 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from vqd.errors import UserError
 from vqd.pipeline import TextToImage
 from vqd.released import read_released, write_pipeline
 from vqd.released.official import RELEASED_HEADS, read_official
@@ -65,7 +66,7 @@ def convert(args: argparse.Namespace) -> Path:
     if args.command == "to-diffusers":
         pipe = TextToImage.from_folder(args.folder)
         if pipe.autoregressive:
-            raise ValueError(f"{args.folder} holds a VQ-AR model: diffusers' VQ-Diffusion pipeline runs VQ-Diffusion only")
+            raise UserError(f"{args.folder} holds a VQ-AR model: diffusers' VQ-Diffusion pipeline runs VQ-Diffusion only")
         return write_pipeline(pipe.model, pipe.tokenizer, args.out)
     if args.command == "official":
         released = read_official(args.checkpoint, vqgan=args.vqgan, code_map=args.code_map, config=args.config,

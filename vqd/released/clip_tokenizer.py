@@ -15,6 +15,7 @@ import gzip
 import json
 from pathlib import Path
 
+from vqd.errors import UserError
 from vqd.released.tensors import ReleasedFormatError
 
 PAD_TOKEN = "!"  # id 0: what vqd.text.tokenize pads with
@@ -49,7 +50,7 @@ def write_clip_tokenizer(folder: Path, context_length: int = 77) -> Path:
     vocab = [*byte_chars, *(c + "</w>" for c in byte_chars), *("".join(m.split()) for m in merges),
              "<|startoftext|>", "<|endoftext|>"]
     if len(vocab) != VOCAB_SIZE:
-        raise ValueError(f"open_clip's BPE file gives {len(vocab)} tokens, CLIP has {VOCAB_SIZE}")
+        raise UserError(f"open_clip's BPE file gives {len(vocab)} tokens, CLIP has {VOCAB_SIZE}")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

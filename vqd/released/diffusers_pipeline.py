@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from vqd.errors import UserError
 from vqd.models import VQDiffusionConfig, VQDiffusionModel
 from vqd.released.assemble import ReleasedModel, assemble, empty_caption_features, text_config
 from vqd.released.clip_tokenizer import check_tokenizer_folder, write_clip_tokenizer
@@ -310,18 +311,18 @@ def _check_exportable(model: VQDiffusionModel, tokenizer: VQVAE) -> None:
                 "mlp_ratio": (round(cfg.mlp_ratio * cfg.width) == 4 * cfg.width, "4 (diffusers' FeedForward)")}
     for name, (ok, need) in problems.items():
         if not ok:
-            raise ValueError(f"{name}: {getattr(cfg, name)!r} cannot be written as a diffusers VQ-Diffusion pipeline, "
+            raise UserError(f"{name}: {getattr(cfg, name)!r} cannot be written as a diffusers VQ-Diffusion pipeline, "
                              f"which needs {need}")
     t = tokenizer.cfg
     if t.codebook == "gumbel":
-        raise ValueError("tokenizer: a Gumbel quantizer (taming's GumbelVQ) has no diffusers VQModel equivalent")
+        raise UserError("tokenizer: a Gumbel quantizer (taming's GumbelVQ) has no diffusers VQModel equivalent")
     if t.ch_mult[0] != 1:
-        raise ValueError(f"tokenizer.ch_mult: {list(t.ch_mult)} must start with 1 for a diffusers VQModel")
+        raise UserError(f"tokenizer.ch_mult: {list(t.ch_mult)} must start with 1 for a diffusers VQModel")
     if any((t.ch * m) % t.norm_groups for m in t.ch_mult):
-        raise ValueError(f"tokenizer.norm_groups: {t.norm_groups} must divide every level's channels "
+        raise UserError(f"tokenizer.norm_groups: {t.norm_groups} must divide every level's channels "
                          f"{[t.ch * m for m in t.ch_mult]} (diffusers' GroupNorm takes it as given)")
     if tokenizer.num_codes != model.num_codes or tuple(tokenizer.grid) != tuple(model.grid):
-        raise ValueError("tokenizer: its codes and grid are not the model's")
+        raise UserError("tokenizer: its codes and grid are not the model's")
 
 
 def _tokenizer_state(tokenizer: VQVAE) -> dict[str, torch.Tensor]:

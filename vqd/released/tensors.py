@@ -16,8 +16,10 @@ from typing import Iterable, Mapping
 
 import torch
 
+from vqd.errors import UserError
 
-class ReleasedFormatError(ValueError):
+
+class ReleasedFormatError(UserError):
     """A released checkpoint that cannot be read as one: the message names the file and the part."""
 
 
