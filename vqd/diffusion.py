@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqd.errors import UserError
+from vqd.errors import UserError, require
 
 LOG_EPS = 1e-30  # probabilities are clamped here before the log, so no -inf enters the maths
 
@@ -133,16 +133,18 @@ class MaskAndReplaceDiffusion(nn.Module):
             t = torch.full((batch,), t, dtype=torch.long, device=device)
         if t.dtype != torch.long or t.shape != (batch,):
             raise UserError(f"{name} must be an int or a LongTensor of shape [{batch}], got {t.dtype} {tuple(t.shape)}")
-        if t.numel() and (t.min() < low or t.max() > self.num_timesteps - 1):
-            raise UserError(f"{name} must lie in [{low}, {self.num_timesteps - 1}], got {t.min().item()}..{t.max().item()}")
+        if t.numel():
+            require((t >= low) & (t <= self.num_timesteps - 1), lambda: f"{name} must lie in [{low}, "
+                    f"{self.num_timesteps - 1}], got {t.min().item()}..{t.max().item()}")
         return t.to(device) + 1
 
     def _check_ids(self, x: torch.Tensor, name: str, allow_mask: bool) -> None:
         top = self.num_codes if allow_mask else self.num_codes - 1
         if not isinstance(x, torch.Tensor) or x.dtype != torch.long or x.dim() != 2:
             raise UserError(f"{name} must be a LongTensor [B, N], got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
-        if x.numel() and (x.min() < 0 or x.max() > top):
-            raise UserError(f"{name} ids must lie in [0, {top}], got {x.min().item()}..{x.max().item()}")
+        if x.numel():
+            require((x >= 0) & (x <= top), lambda: f"{name} ids must lie in [0, {top}], got "
+                    f"{x.min().item()}..{x.max().item()}")
 
     def _check_log_p_x0(self, log_p_x0: torch.Tensor, x_t: torch.Tensor) -> None:
         want = (x_t.shape[0], self.num_codes, x_t.shape[1])

@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Callable, NoReturn
 
+import torch
+
 TRACEBACK_ENV = "VQD_TRACEBACK"
 
 
@@ -53,6 +55,16 @@ def fail(message: str) -> NoReturn:
 
 
 def _group_started() -> bool:
-    """True once torch.distributed has a process group (checked without importing torch)."""
-    dist = sys.modules.get("torch.distributed")
-    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+    """True once torch.distributed has a process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def require(condition: torch.Tensor, message: str | Callable[[], str]) -> None:
+    """Raise UserError(message) unless the boolean tensor `condition` is all true, without the host reading the
+    device: the device checks it (torch._assert_async), at once on a CPU; on a GPU a failure surfaces as a
+    device-side assert at the next synchronisation, so a training step never waits for its own input checks.
+    `message` may be a function, called only on failure (it may then read the tensors)."""
+    try:
+        torch._assert_async(condition.all(), "vqd: input out of range")
+    except RuntimeError:
+        raise UserError(message() if callable(message) else message) from None

@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from vqd.diffusion import MaskAndReplaceDiffusion, sample_categorical
-from vqd.io import SAMPLING_NAME, atomic_write_text
 from vqd.errors import UserError
+from vqd.io import SAMPLING_NAME, atomic_write_text
 
 
 class DenoisingModel(Protocol):

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vqd.clip_weights import read_text_weights
-from vqd.errors import UserError
+from vqd.errors import UserError, require
 from vqd.io import installed_package_folder, load_state_dict_strict
 
 CONTEXT_LENGTH = 77
@@ -256,9 +256,9 @@ class TextEncoder(nn.Module):
             raise UserError(f"clip_ids: expected an integer tensor [B, {self.cfg.context_length}], got {got}")
         if ids.shape[1] != self.cfg.context_length:
             raise UserError(f"clip_ids: expected {self.cfg.context_length} ids per row, got {ids.shape[1]}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
-            raise UserError(f"clip_ids: ids must lie in [0, {self.cfg.vocab_size - 1}], got "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
+        if ids.numel():
+            require((ids >= 0) & (ids < self.cfg.vocab_size), lambda: f"clip_ids: ids must lie in "
+                    f"[0, {self.cfg.vocab_size - 1}], got [{int(ids.min())}, {int(ids.max())}]")
         # Features must not depend on whether the caller runs under autocast: the tower runs in its own dtype.
         with torch.autocast(device_type=ids.device.type, enabled=False):
             x = self.token_embedding(ids.long()) + self.positional_embedding

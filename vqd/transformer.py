@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vqd.errors import UserError
+from vqd.errors import UserError, require
 
 
 @dataclass
@@ -274,9 +274,9 @@ class Denoiser(TokenGridTransformer):
         check_text("text", text, x_t.shape[0], self.cfg.text_dim)
         if t.dtype not in _INT_DTYPES or t.shape != (x_t.shape[0],):
             raise UserError(f"t: expected an integer tensor of shape [{x_t.shape[0]}], got {t.dtype} {tuple(t.shape)}")
-        low, high = _min_max(t) if t.numel() else (0, 0)
-        if low < 0 or high >= self.cfg.num_timesteps:
-            raise UserError(f"t: timesteps must lie in [0, {self.cfg.num_timesteps - 1}], got [{low}, {high}]")
+        if t.numel():
+            require((t >= 0) & (t < self.cfg.num_timesteps), lambda: f"t: timesteps must lie in "
+                    f"[0, {self.cfg.num_timesteps - 1}], got [{int(t.min())}, {int(t.max())}]")
         return self.trunk(x_t, t, text)
 
 
@@ -291,14 +291,8 @@ def check_ids(name: str, ids: torch.Tensor, seq_len: int | None, max_id: int) ->
     if seq_len is not None and ids.shape[1] != seq_len:
         raise UserError(f"{name}: expected {seq_len} tokens per row (the h*w grid), got {ids.shape[1]}")
     if ids.numel():
-        low, high = _min_max(ids)
-        if low < 0 or high > max_id:
-            raise UserError(f"{name}: token ids must lie in [0, {max_id}], got [{low}, {high}]")
-
-
-def _min_max(x: torch.Tensor) -> tuple[int, int]:
-    """(min, max) of an integer tensor with a single device sync."""
-    return tuple(torch.stack(torch.aminmax(x)).tolist())
+        require((ids >= 0) & (ids <= max_id), lambda: f"{name}: token ids must lie in [0, {max_id}], got "
+                f"[{int(ids.min())}, {int(ids.max())}]")
 
 
 def check_text(name: str, text: torch.Tensor, batch: int, dim: int) -> None:
