@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg: AlignRunConfig = parse_config(AlignRunConfig, argv, __doc__)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a contrastive batch's negatives are one process's batch
         raise UserError("align_text.py runs as one process: start it with python, not a multi-rank launcher")
+    run = Run(cfg, "align_text")  # tracking credentials are checked first, as every trainer checks them
     manifest = open_dataset(cfg.data)
-    run = Run(cfg, "align_text")
     tokens = int(np.prod(manifest["tokenizer"]["grid"]))
     text_cfg = tower_config(cfg)
     aligner = Aligner(TextEncoder(text_cfg), int(manifest["tokenizer"]["num_codes"]), tokens, cfg.image)

@@ -124,7 +124,8 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
                 data: dict[str, Any] | None = None):
     """Build the run dataclass `cls` from a YAML file (a path, or a name in configs/) or a dict, plus overrides;
     validated and derived."""
-    raw = read_yaml_with_base(find_config(path, [CONFIG_DIR]), [CONFIG_DIR]) if path is not None else {}
+    found = find_config(path, [CONFIG_DIR]) if path is not None else None
+    raw = read_yaml_with_base(found, [CONFIG_DIR]) if found is not None else {}
     raw = deep_merge(raw, data or {})
     ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     hints = typing.get_type_hints(cls)
@@ -149,6 +150,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         validate()
+    cfg.loaded_from = str(found) if found is not None else ""  # not a field: never saved, never a param
     return cfg
 
 

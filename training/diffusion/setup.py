@@ -88,5 +88,6 @@ def export(run: Run, built: Built, manifest: dict, weights: dict[str, torch.Tens
         model_cfg = built.model.config
         sampling = cfg.sample.settings(None if isinstance(built.model, VQARModel) else model_cfg.num_timesteps)
         export_model(built.model, weights, folder, built.tokenizer, provenance, sampling,
-                     {"how": f"the `sample` section of the training config {run.run_dir / 'config.yaml'}, not measured"})
+                     {"how": f"the `sample` section of the training config {getattr(cfg, 'loaded_from', '') or run.run_dir / 'config.yaml'}, "
+                             "not measured"})
     return folder
