@@ -48,7 +48,7 @@ class TextToImage:
         try:
             self.validate(self.sampling)
         except ValueError as err:
-            raise ValueError(f"the model folder's sampling settings do not fit the model: {err}") from err
+            raise UserError(f"the model folder's sampling settings do not fit the model: {err}") from err
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "TextToImage":

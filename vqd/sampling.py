@@ -102,14 +102,14 @@ class SamplingConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+            raise UserError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
         kinds = {"steps": (int, type(None)), "truncation": (int, float), "guidance_scale": (int, float),
                  "purity": (bool,), "purity_strength": (int, float), "reveal_order": (str,),
                  "max_reveal": (int, type(None))}
         for name, value in values.items():
             wrong_bool = isinstance(value, bool) and bool not in kinds[name]
             if wrong_bool or not isinstance(value, kinds[name]):
-                raise ValueError(f"{where}: {name} has the wrong type ({value!r})")
+                raise UserError(f"{where}: {name} has the wrong type ({value!r})")
         return cls(**{k: float(v) if kinds[k] == (int, float) else v for k, v in values.items()})
 
 
@@ -130,7 +130,7 @@ def load_sampling(folder: str | os.PathLike) -> tuple[SamplingConfig, dict[str, 
         return SamplingConfig(), {}
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
-        raise ValueError(f"{path} must hold a mapping with a `settings` mapping")
+        raise UserError(f"{path} must hold a mapping with a `settings` mapping")
     return SamplingConfig.from_dict(data["settings"], where=str(path)), dict(data.get("chosen_by") or {})
 
 

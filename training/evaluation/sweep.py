@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
+from vqd.errors import UserError
 from vqd.sampling import SamplingConfig, save_sampling
 
 SAMPLING_KEYS = tuple(f.name for f in SamplingConfig.__dataclass_fields__.values())
@@ -32,7 +33,7 @@ def best_run(runs: list[dict], select_by: str) -> int:
     """The index of the best evaluation; a ValueError when `select_by` was not measured (no probe)."""
     scores = [score(r, select_by) for r in runs]
     if None in scores:
-        raise ValueError(f"--select-by {select_by}: not measured for this model and data set (no probe, or an "
+        raise UserError(f"--select-by {select_by}: not measured for this model and data set (no probe, or an "
                          "unconditional model); use --select-by fid")
     pick = min if select_by == "fid" else max
     return scores.index(pick(scores))

@@ -21,6 +21,8 @@ from starlette.datastructures import Headers
 from starlette.responses import PlainTextResponse, RedirectResponse
 from starlette.websockets import WebSocketClose
 
+from vqd.errors import UserError
+
 TOKEN_ENV = "VQD_SERVE_TOKEN"
 COOKIE = "vqd_token"
 QUERY = "token"
@@ -45,11 +47,11 @@ def read_token_file(path: Path) -> str:
             f.write(secrets.token_urlsafe(32) + "\n")
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"the token file {path} can be read by others (mode {stat.S_IMODE(mode):o}): "
+        raise UserError(f"the token file {path} can be read by others (mode {stat.S_IMODE(mode):o}): "
                          f"chmod 600 {path}")
     token = path.read_text().strip()
     if len(token) < 16:
-        raise ValueError(f"the token file {path} holds a token of {len(token)} characters; use at least 16 "
+        raise UserError(f"the token file {path} holds a token of {len(token)} characters; use at least 16 "
                          f"(delete the file and a random one is written)")
     return token
 
@@ -61,10 +63,10 @@ def resolve_token(host: str, token_file: str | None) -> str | None:
     token = os.environ.get(TOKEN_ENV, "").strip()
     if token:
         if len(token) < 16:
-            raise ValueError(f"{TOKEN_ENV} holds a token of {len(token)} characters; use at least 16")
+            raise UserError(f"{TOKEN_ENV} holds a token of {len(token)} characters; use at least 16")
         return token
     if not is_loopback(host):
-        raise ValueError(f"--host {host} serves the page beyond this machine: it needs an access token, from "
+        raise UserError(f"--host {host} serves the page beyond this machine: it needs an access token, from "
                          f"--token-file FILE (created with a random token when missing) or {TOKEN_ENV}")
     return None
 
