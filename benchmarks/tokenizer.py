@@ -31,7 +31,7 @@ from training.evaluation.fid import fid_from_features, inception_features
 from training.evaluation.grid import image_grid
 from training.tokenizer.data import ImageDataConfig, image_loader
 from vqd.pipeline import to_uint8
-from vqd.vqvae import load_tokenizer
+from vqd.vqvae import load_tokenizer, psnr
 
 
 def parse_args(argv=None):
@@ -59,12 +59,6 @@ def run_defaults(args) -> tuple[str, float]:
         raise ValueError("--data is required (the tokenizer folder has no run_config.yaml naming its data)")
     holdout = args.holdout if args.holdout is not None else float(data.get("holdout", 0.0))
     return source, holdout
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2). [B,3,H,W] x2 -> [B]."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(4.0 / mse)
 
 
 def fid_of(originals: list[torch.Tensor], *others: list[torch.Tensor], device: str) -> list[float | None]:

@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from vqd.config import from_dict
+from vqd.config import find_config, from_dict, read_yaml, set_dotted
 from vqd.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -110,25 +108,18 @@ class Recipe:
     split: SplitSpec = field(default_factory=SplitSpec)
 
 
-def set_key(data: dict, dotted: str, value: Any) -> None:
-    """Set `a.b.c = value` inside a nested dict (CLI overrides)."""
-    *parents, last = dotted.split(".")
-    for p in parents:
-        data = data.setdefault(p, {})
-    data[last] = value
-
-
 def load_recipe(name_or_path: str, overrides: Optional[dict[str, Any]] = None) -> Recipe:
-    """Read configs/data/<name>.yaml (or a path), apply dotted overrides, validate, fill defaults."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = RECIPE_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
+    """Read configs/data/<name>.yaml (or a path), apply dotted overrides, validate, fill defaults: the reader and
+    the type checks every run config goes through (vqd/config.py)."""
+    try:
+        path = find_config(name_or_path, [RECIPE_DIR], what="recipe")
+    except UserError:
         known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-        raise UserError(f"recipe {name_or_path!r} not found (looked for {path}); known recipes: {known}")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise UserError(f"recipe {name_or_path!r} not found (a name in {RECIPE_DIR} or a path to a .yaml); known "
+                        f"recipes: {', '.join(known)}") from None
+    data = read_yaml(path)
     for dotted, value in (overrides or {}).items():
-        set_key(data, dotted, value)
+        set_dotted(data, dotted, value)
     recipe = from_dict(Recipe, data)
     if not recipe.name:
         recipe.name = path.stem

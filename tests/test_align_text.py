@@ -97,7 +97,7 @@ def test_the_recipe_s_tower_is_the_base_model_s():
 
 @pytest.mark.parametrize("override, message", [
     ("--text.pretrained=openai", "text.pretrained: this program trains a tower from its seeded init"),
-    ("--text.widht=64", r"text: \['widht'\] are not TextEncoderConfig fields"),
+    ("--text.widht=64", r"text\.widht: unknown key for TextEncoderConfig"),
     ("--train.grad_accum=2", "the negatives are the batch's"),
     ("--train.precision=bf16", "train.precision: the tower trains in fp32"),
     ("--model.size=huge", "model.size: unknown size 'huge'"),

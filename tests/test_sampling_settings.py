@@ -31,8 +31,8 @@ def test_settings_round_trip_and_refuse_what_they_do_not_know(tmp_path):
     assert load_sampling(tmp_path) == (config, {"how": "measured", "n": 64})
     assert load_sampling(tmp_path / "nothing") == (SamplingConfig(), {})  # no file: the paper's settings
     assert SamplingConfig.from_dict({"truncation": 1}).truncation == 1.0  # YAML's 1 is a float here
-    for bad, match in [({"stepz": 3}, "unknown field"), ({"purity": "yes"}, "purity has the wrong type"),
-                       ({"steps": 2.5}, "steps has the wrong type"), ({"steps": True}, "steps has the wrong type")]:
+    for bad, match in [({"stepz": 3}, "stepz: unknown key"), ({"purity": "yes"}, "purity: expected bool"),
+                       ({"steps": 2.5}, "steps: expected int"), ({"steps": True}, "steps: expected int")]:
         with pytest.raises(ValueError, match=match):
             SamplingConfig.from_dict(bad)
     assert config.override(steps=None, guidance_scale=1.0) == SamplingConfig(

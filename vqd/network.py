@@ -125,9 +125,15 @@ class NetworkConfig:
         kind = data.pop("kind", cls.KIND)
         if kind != cls.KIND:
             raise UserError(f"kind: expected {cls.KIND!r} for {cls.__name__}, got {kind!r}")
-        if data.get("size") in MODEL_SIZES and isinstance(data.get("text"), dict):
-            data["text"] = to_dict(MODEL_SIZES[data["size"]].text) | data["text"]
+        if isinstance(data.get("text"), dict):
+            data["text"] = text_fields(data.get("size"), data["text"])
         return from_dict(cls, data)
+
+
+def text_fields(size: str | None, text: dict[str, Any]) -> dict[str, Any]:
+    """A config's `text` section over the text tower of model size `size`: its fields replace the size's, field by
+    field (no size: the section alone). Every program that reads a `text` section merges it here."""
+    return (to_dict(MODEL_SIZES[size].text) if size in MODEL_SIZES else {}) | dict(text)
 
 
 class ComposedModel(nn.Module):

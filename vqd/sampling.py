@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 import yaml
 
+from vqd.config import from_dict as config_from_dict
 from vqd.diffusion import MaskAndReplaceDiffusion, sample_categorical
 from vqd.errors import UserError
 from vqd.io import SAMPLING_NAME, atomic_write_text
@@ -98,19 +99,9 @@ class SamplingConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "sampling settings") -> "SamplingConfig":
-        """The settings from a mapping of some of the fields; an unknown field or a wrong type is a ValueError."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise UserError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-        kinds = {"steps": (int, type(None)), "truncation": (int, float), "guidance_scale": (int, float),
-                 "purity": (bool,), "purity_strength": (int, float), "reveal_order": (str,),
-                 "max_reveal": (int, type(None))}
-        for name, value in values.items():
-            wrong_bool = isinstance(value, bool) and bool not in kinds[name]
-            if wrong_bool or not isinstance(value, kinds[name]):
-                raise UserError(f"{where}: {name} has the wrong type ({value!r})")
-        return cls(**{k: float(v) if kinds[k] == (int, float) else v for k, v in values.items()})
+        """The settings from a mapping of some of the fields, through the config engine (vqd/config.py): an unknown
+        field or a wrong type is a UserError naming it."""
+        return config_from_dict(cls, dict(values), where)
 
 
 def save_sampling(folder: str | os.PathLike, config: SamplingConfig, chosen_by: Mapping[str, Any]) -> Path:

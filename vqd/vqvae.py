@@ -366,6 +366,12 @@ class VQVAE(nn.Module):
 
 
 @torch.no_grad()
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2: 10 log10(4 / MSE)): [B, 3, H, W] x2 -> [B]."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(4.0 / mse)
+
+
 def count_code_usage(model: VQVAE, batches, device: torch.device | str | None = None) -> torch.Tensor:
     """How often each RAW code is chosen over an iterable of image batches [B,3,H,W] in [-1,1]. -> LongTensor [K]."""
     if hasattr(model, "code_map"):

@@ -4,7 +4,7 @@ small encoder of its image's VQ token grid, and the held-out text -> image retri
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from training.core.config import OptimConfig, TrackingConfig, TrainConfig
 from training.diffusion.data import TokenDataConfig, split_shards
+from vqd.config import from_dict
 from vqd.errors import UserError
-from vqd.network import MODEL_SIZES
+from vqd.network import MODEL_SIZES, text_fields
 from vqd.shards import iter_samples
 from vqd.text import TextEncoder, TextEncoderConfig, fit_context, tokenize, with_caption_mean
 
@@ -76,11 +77,7 @@ class AlignRunConfig:
 
 def tower_config(cfg: AlignRunConfig) -> TextEncoderConfig:
     """The size's tower with the `text` section's fields replacing its own (the diffusion config's rule)."""
-    base = asdict(MODEL_SIZES[cfg.model.size].text)
-    unknown = sorted(set(cfg.text) - set(base))
-    if unknown:
-        raise UserError(f"text: {unknown} are not TextEncoderConfig fields (known: {sorted(base)})")
-    return TextEncoderConfig(**(base | cfg.text))
+    return from_dict(TextEncoderConfig, text_fields(cfg.model.size, cfg.text), "text")
 
 
 class TokenGridEncoder(nn.Module):

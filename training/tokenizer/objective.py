@@ -17,7 +17,7 @@ from training.tokenizer.config import LossConfig, VQVAERunConfig
 from training.tokenizer.data import image_loader
 from vqd.autoencoder import PatchDiscriminator, hinge_d_loss
 from vqd.pipeline import to_uint8
-from vqd.vqvae import VQVAE, count_code_usage
+from vqd.vqvae import VQVAE, count_code_usage, psnr
 
 
 class TokenizerObjective(nn.Module):
@@ -34,9 +34,8 @@ class TokenizerObjective(nn.Module):
         x_rec, q_loss, ids, stats = self.vqvae(x)
         rec = (x - x_rec).abs().mean()
         loss = rec + q_loss
-        mse = (x.float() - x_rec.detach().float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
         metrics = {"rec_l1": rec.detach(), "q_loss": q_loss.detach(), "perplexity": stats["perplexity"],
-                   "usage_batch": stats["usage"], "psnr": (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()}
+                   "usage_batch": stats["usage"], "psnr": psnr(x, x_rec.detach().clamp(-1, 1)).mean()}
         self.counts = stats["counts"]
         if self.disc is not None:
             if step >= self.cfg.disc_start:
@@ -73,9 +72,7 @@ def evaluate(vqvae: VQVAE, cfg: VQVAERunConfig, rank: int, world: int, device, m
             break
         x = x.to(device)
         ids = vqvae.encode(x.to(dtype))
-        rec = vqvae.decode(ids).float()
-        mse = (rec - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        psnr_sum += float((10 * torch.log10(4.0 / mse)).sum())
+        psnr_sum += float(psnr(vqvae.decode(ids), x).sum())
         n += x.shape[0]
         counts += torch.bincount(ids.flatten(), minlength=counts.numel()).float()
     stats = torch.tensor([psnr_sum, float(n)], device=device, dtype=torch.float64)
