@@ -175,3 +175,17 @@ def test_server_gone_mid_run_and_at_the_end(tmp_path, monkeypatch):
         assert client.get_run(run_id).info.status == "FINISHED" and not (run / UNSENT_FILE).exists()
     finally:
         server.stop()
+
+
+def test_experiments_open_as_model_training_in_mlflow_3(tmp_path):
+    """MLflow 3's UI files an untagged experiment under GenAI; ours say they hold training runs, new or found."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(tracking_uri=uri)
+    made_elsewhere = client.create_experiment("older")  # an experiment another tool (or an older vqd) made
+    for name in ("new", "older"):
+        tracker = Tracker(TrackingConfig(uri=uri, experiment=name), tmp_path / name)
+        tracker.start()
+        tracker.finish()
+    for name in ("new", "older"):
+        assert client.get_experiment_by_name(name).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(made_elsewhere).name == "older"

@@ -43,6 +43,9 @@ METRICS_PER_BATCH = 1000  # MLflow's caps per log_batch call
 PARAMS_PER_BATCH = 100
 START_WAIT_S = 30.0  # start() waits this long for the run to exist before returning (its id, or None)
 RETRY_MAX_S = 30.0  # back-off between attempts while the store is away
+# MLflow 3's UI opens an experiment as GenAI ("Evaluations", traces) unless told it holds training runs
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = {EXPERIMENT_KIND_TAG: "custom_model_development"}
 
 
 class Tracker:
@@ -270,7 +273,9 @@ class Tracker:
                                      f"({type(e).__name__}); this run dir gets a new run")
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            self.cfg.experiment, artifact_location=local_artifact_location(self.uri))
+            self.cfg.experiment, artifact_location=local_artifact_location(self.uri), tags=EXPERIMENT_KIND)
+        if exp is not None and EXPERIMENT_KIND_TAG not in exp.tags:  # made before this tag, or by another tool
+            self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND[EXPERIMENT_KIND_TAG])
         tags = {**self.cfg.tags, **self._tags}
         if self.cfg.parent_run_id:  # the tag MLflow itself uses for nesting; works even when the base run has finished
             tags["mlflow.parentRunId"] = self.cfg.parent_run_id
