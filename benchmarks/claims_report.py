@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ class Noise:
     training_delta: float | None  # |FID difference| between two training seeds of the base recipe
     same: float  # margin for two sampling settings of one model
     between: float  # margin for two trained models
+
+
+def shown(cmd: list[str], threads: int) -> str:
+    """A command as a person pastes it, from the repository root."""
+    return f"OMP_NUM_THREADS={threads} " + shlex.join(cmd)
 
 
 def load_row(plan, row: Row) -> dict | None:
@@ -71,8 +77,6 @@ def fmt(x: float | None, pct: bool = False, digits: int = 1) -> str:
 
 def table(plan, rows: list[Row], loaded: dict, threads: int) -> list[str]:
     """A markdown table: one line per row and prompt form."""
-    from paper_claims import shown
-
     lines = ["| setting | prompts | FID | FID floor (real vs real) | N | subcategory top-1 | category top-1 | "
              "images/s | seed | command |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -92,8 +96,6 @@ def table(plan, rows: list[Row], loaded: dict, threads: int) -> list[str]:
 
 def models(plan, rows: list[Row], timings: dict) -> list[str]:
     """The training command of every model a claim's rows use, with its wall time when known."""
-    from paper_claims import shown
-
     names = list(dict.fromkeys(row.eval.run for row in rows))
     lines = ["", "Models:"]
     for name in names:

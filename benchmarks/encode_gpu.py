@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from gpu_check_common import child_env, host_cpu
 
 from data_pipeline.encode import ShardEncoder
@@ -32,8 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_tokenizer(folder: Path) -> None:
     import torch
-    import yaml
-
 
     torch.manual_seed(0)
     VQVAE(VQVAEConfig.from_dict(yaml.safe_load((REPO / "configs" / "vqvae_f8_8192.yaml").read_text())["model"])).save(folder)

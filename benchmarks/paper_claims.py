@@ -34,7 +34,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenM
 import argparse
 import dataclasses
 import json
-import shlex
 import shutil
 import subprocess
 import sys
@@ -42,6 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+
+from tqdm import tqdm
 
 from training.core.config import load_config, read_yaml_with_base
 from training.diffusion.config import DiffusionRunConfig, build_model_config
@@ -54,7 +55,7 @@ from vqd.sampling import SamplingConfig
 REPO = Path(__file__).resolve().parents[1]
 
 from claims import CLAIMS, Eval, Run
-from claims_report import write_results
+from claims_report import shown, write_results
 
 TRACKING_KEYS = ("--tracking.",)  # left out of a run's identity: turning MLflow off does not retrain
 
@@ -126,11 +127,6 @@ class Plan:
         self.evals.append(ev)
 
 
-def shown(cmd: list[str], threads: int) -> str:
-    """A command as a person pastes it, from the repository root."""
-    return f"OMP_NUM_THREADS={threads} " + shlex.join(cmd)
-
-
 # ---------------------------------------------------------------------------------------------- the plan
 
 
@@ -194,8 +190,6 @@ class Job:
 def run_jobs(jobs: list[Job], parallel: int, threads: int) -> None:
     """Run `jobs` as subprocesses from the repository root, at most `parallel` at a time, in list order as
     their dependencies allow; a job marked `alone` starts once nothing runs, and nothing starts beside it."""
-    from tqdm import tqdm
-
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
     by_name = {j.name: j for j in jobs}

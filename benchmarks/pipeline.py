@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from data_pipeline.build import build
 from data_pipeline.common import done_shards, init_ray
 from data_pipeline.encode import ShardEncoder
@@ -179,8 +181,6 @@ def emoji_speed(num_cpus: int, limit: int, tokenizer: str | None, batch_size: in
     """Download images/s (img2dataset against the 127.0.0.1 server) and encode images/s on the emoji recipe."""
     import ray
     import torch
-    import yaml
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if tokenizer is None:  # random weights with the demo's architecture: speed only

@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
+
+from tqdm import tqdm
 
 import data_pipeline
 import vqd
@@ -106,8 +109,6 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> O
 
     Workers get data_pipeline and vqd as py_modules so a cluster needs no shared checkout.
     """
-    import logging
-
     import ray
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own tqdm bars report progress
@@ -158,8 +159,6 @@ def ray_map(fn: Callable, calls: Sequence[tuple], desc: str, unit: str = "task",
     whatever the number of calls; results should be small (counts, names), never rows.
     """
     import ray
-    from tqdm import tqdm
-
     if not ray.is_initialized():
         return [fn(*args) for args in tqdm(calls, desc=desc, unit=unit)]
     task = ray.remote(fn).options(**options) if options else ray.remote(fn)

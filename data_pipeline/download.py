@@ -44,6 +44,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via im
 from img2dataset import downloader as i2d_downloader
 from img2dataset.downloader import Downloader
 from img2dataset.resizer import Resizer
+from tqdm import tqdm
 
 from data_pipeline import emoji_source, openmoji_source
 from data_pipeline.common import SUCCESS, atomic_write_parquet, ray_map
@@ -277,8 +278,6 @@ def settle_all(out: Path, plan: dict, retry_dir: Optional[Path] = None, local: O
 
 def _watch(folder: Path, total: int, stop: threading.Event) -> None:
     """Progress bar over shards finished by this run: rows, images/s, failures."""
-    from tqdm import tqdm
-
     before = {p.name for p in folder.glob("*_stats.json")}
     seen: dict[str, tuple[int, int]] = {}
     bar = tqdm(total=total, desc="download", unit="img")

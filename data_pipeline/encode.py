@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from data_pipeline.common import SUCCESS, done_shards, redact_url
 from data_pipeline.recipe import TRAIN_VQVAE_HINT, Recipe
@@ -155,8 +156,6 @@ class ShardEncoder:
 def run_encode(recipe: Recipe, out: Path, tokenizer: Path) -> dict:
     """Stage 4a: encode every finished download tar that has no part yet."""
     import ray
-    from tqdm import tqdm
-
     info = tokenizer_info(tokenizer)
     folder = out / "encode"
     stamp = folder / "_tokenizer.json"

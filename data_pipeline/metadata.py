@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from data_pipeline.common import atomic_write_parquet, ray_map, redact_url
 from data_pipeline.emoji_source import emoji_table
@@ -301,8 +302,6 @@ def read_source(loader, index: int, recipe: Recipe, folder: str, limit: int = 0)
 
 def run_metadata(recipe: Recipe, out: Path, metadata: Optional[str] = None) -> dict:
     """Stage 1: parts of every source file in <out>/metadata/ (files whose marker exists are kept)."""
-    from tqdm import tqdm
-
     folder = out / "metadata"
     folder.mkdir(parents=True, exist_ok=True)
     sources = source_tables(recipe, metadata)

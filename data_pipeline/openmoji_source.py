@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+from tqdm import tqdm
 
 from data_pipeline.emoji_source import emoji_rows
 from vqd.errors import UserError
@@ -46,8 +47,6 @@ def render_png(svg: Path, size: int = PNG_SIZE) -> bytes:
 
 def rasterize(names: list[str], folder: Path, size: int = PNG_SIZE) -> Path:
     """Render each `<CODE>.png` of `names` that `folder` lacks from its SVG (atomically); returns folder."""
-    from tqdm import tqdm
-
     folder.mkdir(parents=True, exist_ok=True)
     todo = sorted({n for n in names if not (folder / n).is_file()})
     source = svg_folder()

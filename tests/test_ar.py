@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from vqd.ar import VQARConfig, VQARModel, sample_next
-from vqd.models import VQDiffusionConfig, VQDiffusionModel, load_model
+from vqd.loading import load_model
+from vqd.models import VQDiffusionConfig, VQDiffusionModel
 
 K, GRID = 9, (3, 4)
 N = GRID[0] * GRID[1]

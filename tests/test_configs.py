@@ -19,7 +19,8 @@ from training.diffusion.config import DiffusionRunConfig, build_model_config
 from training.diffusion.data import open_dataset
 from training.text.align import AlignRunConfig
 from training.tokenizer.config import VQVAERunConfig
-from vqd.models import VQDiffusionModel, load_model
+from vqd.loading import load_model
+from vqd.models import VQDiffusionModel
 from vqd.network import openai_vit_b_32
 from vqd.text import TextEncoder
 

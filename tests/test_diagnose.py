@@ -12,7 +12,8 @@ from PIL import Image
 from token_data import GRID, K, write_token_dataset, write_tokenizer
 
 from training.diagnose import caption_worth, group_name, main, read_split, worth_table
-from vqd.models import VQDiffusionConfig, VQDiffusionModel, load_model
+from vqd.loading import load_model
+from vqd.models import VQDiffusionConfig, VQDiffusionModel
 from vqd.shards import open_manifest
 from vqd.text import tokenize
 

@@ -331,7 +331,8 @@ def test_a_broken_official_checkpoint_is_one_error_naming_the_part(tmp_path, cas
 
 @torch.no_grad()
 def test_a_released_folder_loads_wherever_a_model_folder_does(both, pipe_folder, tmp_path):
-    from vqd.models import VQDiffusionModel, load_model
+    from vqd.loading import load_model
+    from vqd.models import VQDiffusionModel
     from vqd.pipeline import TextToImage
     from vqd.released import released_tokenizer_folder
     from vqd.sampling import SamplingConfig, sample_captions

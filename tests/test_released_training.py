@@ -39,7 +39,7 @@ def test_a_released_folder_fine_tunes_on_two_ranks_resumes_and_goes_back_to_diff
     from safetensors.torch import load_file
 
     from training.convert import main as convert
-    from vqd.models import load_model
+    from vqd.loading import load_model
 
     toy = write_token_dataset(tmp_path / "toy", train=64, test=16, per_shard=16)
     released = build_pipeline(tmp_path / "vq-diffusion-micro", MICRO)

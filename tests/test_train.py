@@ -24,7 +24,8 @@ from training.core.optim import LRSchedule, build_optimizer, set_total_steps
 from training.diffusion.config import DiffusionRunConfig, build_model_config
 from training.diffusion.data import TokenDataConfig, open_dataset
 from training.diffusion.objective import Denoising
-from vqd.models import VQDiffusionConfig, VQDiffusionModel, load_model
+from vqd.loading import load_model
+from vqd.models import VQDiffusionConfig, VQDiffusionModel
 from vqd.pipeline import TextToImage
 from vqd.sampling import SamplingConfig, sample_captions
 from vqd.text import tokenize

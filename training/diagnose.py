@@ -33,6 +33,7 @@ import collections
 import json
 import sys
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,8 @@ from training.core.sampling_flags import add_sampling_flags, sampling_settings, 
 from training.diffusion.data import split_shards
 from training.evaluation.grid import captioned_grid
 from training.evaluation.reference import caption_words
-from vqd.io import WEIGHTS_NAME, file_sha256
-from vqd.pipeline import TOKENIZER_DIR, TextToImage, to_uint8
+from vqd.io import TOKENIZER_DIR, WEIGHTS_NAME, file_sha256
+from vqd.pipeline import TextToImage, to_uint8
 from vqd.shards import iter_samples, open_manifest
 from vqd.text import tokenize
 
@@ -62,8 +63,6 @@ class Sample:
 def read_split(manifest: dict, split: str, key: str, limit: int = 0) -> list[Sample]:
     """The samples of one split of a token data set in manifest order: all, or the first `limit` (a web-scale
     split is counted on a prefix of its shards rather than read whole)."""
-    from itertools import islice
-
     samples = (Sample(s["vq"].astype(np.int64), [s["txt"], *map(str, s["json"].get("captions") or [])],
                       str(s["json"].get(key, s["txt"]))) for path, _ in split_shards(manifest, split)
                for s in iter_samples(path))

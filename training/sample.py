@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from training.core.sampling_flags import add_sampling_flags, sampling_settings, settings_source
 from training.evaluation.grid import captioned_grid
@@ -97,7 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.out_dir:  # evaluation at scale: one native-size PNG per line, in file order
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        from tqdm import tqdm
 
         for start in tqdm(range(0, len(prompts), args.batch), desc="sampling", unit="batch"):
             chunk = prompts[start:start + args.batch]

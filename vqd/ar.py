@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from vqd.errors import UserError
 from vqd.network import ComposedModel, NetworkConfig
@@ -114,7 +115,6 @@ def generate(
         raise UserError(f"temperature: expected > 0, got {temperature}")
     if not 0.0 < top_r <= 1.0:
         raise UserError(f"top_r: expected a value in (0, 1], got {top_r}")
-    from tqdm.auto import tqdm
 
     batch, n = text.shape[0], net.seq_len
     tokens = torch.full((batch, n), net.bos, dtype=torch.long, device=text.device)

@@ -23,6 +23,7 @@ import zipfile
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import load_file
 
 from vqd.errors import UserError
 
@@ -48,8 +49,6 @@ def read_text_weights(cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
 def read_weights_file(path: str) -> dict[str, torch.Tensor]:
     """A .safetensors file, or a torch file of tensors (never unpickled beyond tensors): {name: tensor}."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return load_file(path)
     if _is_torchscript(path):
         raise UserError(

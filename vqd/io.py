@@ -29,6 +29,7 @@ from vqd.errors import UserError
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 SAMPLING_NAME = "sampling.yaml"
+TOKENIZER_DIR = "tokenizer"  # an export's tokenizer folder: the VQ-VAE that decodes its ids
 
 
 def fsync_dir(folder: Path) -> None:

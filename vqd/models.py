@@ -8,7 +8,6 @@ Sizes (VQD-S, VQD-B, tiny, micro) are in vqd/network.py's MODEL_SIZES.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,7 +17,6 @@ import torch.nn as nn
 from vqd.ar import VQARModel
 from vqd.diffusion import MaskAndReplaceDiffusion
 from vqd.errors import UserError
-from vqd.io import load_folder
 from vqd.network import MODEL_SIZES, ComposedModel, ModelSize, NetworkConfig, count_parameters  # noqa: F401
 from vqd.text import TextEncoder, tokenize, with_caption_mean
 from vqd.transformer import Denoiser, TransformerConfig, check_text
@@ -185,25 +183,3 @@ class VQDiffusionModel(ComposedModel):
 
 # The composed model of each `kind` a model folder's config.yaml can name.
 MODEL_KINDS: dict[str, type[ComposedModel]] = {VQDiffusionConfig.KIND: VQDiffusionModel, VQARModel.CONFIG.KIND: VQARModel}
-
-
-def read_model_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, tensors) of a vqd model folder, or of a released model folder (diffusers' VQ-Diffusion
-    pipeline layout, vqd/released/), converted: what a fine-tune starts from and load_model builds."""
-    from vqd.released import is_released, read_released  # vqd.released builds on this module
-
-    if is_released(folder):
-        released = read_released(folder)
-        return released.config.to_dict(), released.tensors
-    return load_folder(folder)
-
-
-def load_model(folder: str | os.PathLike) -> nn.Module:
-    """Load any vqd model folder (or a released one, see read_model_folder), dispatching on the config's `kind`."""
-    config, tensors = read_model_folder(folder)
-    kind = config.get("kind")
-    where = f"model folder {str(folder)!r}"
-    if kind not in MODEL_KINDS:
-        raise UserError(f"kind: {where} has kind {kind!r}; load_model knows {sorted(MODEL_KINDS)} "
-                         "(a tokenizer folder loads with vqd.vqvae.load_tokenizer)")
-    return MODEL_KINDS[kind].from_loaded(config, tensors, where=where)

@@ -26,12 +26,12 @@ import torch
 
 from vqd.ar import VQARModel
 from vqd.errors import UserError
-from vqd.models import VQDiffusionModel, load_model
+from vqd.io import TOKENIZER_DIR
+from vqd.loading import load_model
+from vqd.models import VQDiffusionModel
 from vqd.released import is_released, read_released
 from vqd.sampling import SamplingConfig, load_sampling, sample_captions, sample_tokens
 from vqd.vqvae import VQVAE, load_tokenizer
-
-TOKENIZER_DIR = "tokenizer"
 
 
 class TextToImage:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from vqd.config import from_dict as config_from_dict
 from vqd.diffusion import MaskAndReplaceDiffusion, sample_categorical
@@ -277,8 +278,6 @@ def sample_tokens(
     levels = level_schedule(T, config.steps or T)
     pairs = list(zip(levels[:-1], levels[1:]))
     if progress:
-        from tqdm.auto import tqdm
-
         pairs = tqdm(pairs, desc="sampling", unit="step")
     for level_t, level_s in pairs:
         t = torch.full((B,), level_t - 1, dtype=torch.long, device=device)

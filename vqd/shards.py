@@ -15,6 +15,7 @@ shards beside the old ones and switches by rewriting the manifest.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -64,8 +65,6 @@ class _Hashing:
     """A write-only file that hashes and counts what passes through it."""
 
     def __init__(self, f):
-        import hashlib
-
         self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
 
     def write(self, data) -> int:

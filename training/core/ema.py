@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vqd.errors import UserError
@@ -89,7 +90,6 @@ class EMA:
             raise UserError(f"{path}: EMA tensors do not match this model's trainable parameters")
         for n, t in tensors.items():
             self.shadow[n].copy_(t)
-        from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             self.updates = int(f.metadata().get("updates", 0))

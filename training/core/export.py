@@ -24,8 +24,7 @@ import torch
 
 from training.tracking.redaction import redact_text, redact_tree
 from vqd.errors import UserError
-from vqd.io import WEIGHTS_NAME, file_sha256, load_folder, save_folder
-from vqd.pipeline import TOKENIZER_DIR
+from vqd.io import TOKENIZER_DIR, WEIGHTS_NAME, file_sha256, load_folder, save_folder
 from vqd.released import is_released
 from vqd.sampling import SamplingConfig, save_sampling
 

@@ -20,7 +20,8 @@ from training.tracking.tracker import tracking_uri
 from vqd.ar import VQARConfig, VQARModel
 from vqd.errors import UserError
 from vqd.io import load_state_dict_strict
-from vqd.models import MODEL_KINDS, VQDiffusionConfig, VQDiffusionModel, read_model_folder
+from vqd.loading import read_model_folder
+from vqd.models import MODEL_KINDS, VQDiffusionConfig, VQDiffusionModel
 from vqd.vqvae import load_tokenizer
 
 

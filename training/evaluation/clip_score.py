@@ -11,6 +11,8 @@ with weights_only=True; a TorchScript archive is refused.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -20,8 +22,6 @@ from vqd.errors import UserError
 
 def load_clip(arch: str, weights: str, device: str = "cpu") -> torch.nn.Module:
     """open_clip architecture `arch` with every tensor from the file `weights` (strict), in eval mode."""
-    import logging
-
     import open_clip
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from vqd.errors import UserError
 from vqd.io import file_sha256, installed_package_folder
@@ -74,8 +75,6 @@ def resize_like_tf1(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor
 def inception_features(images: torch.Tensor, batch_size: int = 50, device: str = "cpu",
                        progress: str | None = None) -> np.ndarray:
     """Images float [B, 3, H, W] in [-1, 1] (or uint8 in [0, 255]) -> pool3 features float64 [B, 2048]."""
-    from tqdm import tqdm
-
     net = load_inception(str(device))
     out = np.zeros((len(images), FEATURE_DIM), np.float64)
     bar = tqdm(total=len(images), desc=progress or "inception", unit="img", disable=progress is None)

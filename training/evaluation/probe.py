@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 from training.evaluation.fid import load_inception, resize_like_tf1
 from vqd.errors import UserError
@@ -33,8 +36,6 @@ PROBE_SIZE = 107
 def probe_features(images: torch.Tensor, batch_size: int = 100, device: str = "cpu",
                    progress: str | None = None) -> np.ndarray:
     """Images float [B, 3, H, W] in [-1, 1] (or uint8) -> Inception features float32 [B, 2048] at 107 px."""
-    from tqdm import tqdm
-
     layers = list(load_inception(str(device)).net.layers.children())[:-1]  # all but the 299-only 8 x 8 pool
     out = np.zeros((len(images), 2048), np.float32)
     bar = tqdm(total=len(images), desc=progress or "probe features", unit="img", disable=progress is None)
@@ -106,8 +107,6 @@ class LinearProbe:
 
     def save(self, path: Path) -> None:
         """One safetensors file; class names in its metadata (no pickle)."""
-        from safetensors.torch import save_file
-
         tensors = {"mean": self.mean, "std": self.std}
         for name, (_, w, b) in self.heads.items():
             tensors[f"{name}.weight"], tensors[f"{name}.bias"] = w.contiguous(), b.contiguous()
@@ -118,8 +117,6 @@ class LinearProbe:
 
     @classmethod
     def load(cls, path: Path) -> "LinearProbe":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             classes = json.loads(f.metadata()["classes"])
             t = {k: f.get_tensor(k) for k in f.keys()}

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from training.evaluation.fid import INCEPTION_SHA256, fid_from_features, inception_features
 from training.evaluation.judge import JUDGE_MAX_SIZE, CNNJudge
@@ -53,8 +54,6 @@ class RealSample:
 def index_real_images(data: Path) -> tuple[list[RealSample], str]:
     """Every downloaded sample of `data` (captions and .json, no pixels decoded), by uid, and a content key
     (sha256 over the tars)."""
-    from tqdm import tqdm
-
     tars = sorted((data / "download").glob("*.tar"))
     if not tars:
         raise UserError(f"data folder {str(data)!r} has no download/*.tar (the real images): build it with "
@@ -204,8 +203,6 @@ class Reference:
 
     def _probe_features_streamed(self, samples: list[RealSample], chunk: int = 2000) -> np.ndarray:
         """Probe features of many samples in uid order, decoding `chunk` images at a time (bounded memory)."""
-        from tqdm import tqdm
-
         order = sorted(range(len(samples)), key=lambda i: samples[i].meta.get("uid", 0))  # tar order: few tars a chunk
         feats = np.zeros((len(samples), 2048), np.float32)
         bar = tqdm(total=len(samples), desc="probe: train-split features", unit="img")

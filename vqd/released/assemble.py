@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vqd.io import save_folder
+from vqd.io import TOKENIZER_DIR, save_folder
 from vqd.models import VQDiffusionConfig, VQDiffusionModel
 from vqd.network import openai_vit_b_32
 from vqd.released.tensors import ReleasedFormatError, check_shapes
@@ -42,7 +42,6 @@ class ReleasedModel:
     def save(self, folder: str | Path) -> Path:
         """A vqd model folder (config.yaml, model.safetensors, tokenizer/, provenance.json), written beside and
         renamed into place."""
-        from vqd.pipeline import TOKENIZER_DIR  # vqd.pipeline reads released folders: it imports this module
 
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)

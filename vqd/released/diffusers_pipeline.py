@@ -20,11 +20,13 @@ import json
 import math
 import shutil
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from vqd.errors import UserError
 from vqd.models import VQDiffusionConfig, VQDiffusionModel
@@ -266,9 +268,6 @@ def read_pipeline(folder: str | Path) -> ReleasedModel:
 
 def with_vqd_config(folder: Path, derived: VQDiffusionConfig) -> VQDiffusionConfig:
     """The config vqd wrote beside the parts, when it describes the network the parts hold; else `derived`."""
-    import warnings
-
-    import yaml
 
     path = folder / VQD_CONFIG
     if not path.is_file():
@@ -335,7 +334,6 @@ def _tokenizer_state(tokenizer: VQVAE) -> dict[str, torch.Tensor]:
 
 def write_pipeline(model: VQDiffusionModel, tokenizer: VQVAE, folder: str | Path) -> Path:
     """Write `model` and the tokenizer that decodes its ids as a diffusers VQDiffusionPipeline folder."""
-    import yaml
     from transformers import CLIPTextConfig, CLIPTextModel
 
     _check_exportable(model, tokenizer)

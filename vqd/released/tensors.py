@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from vqd.errors import UserError
 
@@ -99,8 +100,6 @@ def read_weights(path: Path, part: str) -> dict[str, torch.Tensor]:
         return out
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated download, or a pickle that holds more than tensors
@@ -125,8 +124,6 @@ def read_json(path: Path, part: str) -> dict:
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     """Plain contiguous CPU copies (safetensors refuses shared storage), written beside and renamed over."""
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
