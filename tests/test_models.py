@@ -9,12 +9,12 @@ from safetensors.torch import load_file, save_file
 
 from vqd.ar import VQARConfig, VQARModel
 from vqd.diffusion import MaskAndReplaceDiffusion
+from vqd.loading import load_model
 from vqd.models import (
     MODEL_SIZES,
     VQDiffusionConfig,
     VQDiffusionModel,
     count_parameters,
-    load_model,
 )
 from vqd.network import AR_SIZE_OF
 from vqd.text import TextEncoder, TextEncoderConfig, tokenize
