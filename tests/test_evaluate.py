@@ -258,8 +258,11 @@ def test_prompt_forms_for_each_condition():
     assert prompts_for(samples, "class", SimpleNamespace(classes=("shape",))) == ["shape"] * 4
     with pytest.raises(ValueError, match="neither the subcategory nor the category"):
         prompts_for(samples, "class", SimpleNamespace(classes=("other",)))
-    assert forms_to_run("both", "text") == ["template", "typed"] and forms_to_run("both", "class") == ["class"]
+    assert forms_to_run("both", "text", samples) == ["template", "typed"]
+    assert forms_to_run("both", "class", samples) == ["class"]
+    assert forms_to_run("auto", "text", samples) == ["template", "typed"]  # every sample has typed forms
     samples[0].meta.pop("captions")
+    assert forms_to_run("auto", "text", samples) == ["template"]  # the paper data sets: their captions only
     with pytest.raises(ValueError, match="have no `captions`"):
         prompts_for(samples, "typed", text)
 

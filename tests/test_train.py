@@ -66,7 +66,15 @@ def test_fine_tune_must_keep_the_base_architecture(toy):
     cfg.model.dropout, cfg.model.checkpoint = 0.1, True  # training-only fields may change
     tuned = build_model_config(cfg, manifest, base=base)
     assert tuned.dropout == 0.1 and tuned.checkpoint and tuned.depth == base["depth"]
-    cfg.model.depth = 5
+    # the tower's weights come from the base: the same tower reached another way (a Hugging Face folder for the
+    # base, the open_clip tag in the fine-tune's config) is the same architecture, and the base's source is kept
+    own = dict(cfg.text)
+    cfg.text = {**own, "pretrained": "/elsewhere/clip-vit-base-patch32", "seed": 3}
+    assert build_model_config(cfg, manifest, base=base).text == tuned.text
+    cfg.text = {**own, "width": 64}  # another tower is refused
+    with pytest.raises(ValueError, match=r"differs from this config in \['text'\]"):
+        build_model_config(cfg, manifest, base=base)
+    cfg.text, cfg.model.depth = own, 5
     with pytest.raises(ValueError, match=r"differs from this config in \['depth'\]"):
         build_model_config(cfg, manifest, base=base)
 

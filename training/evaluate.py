@@ -94,9 +94,13 @@ def prompts_for(samples: list[RealSample], form: str, model_cfg) -> list[str]:
     return [s.caption for s in samples]
 
 
-def forms_to_run(choice: str, condition: str) -> list[str]:
+def forms_to_run(choice: str, condition: str, samples: list[RealSample]) -> list[str]:
+    """The prompt forms to score: `auto` is both where every held-out sample has typed forms (its .json's
+    `captions`, as the emoji recipes write), else the template (the paper data sets' own captions)."""
     if condition != "text":
         return [condition]
+    if choice == "auto":
+        choice = "both" if all(s.meta.get("captions") for s in samples) else "template"
     return ["template", "typed"] if choice == "both" else [choice]
 
 
@@ -173,7 +177,7 @@ def evaluate(args, pipe: TextToImage, sampling: SamplingConfig) -> dict:
                                          "noise": ref.judge_fidelity(held_out, noise)}
     pictures = {}
     vocabulary = train_vocabulary(ref.samples)
-    for form in forms_to_run(args.prompts_from, cfg.condition):
+    for form in forms_to_run(args.prompts_from, cfg.condition, prompted_by):
         prompts = prompts_for(prompted_by, form, cfg)
         pipe.generate(prompts[:1], sampling)  # warm-up: first-call costs (kernels, text tower) stay out of images/s
         generator = torch.Generator(device).manual_seed(args.seed)  # the same noise for every prompt form
@@ -367,7 +371,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32, help="sampling batch size")
     p.add_argument("--inception-batch", type=int, default=50)
-    p.add_argument("--prompts-from", choices=("template", "typed", "both"), default="both")
+    p.add_argument("--prompts-from", choices=("auto", "template", "typed", "both"), default="auto",
+                   help="the held-out captions (template), their typed forms (the .json's `captions`) or both; "
+                        "auto: both where the data set has typed forms, else template")
     p.add_argument("--grid", type=int, default=16, help="prompts shown in the PNG grid (0: no grid)")
     p.add_argument("--out", help="folder for the JSON and grid (default <model>/eval)")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights")
