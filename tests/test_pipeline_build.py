@@ -172,7 +172,7 @@ def test_empty_metadata_and_missing_tokenizer_are_clear_errors(ray_session, toke
     with pytest.raises(ValueError, match=r"tokenizer folder '.*nope'.*python training/train_vqvae.py --config configs/vqvae_emoji.yaml"):
         build(str(recipe), out=str(tmp_path / "o2"), tokenizer=str(tmp_path / "nope"), stages=["encode"])
     offline = write_recipe(tmp_path / "remote.yaml", "http://127.0.0.1:1/meta.parquet")
-    with pytest.raises(RuntimeError, match="--metadata PATH"):
+    with pytest.raises(ValueError, match="--metadata PATH"):
         build(str(offline), out=str(tmp_path / "o4"))
     with pytest.raises(ValueError, match="needs stage 'filter'"):
         build(str(recipe), out=str(tmp_path / "o3"), stages=["download"])
