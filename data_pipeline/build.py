@@ -117,7 +117,7 @@ def _build(recipe, out_dir: Path, tokenizer: Optional[str], metadata: Optional[s
         sha = tokenizer_info(tok)["sha256"]
         if is_done(out_dir, "encode") and read_done(out_dir, "encode")["tokenizer"]["sha256"] != sha:
             clear_done(out_dir, "encode", "validate")
-    _stamp_recipe(out_dir, recipe)  # only once every input is known to be there: a refused build leaves no trace
+    _stamp_recipe(out_dir, recipe)  # only once every input is known to be there: a refused build stamps nothing
     if retry_failed:
         clear_done(out_dir, "download", "encode", "validate")
     ray_line = None

@@ -243,7 +243,8 @@ def test_evaluate_cli_end_to_end(tmp_path, monkeypatch, tiny_clip):
     assert eval_reference.Reference(data, 16).key != key and key[:16] in cached[0]
     with pytest.raises(SystemExit):
         main(["--model", str(model), "--data", str(data), "--n", "1"])
-    assert main(["--model", str(model), "--data", str(tmp_path / "nothing")]) == 2
+    with pytest.raises(ValueError, match="has no download/\\*.tar"):
+        main(["--model", str(model), "--data", str(tmp_path / "nothing")])
 
 
 def test_prompt_forms_for_each_condition():

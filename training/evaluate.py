@@ -63,11 +63,11 @@ from training.evaluation.clip_score import clip_score, load_clip
 from training.evaluation.fid import fid_from_features, inception_features
 from training.evaluation.grid import captioned_grid
 from training.evaluation.probe import probe_features
-from training.evaluation.reference import RealSample, Reference, caption_words, select, stack, train_vocabulary
+from training.evaluation.reference import RealSample, Reference, caption_words, real_image_tars, select, stack, train_vocabulary
 from training.evaluation.sweep import best_run, print_sweep, write_best
 from training.tracking.access import access_problem
 from training.tracking.redaction import public_uri, redact_text
-from vqd.errors import UserError
+from vqd.errors import ArgumentParser, UserError, exit_on_user_error
 from vqd.pipeline import TextToImage, to_uint8
 from vqd.sampling import SamplingConfig
 
@@ -358,7 +358,7 @@ def print_table(r: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder: config.yaml + model.safetensors + tokenizer/")
     p.add_argument("--data", required=True, help="built data set folder (its download/*.tar are the real images)")
     p.add_argument("--split", default="test", help="the split whose images and prompts are scored (default test)")
@@ -385,23 +385,15 @@ def main(argv=None) -> int:
         p.error("--n: FID needs at least 2 images")
     problem = tracking_problem(Path(args.model))
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    try:
-        pipe = TextToImage.from_folder(args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        settings = sampling_settings(pipe, args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(problem)
+    real_image_tars(Path(args.data))  # a data set that is not there: said before the model loads
+    pipe = TextToImage.from_folder(args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    settings = sampling_settings(pipe, args)
     print(f"sampling defaults from {settings_source(pipe, args.model)}; "
           + (f"{len(settings)} settings to measure" if len(settings) > 1 else "flags override them"))
     runs = []
     for sampling in settings:
-        try:
-            runs.append(evaluate(args, pipe, sampling))
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        runs.append(evaluate(args, pipe, sampling))
         print_table(runs[-1])
     best = best_run(runs, args.select_by)
     if len(runs) > 1:
@@ -413,4 +405,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))
