@@ -13,9 +13,9 @@ from launch import REPO
 from PIL import Image
 
 from training.compare import compare, main
-from vqd.errors import exit_on_user_error
 from training.core.config import TrackingConfig
 from training.tracking.tracker import Tracker
+from vqd.errors import exit_on_user_error
 
 BASE_LOSS = [4.0, 3.0, 2.5, 2.6, 2.2]      # best 2.2 = final
 TUNED_LOSS = [2.1, 1.9, 2.0]               # best 1.9, final 2.0
