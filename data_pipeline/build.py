@@ -1,5 +1,13 @@
 """Build a dataset from a recipe: metadata -> filter -> download -> encode -> validate, on Ray.
 
+The paper's data, in order (every paper recipe encodes with the tokenizer trained on CC3M's images):
+    python data_pipeline/build.py cc3m --stages metadata,filter,download     # 1. the CC3M images
+    deepspeed training/train_vqvae.py --config vqvae_f8_8192.yaml             # 2. the tokenizer on them
+    python data_pipeline/build.py cc3m                                        # 3. encode; then cc12m, laion-cartoon,
+                                                                              #    cub200, oxford102, mscoco alike
+Offline, a recipe whose source is on the web takes a local copy: --metadata PATH (its configs/data/ file says
+which file); the local-folder recipes read datasets/<recipe>/ (or --metadata ROOT).
+
     python data_pipeline/build.py emoji                          # offline default (local HTTP server)
     python data_pipeline/build.py laion-cartoon --metadata /data/relaion-parquet/
     python data_pipeline/build.py emoji --stages metadata,filter,download   # images only (train a tokenizer on
