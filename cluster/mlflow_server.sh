@@ -51,6 +51,11 @@ names=""
 for h in "$(hostname)" "$(hostname -f 2>/dev/null || true)"; do
   [ -n "$h" ] && names="$names,$h,$h:*"
 done
+case "$HOST" in  # the address the nodes are told: this host's name, unless the server listens on one address only
+  0.0.0.0 | :: | "") ADDRESS="$(hostname)" ;;
+  *:*) ADDRESS="[$HOST]" ;;
+  *) ADDRESS="$HOST" ;;
+esac
 ALLOWED="${MLFLOW_ALLOWED_HOSTS:-localhost,localhost:*,127.0.0.1,127.0.0.1:*,10.*,172.*,192.168.*$names}"
 # the server's background job runner serves GenAI evaluation features a training cluster does not use
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
@@ -62,7 +67,7 @@ if [ "$AUTH_ON" = 1 ]; then
   AUTH="$ROOT/auth"
   python "$HERE/mlflow_auth.py" "$AUTH" --credentials "${MLFLOW_CREDENTIALS:-$AUTH/credentials}" \
     --database "${MLFLOW_AUTH_DATABASE:-sqlite:///$AUTH/basic_auth.db}" \
-    --default-permission "${MLFLOW_DEFAULT_PERMISSION:-READ}" --uri "http://$(hostname):$PORT"
+    --default-permission "${MLFLOW_DEFAULT_PERMISSION:-READ}" --uri "http://$ADDRESS:$PORT"
   export MLFLOW_AUTH_CONFIG_PATH="$AUTH/basic_auth.ini"
   MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$AUTH/flask_secret_key")"
   export MLFLOW_FLASK_SERVER_SECRET_KEY
@@ -76,7 +81,7 @@ else
     echo "runs and delete experiments. Use it only on a network no one else can reach."
     echo "$bar"
   } >&2
-  echo "On every node: export MLFLOW_TRACKING_URI=http://$(hostname):$PORT"
+  echo "On every node: export MLFLOW_TRACKING_URI=http://$ADDRESS:$PORT"
 fi
 exec mlflow server --backend-store-uri "$BACKEND" --artifacts-destination "$ARTIFACTS" --serve-artifacts \
   --host "$HOST" --port "$PORT" --workers "${MLFLOW_WORKERS:-4}" --allowed-hosts "$ALLOWED" "${app[@]}"

@@ -21,7 +21,7 @@ case "$RAY_AUTH_MODE" in
   *) echo "error: RAY_AUTH_MODE=$RAY_AUTH_MODE: expected token (the default) or disabled" >&2; exit 2 ;;
 esac
 PORT="${RAY_PORT:-6379}"
-NUM_CPUS="${NUM_CPUS:-$(nproc)}"
+NUM_CPUS="${NUM_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"  # nproc alone follows OMP_NUM_THREADS
 stop="cluster/ray_stop.sh"
 read -ra options <<< "${HEAD_OPTIONS:-}"
 for arg in "${options[@]}" "$@"; do

@@ -12,5 +12,5 @@ shift
 mode="$(PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" python -m data_pipeline.ray_cluster "$HEAD" \
         --wait "${WAIT_FOR_HEAD:-0}")" || exit 2
 export RAY_AUTH_MODE="$mode"
-NUM_CPUS="${NUM_CPUS:-$(nproc)}"
+NUM_CPUS="${NUM_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"  # nproc alone follows OMP_NUM_THREADS
 ray start --address="$HEAD" --num-cpus="$NUM_CPUS" ${NUM_GPUS:+--num-gpus="$NUM_GPUS"} --disable-usage-stats "$@"

@@ -1,5 +1,13 @@
 """Build a dataset from a recipe: metadata -> filter -> download -> encode -> validate, on Ray.
 
+The paper's data, in order (every paper recipe encodes with the tokenizer trained on CC3M's images):
+    python data_pipeline/build.py cc3m --stages metadata,filter,download     # 1. the CC3M images
+    deepspeed training/train_vqvae.py --config vqvae_f8_8192.yaml             # 2. the tokenizer on them
+    python data_pipeline/build.py cc3m                                        # 3. encode; then cc12m, laion-cartoon,
+                                                                              #    cub200, oxford102, mscoco alike
+Offline, a recipe whose source is on the web takes a local copy: --metadata PATH (its configs/data/ file says
+which file); the local-folder recipes read datasets/<recipe>/ (or --metadata ROOT).
+
     python data_pipeline/build.py emoji                          # offline default (local HTTP server)
     python data_pipeline/build.py laion-cartoon --metadata /data/relaion-parquet/
     python data_pipeline/build.py emoji --stages metadata,filter,download   # images only (train a tokenizer on
@@ -21,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -46,7 +53,9 @@ from data_pipeline.filters import run_filter
 from data_pipeline.manifest import validate, write_dataset
 from data_pipeline.metadata import check_source, run_metadata
 from data_pipeline.recipe import TRAIN_VQVAE_HINT, load_recipe, recipe_hash
-from vqd.errors import UserError
+from vqd.errors import ArgumentParser, UserError, exit_on_user_error
+from vqd.io import WEIGHTS_NAME
+from vqd.prerequisites import numbered, tokenizer_steps
 from vqd.released import is_released, released_tokenizer_folder
 
 NEEDS = {"filter": "metadata", "download": "filter", "encode": "download", "validate": "encode"}
@@ -59,6 +68,17 @@ def parse_stages(text: str) -> list[str]:
     if unknown or not stages:
         raise UserError(f"--stages: unknown stage(s) {unknown}; expected a comma list of {list(STAGES)}")
     return [s for s in STAGES if s in stages]
+
+
+def missing_tokenizer(recipe: str, tok: Path) -> str:
+    """What to run before encoding with a tokenizer folder that is not there yet: the images its config trains on,
+    its training, then the same build again (the paper recipes: CC3M's images, then configs/vqvae_f8_8192.yaml)."""
+    steps = tokenizer_steps(tok)
+    where = f"recipe {recipe!r} encodes with the tokenizer {str(tok)!r}, which is not there (no {WEIGHTS_NAME})"
+    if not steps:
+        return f"{where}: train one with `{TRAIN_VQVAE_HINT}` (its export/ folder), or pass --tokenizer FOLDER"
+    return (f"{where}; in order: {numbered(steps, ['this command again'])}. Or pass --tokenizer FOLDER: a trained "
+            "tokenizer, or a released model's folder (its VQ-VAE)")
 
 
 def _stamp_recipe(out: Path, recipe) -> None:
@@ -87,11 +107,8 @@ def build(recipe_name: str, out: Optional[str] = None, tokenizer: Optional[str] 
 def _build(recipe, out_dir: Path, tokenizer: Optional[str], metadata: Optional[str], stages: list[str],
            address: Optional[str], num_cpus: Optional[int], retry_failed: bool) -> dict:
     tok = Path(tokenizer or recipe.tokenizer) if (tokenizer or recipe.tokenizer) else None
-    _stamp_recipe(out_dir, recipe)
-    if retry_failed:
-        if "download" not in stages:
-            raise UserError("--retry-failed retries the download stage: include 'download' in --stages")
-        clear_done(out_dir, "download", "encode", "validate")
+    if retry_failed and "download" not in stages:
+        raise UserError("--retry-failed retries the download stage: include 'download' in --stages")
     if "metadata" in stages and not is_done(out_dir, "metadata"):
         check_source(recipe, metadata)  # offline with a remote source: say so before Ray starts
     elif metadata and is_done(out_dir, "metadata") and read_done(out_dir, "metadata")["source"] != redact_url(metadata):
@@ -103,9 +120,14 @@ def _build(recipe, out_dir: Path, tokenizer: Optional[str], metadata: Optional[s
                              f"pass --tokenizer PATH (train one with `{TRAIN_VQVAE_HINT}`)")
         if is_released(tok):  # the released model's VQ-VAE, as the tokenizer folder the manifest names
             tok = released_tokenizer_folder(tok, out_dir / "tokenizer")
+        elif not (tok / WEIGHTS_NAME).is_file():
+            raise UserError(missing_tokenizer(recipe.name, tok))
         sha = tokenizer_info(tok)["sha256"]
         if is_done(out_dir, "encode") and read_done(out_dir, "encode")["tokenizer"]["sha256"] != sha:
             clear_done(out_dir, "encode", "validate")
+    _stamp_recipe(out_dir, recipe)  # only once every input is known to be there: a refused build stamps nothing
+    if retry_failed:
+        clear_done(out_dir, "download", "encode", "validate")
     ray_line = None
     if not all(is_done(out_dir, s) for s in stages):  # a finished build is read back without starting Ray
         ray_line = ray_summary(init_ray(address, num_cpus))
@@ -178,8 +200,8 @@ def print_summary(report: dict) -> None:
         print(f"manifest: {report['manifest']} ({acc['rows']} rows = {acc['samples']} samples + {dropped} dropped)")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a name in configs/data/ (e.g. emoji, laion-cartoon) or a recipe .yaml path")
     p.add_argument("--out", help="output folder (default: the recipe's `out`, else data/<recipe>)")
     p.add_argument("--tokenizer", help="trained tokenizer folder, or a released model folder (its VQ-VAE); overrides "
@@ -206,12 +228,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = build(args.recipe, out=args.out, tokenizer=args.tokenizer, metadata=args.metadata,
                        stages=parse_stages(args.stages), address=args.address, num_cpus=args.num_cpus,
                        retry_failed=args.retry_failed, overrides=overrides)
-    except (ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # a user error raised on a Ray worker arrives wrapped, its remote traceback in the text
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
     print_summary(report)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_user_error(main)

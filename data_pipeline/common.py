@@ -24,6 +24,7 @@ from tqdm import tqdm
 import data_pipeline
 import vqd
 from data_pipeline.ray_cluster import ClusterError, prepare_join, resolve_address
+from vqd.errors import UserError
 from vqd.io import atomic_write, atomic_write_json
 
 STAGES = ("metadata", "filter", "download", "encode", "validate")
@@ -80,7 +81,7 @@ def build_lock(out: Path) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise RuntimeError(f"another build is writing to {str(out)!r} ({holder}): wait for it to finish, "
+            raise UserError(f"another build is writing to {str(out)!r} ({holder}): wait for it to finish, "
                                f"or build into another --out") from None
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -53,6 +53,7 @@ from data_pipeline.fetch import FetchPolicy, fetch_with_retry, is_transient
 from data_pipeline.filters import filter_parts
 from data_pipeline.recipe import FOLDER_KINDS, LOCAL_KINDS, Recipe
 from data_pipeline.staging import STAGING, claim_download, publish_shard
+from vqd.errors import UserError
 from vqd.images import TooManyPixels, open_image
 from vqd.io import atomic_write_json
 
@@ -394,6 +395,6 @@ def run_download(recipe: Recipe, out: Path, retry_failed: bool = False) -> dict:
     stats = {"attempted": attempted, "downloaded": counts.pop(SUCCESS, 0), "failed": dict(sorted(counts.items())),
              "missing": missing}
     if missing:
-        raise RuntimeError(f"{missing} of {attempted} rows are in download shards that did not finish (see img2dataset's "
+        raise UserError(f"{missing} of {attempted} rows are in download shards that did not finish (see img2dataset's "
                            f"messages above); run the same command again to finish them")
     return stats

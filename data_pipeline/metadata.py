@@ -70,7 +70,7 @@ def check_reachable(path: str, timeout: float = 5.0) -> None:
     t.start()
     t.join(timeout + 1)
     if result[0] is not None:
-        raise RuntimeError(
+        raise UserError(
             f"cannot reach metadata source {path!r} (host {host}: {result[0]}). This machine may be offline: "
             f"copy the metadata elsewhere and pass it with --metadata PATH (a local parquet/csv/tsv file or folder)"
         )
@@ -220,10 +220,24 @@ def folder_table(kind: str, root: Path) -> pa.Table:
 
 
 def check_source(recipe: Recipe, metadata: Optional[str]) -> None:
-    """Fail at once (before Ray starts) when a remote table source cannot be reached."""
-    path = metadata or recipe.source.path
-    if recipe.source.kind == "table" and is_remote(path):
-        check_reachable(path)
+    """Fail at once (before Ray starts) when the source cannot be read: a remote table whose host does not answer,
+    a local table path that matches no file, a data set folder that is not there."""
+    s = recipe.source
+    path = metadata or s.path
+    given = f"--metadata {metadata!r}" if metadata else f"the recipe's source.path {s.path!r}"
+    if s.kind == "table":
+        if is_remote(path):
+            check_reachable(path)
+        elif not Path(path).expanduser().exists() and not any(c in path for c in "*?["):
+            raise UserError(f"{given} does not exist (relative paths are read from {Path.cwd()}): pass --metadata "
+                            f"a local copy of the {recipe.name} metadata (a {s.format or 'parquet, csv or tsv'} file, "
+                            "a folder of them, or a glob)")
+        else:
+            list_files(path)
+    elif s.kind in FOLDER_KINDS and not Path(path).expanduser().is_dir():
+        raise UserError(f"{given} is not a folder (relative paths are read from {Path.cwd()}): put the {s.kind} data "
+                        f"set there in its own layout (configs/data/{recipe.name}.yaml describes it), or pass its "
+                        "root as --metadata ROOT")
 
 
 def source_tables(recipe: Recipe, metadata: Optional[str]) -> list[tuple[str, callable]]:

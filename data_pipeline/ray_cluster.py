@@ -22,13 +22,15 @@ from typing import Optional, Sequence
 
 import grpc
 
+from vqd.errors import UserError
+
 PROBE_SECONDS = 10.0  # a head that accepts the connection but does not answer within this is refused
 HEAD_HINT = "start one with cluster/ray_head.sh, or pass the head's HOST:PORT (its log prints it)"
 TOKEN_HINT = ("copy the head's ~/.ray/auth_token to this machine (same path, chmod 600), or point "
               "RAY_AUTH_TOKEN_PATH at a copy")
 
 
-class ClusterError(ValueError):
+class ClusterError(UserError):
     """A cluster that cannot be joined as asked: the message says what to do."""
 
 

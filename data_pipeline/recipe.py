@@ -16,7 +16,10 @@ from vqd.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO_ROOT / "configs" / "data"
-TRAIN_VQVAE_HINT = "python training/train_vqvae.py --config configs/vqvae_emoji.yaml"
+# how to make a tokenizer: the paper recipes read the paper's (trained on the cc3m recipe's images), the emoji ones
+# the demo's
+TRAIN_VQVAE_HINT = ("deepspeed training/train_vqvae.py --config vqvae_f8_8192.yaml` (the paper recipes' tokenizer, "
+                    "trained on the cc3m recipe's downloaded images) or `--config vqvae_emoji.yaml")
 
 
 @dataclass

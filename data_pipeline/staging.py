@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from vqd.errors import UserError
 from vqd.io import atomic_write_text, fsync_dir
 
 STAGING = "_staging"  # in download/: shard attempts, OWNER (the token of the run that may publish) and .lock
@@ -42,7 +43,7 @@ def _staging_lock(folder: Path, timeout: float = LOCK_WAIT) -> Iterator[Path]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{path} stayed locked for {timeout:.0f} s: another process is publishing "
+                    raise UserError(f"{path} stayed locked for {timeout:.0f} s: another process is publishing "
                                        f"download shards into {str(folder)!r} (a build still running?)") from None
                 time.sleep(0.05)
         try:

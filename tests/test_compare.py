@@ -15,6 +15,7 @@ from PIL import Image
 from training.compare import compare, main
 from training.core.config import TrackingConfig
 from training.tracking.tracker import Tracker
+from vqd.errors import exit_on_user_error
 
 BASE_LOSS = [4.0, 3.0, 2.5, 2.6, 2.2]      # best 2.2 = final
 TUNED_LOSS = [2.1, 1.9, 2.0]               # best 1.9, final 2.0
@@ -95,7 +96,7 @@ def test_command_line_picks_runs_by_id_or_name_and_names_what_is_wrong(tmp_path,
     for bad, message in ((["--runs", "nope"], "--runs 'nope': no run with that id or name in experiment 'cmp'"),
                          (["--experiment", "nosuch"], "no experiment 'nosuch' in this store; it has ['Default', 'cmp']"),
                          (["--uri", f"sqlite:///{tmp_path}/typo.db"], "no MLflow database at")):
-        with pytest.raises(SystemExit, match=re.escape(message)):
+        with pytest.raises(ValueError, match=re.escape(message)):
             main(args + bad)
     assert not (tmp_path / "typo.db").exists()
 
@@ -112,7 +113,7 @@ def test_a_server_that_is_down_or_silent_is_one_line(tmp_path, monkeypatch, caps
         for uri, why in ((f"http://127.0.0.1:{port}", "connection refused"),
                          (f"http://me:pw@127.0.0.1:{silent.getsockname()[1]}", "no answer within 4 s")):
             with pytest.raises(SystemExit) as exit_:
-                main(["--experiment", "cmp", "--uri", uri, "--out", str(tmp_path / "o")])
+                exit_on_user_error(main, ["--experiment", "cmp", "--uri", uri, "--out", str(tmp_path / "o")])
             err = capsys.readouterr().err.strip()
             assert exit_.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
             assert f"no MLflow server answers at {uri.replace('me:pw@', '')} ({why})" in err, err

@@ -59,7 +59,7 @@ def test_paper_config_without_clip_weights_refuses_to_start(toy):
     cfg = load_config(DiffusionRunConfig, REPO / "configs/base_cc.yaml", [f"--data.path={toy}", "--data.more_paths=[]"])
     model_cfg = build_model_config(cfg, open_dataset(cfg.data))
     assert model_cfg.text.pretrained == "openai" and model_cfg.text.activation == "quick_gelu"
-    with pytest.raises(FileNotFoundError, match="not on this machine.*Hugging Face CLIP folder"):
+    with pytest.raises(ValueError, match="not on this machine.*Hugging Face CLIP folder"):
         VQDiffusionModel(model_cfg)  # the tower's weights are read first: nothing of VQD-B's size is built
 
 

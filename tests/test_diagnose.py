@@ -116,8 +116,9 @@ def test_cli_refuses_a_data_set_another_tokenizer_encoded(data_and_model, tmp_pa
     other = tmp_path / "other"
     VQDiffusionModel(VQDiffusionConfig(num_codes=K, grid=GRID, size="micro", num_timesteps=8)).save(other)
     write_tokenizer(other / "tokenizer", seed=1)
-    assert main(["--model", str(other), "--data", str(data)]) == 2
-    assert "was encoded by tokenizer" in capsys.readouterr().err
-    assert main(["--model", str(model), "--data", str(tmp_path / "nothing")]) == 2
-    assert main(["--model", str(model), "--data", str(data), "--eval-split", "validation"]) == 2
-    assert "no split 'validation'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="was encoded by tokenizer"):
+        main(["--model", str(other), "--data", str(data)])
+    with pytest.raises(ValueError, match="has no manifest.json"):
+        main(["--model", str(model), "--data", str(tmp_path / "nothing")])
+    with pytest.raises(ValueError, match="no split 'validation'.*--eval-split '' leaves the held-out split out"):
+        main(["--model", str(model), "--data", str(data), "--eval-split", "validation"])

@@ -243,7 +243,8 @@ def test_evaluate_cli_end_to_end(tmp_path, monkeypatch, tiny_clip):
     assert eval_reference.Reference(data, 16).key != key and key[:16] in cached[0]
     with pytest.raises(SystemExit):
         main(["--model", str(model), "--data", str(data), "--n", "1"])
-    assert main(["--model", str(model), "--data", str(tmp_path / "nothing")]) == 2
+    with pytest.raises(ValueError, match="has no download/\\*.tar"):
+        main(["--model", str(model), "--data", str(tmp_path / "nothing")])
 
 
 def test_prompt_forms_for_each_condition():
@@ -258,8 +259,11 @@ def test_prompt_forms_for_each_condition():
     assert prompts_for(samples, "class", SimpleNamespace(classes=("shape",))) == ["shape"] * 4
     with pytest.raises(ValueError, match="neither the subcategory nor the category"):
         prompts_for(samples, "class", SimpleNamespace(classes=("other",)))
-    assert forms_to_run("both", "text") == ["template", "typed"] and forms_to_run("both", "class") == ["class"]
+    assert forms_to_run("both", "text", samples) == ["template", "typed"]
+    assert forms_to_run("both", "class", samples) == ["class"]
+    assert forms_to_run("auto", "text", samples) == ["template", "typed"]  # every sample has typed forms
     samples[0].meta.pop("captions")
+    assert forms_to_run("auto", "text", samples) == ["template"]  # the paper data sets: their captions only
     with pytest.raises(ValueError, match="have no `captions`"):
         prompts_for(samples, "typed", text)
 

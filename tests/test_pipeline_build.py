@@ -169,10 +169,11 @@ def test_empty_metadata_and_missing_tokenizer_are_clear_errors(ray_session, toke
     recipe = write_recipe(tmp_path / "empty.yaml", _csv(tmp_path / "empty.csv", []))
     with pytest.raises(ValueError, match="has no rows"):
         build(str(recipe), out=str(tmp_path / "o1"), stages=["metadata"])
-    with pytest.raises(ValueError, match=r"tokenizer folder '.*nope'.*python training/train_vqvae.py --config configs/vqvae_emoji.yaml"):
+    with pytest.raises(ValueError, match=r"the tokenizer '.*nope', which is not there.*training/train_vqvae.py "
+                                         r"--config vqvae_f8_8192.yaml"):
         build(str(recipe), out=str(tmp_path / "o2"), tokenizer=str(tmp_path / "nope"), stages=["encode"])
     offline = write_recipe(tmp_path / "remote.yaml", "http://127.0.0.1:1/meta.parquet")
-    with pytest.raises(RuntimeError, match="--metadata PATH"):
+    with pytest.raises(ValueError, match="--metadata PATH"):
         build(str(offline), out=str(tmp_path / "o4"))
     with pytest.raises(ValueError, match="needs stage 'filter'"):
         build(str(recipe), out=str(tmp_path / "o3"), stages=["download"])

@@ -28,6 +28,7 @@ from pipeline_fixtures import bad_server, tiny_png, tiny_tokenizer, write_recipe
 from test_cluster import SCONTROL, SRUN
 
 from data_pipeline.build import main as build_main
+from vqd.errors import exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_VARIABLES = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -249,9 +250,10 @@ def _silent_listener():
 
 def _refused(capsys, recipe: Path, out: Path, *args: str) -> str:
     """build.py's main in this process (nothing of Ray starts before the head is asked): exit 2, one line."""
-    code = build_main([str(recipe), "--out", str(out), "--stages", "metadata", *args])
+    with pytest.raises(SystemExit) as code:
+        exit_on_user_error(build_main, [str(recipe), "--out", str(out), "--stages", "metadata", *args])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert code.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
     return err
 
 

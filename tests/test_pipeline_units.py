@@ -124,7 +124,7 @@ def test_csv_with_invalid_utf8_and_huge_caption_is_read_not_rejected(tmp_path):
 
 def test_remote_source_offline_fails_fast_naming_source_and_flag():
     start = time.time()
-    with pytest.raises(RuntimeError, match=r"http://127\.0\.0\.1:1/meta\.parquet.*--metadata PATH"):
+    with pytest.raises(ValueError, match=r"http://127\.0\.0\.1:1/meta\.parquet.*--metadata PATH"):
         check_reachable("http://127.0.0.1:1/meta.parquet", timeout=2)
     assert time.time() - start < 4
 
@@ -365,7 +365,7 @@ def test_atomic_write_leaves_no_half_file_and_the_lock_refuses_a_second_build(tm
             raise RuntimeError("killed")
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
     with build_lock(tmp_path / "out"):
-        with pytest.raises(RuntimeError, match=r"another build is writing to .*out.*pid \d+"):
+        with pytest.raises(ValueError, match=r"another build is writing to .*out.*pid \d+"):
             with build_lock(tmp_path / "out"):
                 pass
     with build_lock(tmp_path / "out"):  # released

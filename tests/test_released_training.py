@@ -72,6 +72,7 @@ def test_convert_program_reads_the_official_checkpoint_and_refuses_bad_input(tmp
     from official_modules import official_model
 
     from training.convert import main as convert
+    from vqd.errors import exit_on_user_error
     from vqd.pipeline import TextToImage
 
     dalle, files = official_model(tmp_path, gumbel=True, learnable_cf=True)
@@ -84,7 +85,7 @@ def test_convert_program_reads_the_official_checkpoint_and_refuses_bad_input(tmp
                                    dalle.transformer.log_p_x0(x, text, torch.full((2,), 5)), atol=1e-5, rtol=0)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
-        convert(["official", str(files["checkpoint"]), "--heads", "2", "--out", str(tmp_path / "nothing")])
+        exit_on_user_error(convert, ["official", str(files["checkpoint"]), "--heads", "2", "--out", str(tmp_path / "nothing")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "code map" in err
     assert not (tmp_path / "nothing").exists()

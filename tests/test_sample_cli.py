@@ -7,6 +7,7 @@ from PIL import Image
 from token_data import K, write_tokenizer
 
 from training.sample import main as sample_main
+from vqd.errors import exit_on_user_error
 from vqd.models import VQDiffusionConfig, VQDiffusionModel
 from vqd.pipeline import TextToImage
 from vqd.sampling import SamplingConfig
@@ -79,14 +80,14 @@ def test_class_and_unconditional_models_and_errors(tmp_path, capsys):
     sample_main(["--model", str(unc), "--count", "3", "--steps", "4", "--out-dir", str(tmp_path / "u"),
                  "--prompts", "/dev/null"])
     assert len(list((tmp_path / "u").iterdir())) == 3
-    with pytest.raises(SystemExit, match="--prompt"):
+    with pytest.raises(ValueError, match="--prompt"):
         sample_main(["--model", str(cls), "--out", str(tmp_path / "x.png")])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:  # a folder that is no model: one line, exit 2
-        sample_main(["--model", str(tmp_path / "cls" / "tokenizer"), "--prompt", "x"])
+        exit_on_user_error(sample_main, ["--model", str(tmp_path / "cls" / "tokenizer"), "--prompt", "x"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and "has no tokenizer/" in err and err.count("\n") == 1
     with pytest.raises(SystemExit) as exit_:  # a setting the model cannot honour: one line, exit 2
-        sample_main(["--model", str(cls), "--prompt", "heart", "--truncation", "0"])
+        exit_on_user_error(sample_main, ["--model", str(cls), "--prompt", "heart", "--truncation", "0"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: truncation r must be in (0, 1]") and err.count("\n") == 1

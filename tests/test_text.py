@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vqd.clip_weights import missing_text_weights
+from vqd.errors import UserError
 from vqd.models import VQDiffusionConfig, VQDiffusionModel
 from vqd.text import (
     TextEncoder,
@@ -193,12 +195,19 @@ def test_missing_weights_fail_naming_how_to_supply_them(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     cfg = VQDiffusionConfig(num_codes=2887, grid=(32, 32), size="VQD-S")
     assert (cfg.text.pretrained, cfg.text.activation) == ("openai", "quick_gelu")  # the paper presets' tower
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UserError) as err:  # one line from every program
         VQDiffusionModel(cfg)
     message = str(err.value)
     for needle in ("ViT-B-32/openai", "not on this machine", "nothing is downloaded", "Hugging Face CLIP folder",
-                   "openai/clip-vit-base-patch32", "open_clip_model.safetensors", "huggingface-cli download"):
+                   "`hf download openai/clip-vit-base-patch32 config.json model.safetensors --local-dir",
+                   "--text.pretrained=models/clip-vit-base-patch32",
+                   "`hf download timm/vit_base_patch32_clip_224.openai open_clip_model.safetensors`"):
         assert needle in message, needle
+    assert "huggingface-cli" not in message  # huggingface_hub no longer ships it
+    assert missing_text_weights(cfg.text) == message  # the same answer without building anything
+    assert missing_text_weights(TextEncoderConfig(pretrained=None)) is None  # a seeded tower needs no file
+    with pytest.raises(UserError, match="'no/such/clip' do not exist"):
+        TextEncoder(TextEncoderConfig(pretrained="no/such/clip"))
     # counting parameters needs no weights; a model folder carries its own (load_text_weights=False)
     with torch.device("meta"):
         VQDiffusionModel(cfg)
@@ -230,7 +239,7 @@ def test_weights_without_a_text_tower_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="neither a file, a folder, nor an open_clip tag"):
         TextEncoder(TextEncoderConfig(pretrained="no-such-tag-or-file", **SMALL))
     missing = tmp_path / "runs/text/export/text.safetensors"  # a path: not looked up as an open_clip tag
-    with pytest.raises(FileNotFoundError, match=f"the text tower's weights '{missing}' do not exist"):
+    with pytest.raises(UserError, match=f"the text tower's weights '{missing}' do not exist"):
         TextEncoder(TextEncoderConfig(pretrained=str(missing), **SMALL))
 
 

@@ -25,6 +25,7 @@ from training.evaluate import main as evaluate_main
 from training.tracking.access import access_problem
 from training.tracking.server import require_server
 from training.tracking.tracker import UNSENT_FILE, StoreRefused, Tracker
+from vqd.errors import exit_on_user_error
 
 TRAIN = "training/train.py"
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -180,13 +181,15 @@ def test_wrong_or_missing_credentials_stop_every_program_at_start(tmp_path, mlfl
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password-9")
     with pytest.raises(SystemExit) as stop:
-        compare_main(["--experiment", "server", "--uri", mlflow_server.uri, "--out", str(tmp_path / "cmp")])
+        exit_on_user_error(compare_main, ["--experiment", "server", "--uri", mlflow_server.uri, "--out", str(tmp_path / "cmp")])
     assert stop.value.code == 2 and one_error_line(capsys.readouterr().err).startswith(f"error: {refused}")
     model = tmp_path / "model"
     model.mkdir()
     (model / "provenance.json").write_text(json.dumps({"mlflow_run_id": "0" * 32, "experiment": "server",
                                                       "tracking_uri": mlflow_server.uri}))
-    assert evaluate_main(["--model", str(model), "--data", str(tmp_path / "no_data")]) == 2
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(evaluate_main, ["--model", str(model), "--data", str(tmp_path / "no_data")])
+    assert stop.value.code == 2
     assert one_error_line(capsys.readouterr().err).startswith(f"error: {refused}")
 
 

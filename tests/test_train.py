@@ -17,12 +17,14 @@ from token_data import PATTERNS, write_token_dataset
 
 from training.core.budget import StepBudget, plan_end
 from training.core.config import OptimConfig, load_config
+from training.core.distributed import DistInfo
 from training.core.ema import EMA
 from training.core.export import resolve_init_from
 from training.core.metrics import denoiser_flops_per_sample
 from training.core.optim import LRSchedule, build_optimizer, set_total_steps
 from training.diffusion.config import DiffusionRunConfig, build_model_config
 from training.diffusion.data import TokenDataConfig, open_dataset
+from training.diffusion.monitor import validation_loader, validation_loss
 from training.diffusion.objective import Denoising
 from vqd.loading import load_model
 from vqd.models import VQDiffusionConfig, VQDiffusionModel
@@ -66,9 +68,38 @@ def test_fine_tune_must_keep_the_base_architecture(toy):
     cfg.model.dropout, cfg.model.checkpoint = 0.1, True  # training-only fields may change
     tuned = build_model_config(cfg, manifest, base=base)
     assert tuned.dropout == 0.1 and tuned.checkpoint and tuned.depth == base["depth"]
-    cfg.model.depth = 5
+    # the tower's weights come from the base: the same tower reached another way (a Hugging Face folder for the
+    # base, the open_clip tag in the fine-tune's config) is the same architecture, and the base's source is kept
+    own = dict(cfg.text)
+    cfg.text = {**own, "pretrained": "/elsewhere/clip-vit-base-patch32", "seed": 3}
+    assert build_model_config(cfg, manifest, base=base).text == tuned.text
+    cfg.text = {**own, "width": 64}  # another tower is refused
+    with pytest.raises(ValueError, match=r"differs from this config in \['text'\]"):
+        build_model_config(cfg, manifest, base=base)
+    cfg.text, cfg.model.depth = own, 5
     with pytest.raises(ValueError, match=r"differs from this config in \['depth'\]"):
         build_model_config(cfg, manifest, base=base)
+
+
+def test_validation_loss_builds_no_autograd_graph(toy):
+    cfg = load_config(DiffusionRunConfig, REPO / "configs/emoji_base.yaml",
+                      ["--model.size=micro", "--text.pretrained=null", f"--data.path={toy}", "--train.num_workers=0",
+                       "--train.micro_batch_size=8"])
+    manifest = open_dataset(cfg.data)
+    model = VQDiffusionModel(build_model_config(cfg, manifest))
+    objective = Denoising(model)  # what the trainer's DeepSpeed engine wraps
+    info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"), backend="gloo")
+    graphs = []
+
+    def engine(*inputs):  # the engine's call, recording whether the forward pass builds a graph
+        out = objective(*inputs)
+        graphs.append(out.requires_grad)
+        return out
+
+    engine.module = objective
+    out = validation_loss(engine, model, validation_loader(manifest, cfg, model, info), info, batches=2)
+    assert graphs and not any(graphs) and objective.training  # no graph on held-out batches; training mode restored
+    assert set(out) == {"val/vlb", "val/aux", "val/condition_gain"} and all(v > 0 for v in list(out.values())[:2])
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -16,13 +16,11 @@ The store is --uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db: a sqlit
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import statistics
-import sys
 import urllib.parse
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from training.tracking.access import access_problem
 from training.tracking.redaction import public_uri
 from training.tracking.server import require_server
-from vqd.errors import UserError
+from vqd.errors import ArgumentParser, UserError, exit_on_user_error
 
 # the first a run logged is shown beside it in the tree (a text tower's run: its held-out text -> image top-1)
 LINEAGE_METRICS = ("val/vlb", "val/typed_top1", "loss")
@@ -233,7 +231,7 @@ def compare(uri: str, experiment: str, wanted: list[str] | None, out: Path, curv
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.experiment of the runs)")
     ap.add_argument("--runs", nargs="+", help="run ids or names (default: every run of the experiment)")
     ap.add_argument("--uri", default=None, help="tracking store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
@@ -242,19 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     out = args.out or Path("runs/compare") / re.sub(r"[^\w.-]+", "_", args.experiment)
-    try:
-        require_server(uri)  # down or silent: one line in seconds, not MLflow's minutes of retries
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    require_server(uri)  # down or silent: one line in seconds, not MLflow's minutes of retries
     problem = access_problem(uri, args.experiment)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        report = compare(uri, args.experiment, args.runs, out, args.curves)
-    except ValueError as e:
-        sys.exit(f"compare.py: {e}")
+        raise UserError(problem)
+    report = compare(uri, args.experiment, args.runs, out, args.curves)
     print((out / "summary.md").read_text())
     print("lineage (each run under the run it starts from):\n" + report["lineage"] + "\n")
     print("written: " + ", ".join(report["files"]))
@@ -262,4 +252,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -21,10 +21,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads must sleep
 
 import argparse
-import sys
 from pathlib import Path
 
-from vqd.errors import UserError
+from vqd.errors import ArgumentParser, UserError, exit_on_user_error
 from vqd.pipeline import TextToImage
 from vqd.released import read_released, write_pipeline
 from vqd.released.official import RELEASED_HEADS, read_official
@@ -39,7 +38,7 @@ model_index.json names (the hub's ITHQ too); with those, register it first:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="command", required=True)
     official = sub.add_parser("official", help="an official VQ-Diffusion .pth -> a vqd model folder")
@@ -78,15 +77,16 @@ def convert(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        out = convert(args)
-    except ValueError as e:  # a file that is not what it should be: the user's input, one line
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    for name in ("checkpoint", "vqgan", "code_map", "config", "folder"):  # what is read must be there
+        path = getattr(args, name, None)
+        if path and not Path(path).exists():
+            flag = "" if name in ("checkpoint", "folder") else f"--{name.replace('_', '-')} "
+            raise UserError(f"{flag}{path!r}: no such file or folder (relative paths are read from {Path.cwd()})")
+    out = convert(args)  # a file that is not what it should be: the readers' UserError, one line
     print(f"wrote {out}")
     if args.command == "to-diffusers":
         print(DIFFUSERS_NOTE)
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -43,6 +43,7 @@ from training.core.sampling_flags import add_sampling_flags, sampling_settings, 
 from training.diffusion.data import split_shards
 from training.evaluation.grid import captioned_grid
 from training.evaluation.reference import caption_words
+from vqd.errors import ArgumentParser, UserError, exit_on_user_error
 from vqd.io import TOKENIZER_DIR, WEIGHTS_NAME, file_sha256
 from vqd.pipeline import TextToImage, to_uint8
 from vqd.shards import iter_samples, open_manifest
@@ -174,8 +175,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an exported text-to-image model folder")
     p.add_argument("--data", required=True, help="the token data set it was trained on (manifest.json + shards)")
     p.add_argument("--split", default="train", help="the training split")
@@ -191,27 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="folder for diagnose.json and diagnose.png (default <model>/diagnose)")
     args = p.parse_args(argv)
-    try:
-        manifest = open_manifest(args.data)
-        pipe = TextToImage.from_folder(args.model, device=args.device)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    manifest = open_manifest(args.data)
+    pipe = TextToImage.from_folder(args.model, device=args.device)
     if pipe.autoregressive or pipe.model.config.condition != "text":
-        print(f"error: {args.model} is not a text-conditioned VQ-Diffusion model: there is no caption to weigh",
-              file=sys.stderr)
-        return 2
+        raise UserError(f"{args.model} is not a text-conditioned VQ-Diffusion model: there is no caption to weigh")
     own = file_sha256(Path(args.model) / TOKENIZER_DIR / WEIGHTS_NAME)
     if own != manifest["tokenizer"]["sha256"]:  # the same ids would mean other pictures
-        print(f"error: {args.data} was encoded by tokenizer {manifest['tokenizer']['sha256'][:12]}, the model decodes "
-              f"with {own[:12]}: diagnose the model on the data set it was trained on", file=sys.stderr)
-        return 2
+        raise UserError(f"{args.data} was encoded by tokenizer {manifest['tokenizer']['sha256'][:12]}, the model "
+                        f"decodes with {own[:12]}: diagnose the model on the data set it was trained on")
     try:
         splits = {name: read_split(manifest, name, args.concept_key, args.max_samples)
                   for name in (args.split, args.eval_split) if name}
     except ValueError as e:  # a split the data set does not have
-        print(f"error: {e} (--split / --eval-split; --eval-split '' leaves the held-out split out)", file=sys.stderr)
-        return 2
+        raise UserError(f"{e} (--split / --eval-split; --eval-split '' leaves the held-out split out)") from None
     for name, samples in splits.items():
         total = int(manifest["splits"][name]["samples"])
         if len(samples) < total:  # concept sizes are then counted on this prefix
@@ -222,11 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {"model": str(args.model), "data": str(args.data), "groups": rows}
     if args.prompt:
-        try:
-            (sampling,) = sampling_settings(pipe, args)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        (sampling,) = sampling_settings(pipe, args)
         print(f"\nsampling: {sampling.describe(pipe.num_timesteps)} (defaults from {settings_source(pipe, args.model)}; "
               "flags override them)")
         cells, captions, found = prompt_grid(pipe, args.prompt, splits, sampling, args.per_prompt, args.seed)
@@ -244,4 +232,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

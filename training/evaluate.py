@@ -63,11 +63,11 @@ from training.evaluation.clip_score import clip_score, load_clip
 from training.evaluation.fid import fid_from_features, inception_features
 from training.evaluation.grid import captioned_grid
 from training.evaluation.probe import probe_features
-from training.evaluation.reference import RealSample, Reference, caption_words, select, stack, train_vocabulary
+from training.evaluation.reference import RealSample, Reference, caption_words, real_image_tars, select, stack, train_vocabulary
 from training.evaluation.sweep import best_run, print_sweep, write_best
 from training.tracking.access import access_problem
 from training.tracking.redaction import public_uri, redact_text
-from vqd.errors import UserError
+from vqd.errors import ArgumentParser, UserError, exit_on_user_error
 from vqd.pipeline import TextToImage, to_uint8
 from vqd.sampling import SamplingConfig
 
@@ -94,9 +94,13 @@ def prompts_for(samples: list[RealSample], form: str, model_cfg) -> list[str]:
     return [s.caption for s in samples]
 
 
-def forms_to_run(choice: str, condition: str) -> list[str]:
+def forms_to_run(choice: str, condition: str, samples: list[RealSample]) -> list[str]:
+    """The prompt forms to score: `auto` is both where every held-out sample has typed forms (its .json's
+    `captions`, as the emoji recipes write), else the template (the paper data sets' own captions)."""
     if condition != "text":
         return [condition]
+    if choice == "auto":
+        choice = "both" if all(s.meta.get("captions") for s in samples) else "template"
     return ["template", "typed"] if choice == "both" else [choice]
 
 
@@ -173,7 +177,7 @@ def evaluate(args, pipe: TextToImage, sampling: SamplingConfig) -> dict:
                                          "noise": ref.judge_fidelity(held_out, noise)}
     pictures = {}
     vocabulary = train_vocabulary(ref.samples)
-    for form in forms_to_run(args.prompts_from, cfg.condition):
+    for form in forms_to_run(args.prompts_from, cfg.condition, prompted_by):
         prompts = prompts_for(prompted_by, form, cfg)
         pipe.generate(prompts[:1], sampling)  # warm-up: first-call costs (kernels, text tower) stay out of images/s
         generator = torch.Generator(device).manual_seed(args.seed)  # the same noise for every prompt form
@@ -354,7 +358,7 @@ def print_table(r: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder: config.yaml + model.safetensors + tokenizer/")
     p.add_argument("--data", required=True, help="built data set folder (its download/*.tar are the real images)")
     p.add_argument("--split", default="test", help="the split whose images and prompts are scored (default test)")
@@ -367,7 +371,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32, help="sampling batch size")
     p.add_argument("--inception-batch", type=int, default=50)
-    p.add_argument("--prompts-from", choices=("template", "typed", "both"), default="both")
+    p.add_argument("--prompts-from", choices=("auto", "template", "typed", "both"), default="auto",
+                   help="the held-out captions (template), their typed forms (the .json's `captions`) or both; "
+                        "auto: both where the data set has typed forms, else template")
     p.add_argument("--grid", type=int, default=16, help="prompts shown in the PNG grid (0: no grid)")
     p.add_argument("--out", help="folder for the JSON and grid (default <model>/eval)")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights")
@@ -379,23 +385,15 @@ def main(argv=None) -> int:
         p.error("--n: FID needs at least 2 images")
     problem = tracking_problem(Path(args.model))
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    try:
-        pipe = TextToImage.from_folder(args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        settings = sampling_settings(pipe, args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(problem)
+    real_image_tars(Path(args.data))  # a data set that is not there: said before the model loads
+    pipe = TextToImage.from_folder(args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    settings = sampling_settings(pipe, args)
     print(f"sampling defaults from {settings_source(pipe, args.model)}; "
           + (f"{len(settings)} settings to measure" if len(settings) > 1 else "flags override them"))
     runs = []
     for sampling in settings:
-        try:
-            runs.append(evaluate(args, pipe, sampling))
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        runs.append(evaluate(args, pipe, sampling))
         print_table(runs[-1])
     best = best_run(runs, args.select_by)
     if len(runs) > 1:
@@ -407,4 +405,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -32,11 +31,12 @@ from tqdm import tqdm
 from training.core.sampling_flags import add_sampling_flags, sampling_settings, settings_source
 from training.evaluation.grid import captioned_grid
 from training.tokenizer.data import load_image
+from vqd.errors import ArgumentParser, UserError, exit_on_user_error
 from vqd.pipeline import TextToImage, to_uint8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an exported model folder (config.yaml, model.safetensors, tokenizer/) "
                                                   "or a released model folder (diffusers' VQ-Diffusion pipeline)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
@@ -51,7 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image", help="inpainting: the image to edit")
     p.add_argument("--mask", help="inpainting: white = regenerate, black = keep (same aspect as --image)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("prompts", "image", "mask"):  # read before the model is: a typo costs nothing
+        path = getattr(args, flag)
+        if path and (not Path(path).exists() or Path(path).is_dir()):
+            raise UserError(f"--{flag} {path!r}: no such file")
+    if bool(args.image) != bool(args.mask):
+        raise UserError("inpainting needs both --image (the picture) and --mask (white: regenerate)")
+    return args
 
 
 def read_prompts(args: argparse.Namespace, condition: str) -> list[str]:
@@ -63,31 +70,32 @@ def read_prompts(args: argparse.Namespace, condition: str) -> list[str]:
     if condition == "none":
         prompts = prompts or [""] * args.count
     if not prompts:
-        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts FILE" +
-                         (" or --count N" if condition == "none" else ""))
+        raise UserError("give --prompt TEXT (repeatable) or --prompts FILE" + (" or --count N" if condition == "none" else ""))
     return prompts
 
 
 def load_rgb(path: str, size: int) -> torch.Tensor:
     """An image file -> float [3, size, size] in [-1, 1] (alpha on white, centre crop, bicubic)."""
-    return load_image(Path(path).read_bytes(), size)
+    try:
+        return load_image(Path(path).read_bytes(), size)
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise UserError(f"--image {path!r} is not an image this can read ({e})") from None
 
 
 def load_mask(path: str, size: int) -> torch.Tensor:
     """A mask image -> Bool [size, size], True where it is light (to regenerate)."""
-    with Image.open(path) as im:
-        im = im.convert("L").resize((size, size), Image.Resampling.NEAREST)
-        return torch.from_numpy(np.asarray(im) > 127)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L").resize((size, size), Image.Resampling.NEAREST)
+            return torch.from_numpy(np.asarray(im) > 127)
+    except OSError as e:
+        raise UserError(f"--mask {path!r} is not an image this can read ({e})") from None
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        pipe = TextToImage.from_folder(args.model, device=args.device)
-        (config,) = sampling_settings(pipe, args)
-    except ValueError as e:  # not a model folder, a part missing, a tensor or a setting that does not fit: the user's input
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    pipe = TextToImage.from_folder(args.model, device=args.device)  # not a model folder, a part missing: one line
+    (config,) = sampling_settings(pipe, args)
     print(f"sampling: {config.describe(pipe.num_timesteps)} (defaults from {settings_source(pipe, args.model)}; "
           "flags override them)")
     if pipe.autoregressive and args.steps:
@@ -108,9 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
     prompts = [p for p in prompts for _ in range(args.per_prompt)]
     labels = prompts if pipe.model.config.condition != "none" else ["(unconditional)"] * len(prompts)
-    if args.image or args.mask:
-        if not (args.image and args.mask):
-            raise SystemExit("error: inpainting needs both --image and --mask")
+    if args.image:
         image, mask = load_rgb(args.image, pipe.image_size), load_mask(args.mask, pipe.image_size)
         images = pipe.inpaint(prompts, image, mask, config, generator=generator, progress=True)
         kept = torch.where(mask[None], torch.full_like(image, -1.0), image)  # what the model was given
@@ -124,4 +130,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -58,7 +58,8 @@ from vqd.errors import exit_on_user_error
 
 def main(argv: list[str] | None = None) -> None:
     cfg: DiffusionRunConfig = parse_config(DiffusionRunConfig, argv, __doc__)
-    manifest = open_dataset(cfg.data)  # a missing or broken data set fails here, before any rank works
+    # a missing or broken data set fails here, before any rank works; the text tower's weights are named with it
+    manifest = open_dataset(cfg.data, then=setup.text_weights_steps(cfg))
     run = Run(cfg, "train")
     check_same_data(manifest, run.info.rank, run.info.world_size)  # names the node whose data differs
     built = setup.build_model(cfg, manifest, run)

@@ -43,7 +43,7 @@ from training.core.cli import parse_config
 from training.core.config import save_config
 from training.core.run import Run
 from training.tokenizer.config import VQVAERunConfig
-from training.tokenizer.data import image_loader
+from training.tokenizer.data import image_loader, list_sources
 from training.tokenizer.objective import TokenizerObjective, evaluate, prune_codes, recon_grid
 from vqd.errors import exit_on_user_error
 from vqd.vqvae import VQVAE, load_tokenizer
@@ -53,6 +53,7 @@ SKIPPED = ("bad_images", "bad_tars")  # images and tars the loader could not rea
 
 def main(argv: list[str] | None = None) -> None:
     cfg: VQVAERunConfig = parse_config(VQVAERunConfig, argv, __doc__)
+    list_sources(cfg.data.source)  # images that are not there fail here, before any rank works (and say who makes them)
     run = Run(cfg, "train_vqvae")
     vqvae = VQVAE(cfg.model)
     if cfg.train.init_from:

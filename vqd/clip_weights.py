@@ -40,10 +40,70 @@ def read_text_weights(cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
         return read_hf_clip_folder(source, cfg)
     if os.path.isfile(source):
         return read_weights_file(source)
-    if "/" in source or source.endswith((".safetensors", ".pt", ".bin")):  # a path, not a tag
-        raise FileNotFoundError(f"pretrained: the text tower's weights {source!r} do not exist (relative paths are "
-                                f"read from {os.getcwd()})")
+    if _is_path(source):
+        raise UserError(missing_text_weights(cfg))
     return read_cached_open_clip_tag(cfg)
+
+
+def missing_text_weights(cfg: TextEncoderConfig) -> str | None:
+    """What is missing and how to supply it, when cfg.pretrained names weights that are not on this machine; None
+    when they are here (or the tower is a seeded random one). Nothing is read but file names."""
+    source = cfg.pretrained
+    if source is None or os.path.exists(str(source)):
+        return None
+    source = str(source)
+    if _is_path(source):
+        return (f"pretrained: the text tower's weights {source!r} do not exist (relative paths are read from "
+                f"{os.getcwd()}): give the path of a Hugging Face CLIP folder or of an open_clip weights file")
+    import open_clip
+
+    if source not in open_clip.list_pretrained_tags_by_model(cfg.open_clip_model):
+        return None  # not a tag of this architecture: read_cached_open_clip_tag names the tags there are
+    repo_id, names = _hub_files(cfg.open_clip_model, source)
+    if _cached(repo_id, names) is not None:
+        return None
+    return (f"pretrained: the CLIP text tower {cfg.open_clip_model}/{source} is not on this machine (looked for "
+            f"{' or '.join(names)} of {repo_id or 'its hub repository'} in the Hugging Face cache), and nothing is "
+            f"downloaded at run time. Supply the weights: {supply_hint(cfg.open_clip_model, source)}")
+
+
+def supply_hint(model: str, tag: str) -> str:
+    """How to put an open_clip tag's text tower on this machine: a local Hugging Face CLIP folder, or open_clip's
+    file in the Hugging Face cache (both with the `hf` command of huggingface_hub, on a machine with internet)."""
+    repo_id, names = _hub_files(model, tag)
+    folder = ("Hugging Face CLIP folder" if (model, tag) != ("ViT-B-32", "openai") else
+              "Hugging Face CLIP folder (OpenAI's ViT-B/32: `hf download openai/clip-vit-base-patch32 config.json "
+              "model.safetensors --local-dir models/clip-vit-base-patch32`, then "
+              "--text.pretrained=models/clip-vit-base-patch32)")
+    cache = (f"or fill the Hugging Face cache it reads (`hf download {repo_id} {names[0]}`; on a cluster, with "
+             f"HF_HOME on a filesystem every node sees), or set text.pretrained to that file's path") if repo_id else \
+        "or set text.pretrained to an open_clip weights file (.safetensors)"
+    return f"set text.pretrained to a local {folder}; {cache}"
+
+
+def _is_path(source: str) -> bool:
+    return "/" in source or source.endswith((".safetensors", ".pt", ".bin"))
+
+
+def _hub_files(model: str, tag: str) -> tuple[str, tuple[str, ...]]:
+    """(the hub repository of an open_clip tag, the weight file names to look for there)."""
+    import open_clip
+
+    pretrained_cfg = open_clip.get_pretrained_cfg(model, tag) or {}
+    # open_clip writes "org/name/" (its default file names) or "org/name/file"
+    repo_id, filename = os.path.split(pretrained_cfg.get("hf_hub", ""))
+    return repo_id, ((filename,) if filename else HF_WEIGHT_FILES)
+
+
+def _cached(repo_id: str, names: tuple[str, ...]) -> str | None:
+    """The path of the first of `names` of `repo_id` in the local Hugging Face cache, if any."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in names:
+        path = try_to_load_from_cache(repo_id, name) if repo_id else None
+        if isinstance(path, str):
+            return path
+    return None
 
 
 def read_weights_file(path: str) -> dict[str, torch.Tensor]:
@@ -77,31 +137,19 @@ def _is_torchscript(path: str) -> bool:
 def read_cached_open_clip_tag(cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
     """The weights of open_clip tag cfg.pretrained for cfg.open_clip_model, from the local HF cache only."""
     import open_clip
-    from huggingface_hub import try_to_load_from_cache
 
     model, tag = cfg.open_clip_model, str(cfg.pretrained)
     if tag not in open_clip.list_pretrained_tags_by_model(model):
         raise UserError(f"pretrained: {tag!r} is neither a file, a folder, nor an open_clip tag of {model!r} "
-                         f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(model)[:6])}, ...)")
-    pretrained_cfg = open_clip.get_pretrained_cfg(model, tag)
-    quick = bool(pretrained_cfg.get("quick_gelu", False))
+                        f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(model)[:6])}, ...)")
+    quick = bool(open_clip.get_pretrained_cfg(model, tag).get("quick_gelu", False))
     if quick != (cfg.activation == "quick_gelu"):
         raise UserError(f"activation: open_clip weights {model}/{tag} need {'quick_gelu' if quick else 'gelu'}, "
-                         f"the config says {cfg.activation!r}")
-    # open_clip writes "org/name/" (its default file names) or "org/name/file"
-    repo_id, filename = os.path.split(pretrained_cfg.get("hf_hub", ""))
-    names = (filename,) if filename else HF_WEIGHT_FILES
-    for name in names:
-        path = try_to_load_from_cache(repo_id, name) if repo_id else None
-        if isinstance(path, str):
-            return read_weights_file(path)
-    raise FileNotFoundError(
-        f"pretrained: the CLIP text tower {model}/{tag} is not on this machine (looked for {' or '.join(names)} of "
-        f"{repo_id or 'its hub repository'} in the Hugging Face cache), and nothing is downloaded at run time. "
-        f"Supply the weights one of three ways: set text.pretrained to a Hugging Face CLIP folder (for OpenAI's "
-        f"ViT-B/32, a copy of openai/clip-vit-base-patch32: config.json + model.safetensors); set it to an open_clip "
-        f"weights file ({HF_WEIGHT_FILES[0]} of {repo_id}); or fill the cache beforehand "
-        f"(`huggingface-cli download {repo_id} {HF_WEIGHT_FILES[0]}`).")
+                        f"the config says {cfg.activation!r}")
+    path = _cached(*_hub_files(model, tag))
+    if path is None:
+        raise UserError(missing_text_weights(cfg))
+    return read_weights_file(path)
 
 
 def read_hf_clip_folder(folder: str, cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:

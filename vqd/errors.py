@@ -5,11 +5,13 @@ that names it and says what to do. Everything else is a bug and keeps its traceb
 
 `UserError` is a ValueError, so code that catches ValueError (and tests that expect one) see it unchanged.
 Every program runs its main through `exit_on_user_error`: a UserError prints `error: <message>` on stderr
-and exits with status 2; VQD_TRACEBACK=1 shows the traceback too.
+and exits with status 2; VQD_TRACEBACK=1 shows the traceback too. Programs that parse their command line with
+argparse use `ArgumentParser` below, whose usage errors go the same way.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, NoReturn
@@ -68,3 +70,11 @@ def require(condition: torch.Tensor, message: str | Callable[[], str]) -> None:
         torch._assert_async(condition.all(), "vqd: input out of range")
     except RuntimeError:
         raise UserError(message() if callable(message) else message) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (a missing or unknown option, a bad value) are one line through `fail`,
+    as every other user error; its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{self.prog}: {message} (--help lists the options)")

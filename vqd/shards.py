@@ -26,6 +26,7 @@ import numpy as np
 
 from vqd.errors import UserError
 from vqd.io import atomic_write, file_sha256
+from vqd.prerequisites import data_steps, numbered
 
 MANIFEST = "manifest.json"
 FORMAT = "vqd-shards/1"
@@ -92,7 +93,9 @@ def open_manifest(folder, verify_sha256: bool = False) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        raise UserError(f"dataset folder {str(folder)!r} has no {MANIFEST}: {BUILD_HINT}")
+        steps = data_steps([folder])
+        raise UserError(f"dataset folder {str(folder)!r} has no {MANIFEST}: "
+                        + (f"build it, in order: {numbered(steps)}" if steps else BUILD_HINT))
     manifest = json.loads(path.read_text())
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:

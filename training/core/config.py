@@ -50,8 +50,9 @@ class OptimConfig:
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine", "linear"):
             raise UserError(f"schedule: expected constant, cosine or linear, got {self.schedule!r}")
-        if self.warmup_steps < 0 or self.lr < 0:
-            raise UserError("lr and warmup_steps must be >= 0")
+        for name in ("lr", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name}: expected a value >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -165,8 +166,9 @@ def derive_deepspeed(ds: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
     if train.precision not in PRECISIONS:
         raise UserError(f"train.precision must be one of {PRECISIONS}, got {train.precision!r}")
     train.precision = resolve_precision(train.precision)
-    if train.micro_batch_size < 1 or train.grad_accum < 1:
-        raise UserError("train.micro_batch_size and train.grad_accum must be >= 1")
+    for name in ("micro_batch_size", "grad_accum"):
+        if getattr(train, name) < 1:
+            raise UserError(f"train.{name}: expected an integer >= 1, got {getattr(train, name)}")
     if train.max_minutes < 0:
         raise UserError(f"train.max_minutes must be >= 0 (0: no time budget), got {train.max_minutes}")
     derived = {"train_micro_batch_size_per_gpu": train.micro_batch_size,

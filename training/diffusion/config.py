@@ -12,7 +12,7 @@ model always matches the tokens it is trained on (`build_model_config`).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from training.core.config import OptimConfig, TrackingConfig, TrainConfig
@@ -132,6 +132,9 @@ class DiffusionRunConfig:
 TRAINER_ONLY = ("train_text", "init_from_codebook")
 # the fields a fine-tune may change from its base model; every other one must match the base's weights
 TRAINING_ONLY = ("dropout", "checkpoint")
+# where a text tower's starting weights come from (an open_clip tag, a file, a Hugging Face folder, a seeded init):
+# a fine-tune reads its tower from the base model, so these may differ (the same CLIP reached another way)
+TEXT_WEIGHT_SOURCE = ("pretrained", "seed", "token_init_std")
 
 
 def build_model_config(cfg: DiffusionRunConfig, manifest: dict, classes: tuple[str, ...] = (),
@@ -157,6 +160,8 @@ def build_model_config(cfg: DiffusionRunConfig, manifest: dict, classes: tuple[s
         raise UserError(f"train.init_from: the base model is a {base.get('kind')!r} model, this config trains "
                          f"model.kind {config_cls.KIND!r}")
     base_cfg = config_cls.from_dict(base)
+    if wanted.text is not None and base_cfg.text is not None:
+        wanted.text = replace(wanted.text, **{k: getattr(base_cfg.text, k) for k in TEXT_WEIGHT_SOURCE})
     differ = [f.name for f in fields(config_cls)
               if f.name not in TRAINING_ONLY + ("size",) and getattr(base_cfg, f.name) != getattr(wanted, f.name)]
     if differ:

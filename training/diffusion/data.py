@@ -37,6 +37,7 @@ import torch
 
 from vqd.errors import UserError
 from vqd.io import file_sha256
+from vqd.prerequisites import data_steps, numbered
 from vqd.shards import MANIFEST, iter_samples, open_manifest
 from vqd.text import CONTEXT_LENGTH, fit_context, tokenize
 
@@ -227,9 +228,14 @@ def token_loader(manifest: dict, cfg: TokenDataConfig, batch_size: int, seed: in
                                        persistent_workers=persistent and num_workers > 0, pin_memory=pin_memory)
 
 
-def open_dataset(cfg: TokenDataConfig) -> dict:
+def open_dataset(cfg: TokenDataConfig, then: list[str] = ()) -> dict:
     """The manifest of `cfg.path`, with the shards of `cfg.more_paths` joined to its splits (every data set
-    must have been encoded by the same tokenizer: the same codebook means the same token ids)."""
+    must have been encoded by the same tokenizer: the same codebook means the same token ids). Data sets not
+    built yet are one error naming the commands that build them all, in order, and then the steps `then`."""
+    missing = [p for p in [cfg.path, *cfg.more_paths] if not (Path(p) / MANIFEST).is_file()]
+    if missing:
+        raise UserError(f"data: {' and '.join(repr(str(p)) for p in missing)} not built yet (no {MANIFEST}); "
+                        f"in order: {numbered(data_steps(missing), list(then))}")
     manifest = open_manifest(cfg.path)
     manifest["sources"] = [manifest["folder"]]
     for path in cfg.more_paths:

@@ -47,7 +47,6 @@ def sample_grid(export: Path, cfg, prompts: list[str], info: DistInfo) -> np.nda
     return np.asarray(captioned_grid(to_uint8(images).numpy(), labels, ncols=min(8, len(prompts))))
 
 
-@torch.no_grad()
 def validation_loader(manifest: dict, cfg, model, info: DistInfo, pin_memory: bool = False):
     """The held-out split's fixed batches (seed 12345), built once: its workers stay up between evaluations and
     every evaluation reads the same samples from the start."""
@@ -58,6 +57,7 @@ def validation_loader(manifest: dict, cfg, model, info: DistInfo, pin_memory: bo
                         persistent=workers > 0, pin_memory=pin_memory)
 
 
+@torch.no_grad()  # no graph: held-out batches are never backpropagated
 def validation_loss(engine, model, loader, info: DistInfo, batches: int = 4) -> dict[str, float]:
     """Held-out bound estimate (nats per token): `batches` fixed batches per rank, t stratified over [0, T).
 

@@ -18,6 +18,7 @@ from training.tracking.lineage import tower_run_id
 from training.tracking.redaction import public_uri
 from training.tracking.tracker import tracking_uri
 from vqd.ar import VQARConfig, VQARModel
+from vqd.clip_weights import missing_text_weights, supply_hint
 from vqd.errors import UserError
 from vqd.io import load_state_dict_strict
 from vqd.loading import read_model_folder
@@ -65,6 +66,24 @@ def build_model(cfg: DiffusionRunConfig, manifest: dict, run: Run) -> Built:
         model.init_code_embeddings(load_tokenizer(tokenizer).code_vectors(), seed=cfg.train.seed)
     parent = base_run or ("" if base_tensors is not None else tower_run_id(model_cfg.text.pretrained))
     return Built(model.to(run.device), tokenizer, parent, base_dir)
+
+
+def text_weights_steps(cfg: DiffusionRunConfig) -> list[str]:
+    """The step that puts the text tower's weights on this machine, when the config names weights that are not here
+    (told after the data's steps when the data is missing too); [] when they are, or a base model brings its own."""
+    if cfg.model.condition != "text" or cfg.train.init_from:
+        return []
+    try:  # the text tower does not depend on the data set: any grid and codebook resolve it
+        text = build_model_config(cfg, {"tokenizer": {"num_codes": 2, "grid": [1, 1]}}).text
+    except UserError:
+        return []  # the model's own error comes when it is built
+    if missing_text_weights(text) is None:
+        return []
+    if "/" in str(text.pretrained):
+        return [f"the text tower's weights at {text.pretrained} (text.pretrained): a Hugging Face CLIP folder or an "
+                "open_clip weights file"]
+    return [f"the CLIP text tower {text.open_clip_model}/{text.pretrained} (not on this machine): "
+            + supply_hint(text.open_clip_model, str(text.pretrained))]
 
 
 def model_params(model_cfg: VQDiffusionConfig | VQARConfig) -> dict:

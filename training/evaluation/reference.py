@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from training.evaluation.probe import LinearProbe, chance_rates, probe_features,
 from vqd.errors import UserError
 from vqd.images import load_image, record_image
 from vqd.io import file_sha256
+from vqd.prerequisites import recipe_of
 from vqd.shards import read_tar
 
 CACHE_DIR = "eval_cache"
@@ -51,13 +53,21 @@ class RealSample:
     image: torch.Tensor | None = None  # uint8 [3, S, S], decoded only for the samples an evaluation uses
 
 
+def real_image_tars(data: Path) -> list[Path]:
+    """The download stage's tars of a built data set (the real images), or a UserError saying how to build them."""
+    tars = sorted((Path(data) / "download").glob("*.tar"))
+    if not tars:
+        recipe = recipe_of(data) or "<recipe>"
+        out = "" if recipe != "<recipe>" and os.path.normpath(data) == os.path.join("data", recipe) else f" --out {data}"
+        raise UserError(f"data folder {str(data)!r} has no download/*.tar (the real images): build it with "
+                        f"`python data_pipeline/build.py {recipe}{out}`")
+    return tars
+
+
 def index_real_images(data: Path) -> tuple[list[RealSample], str]:
     """Every downloaded sample of `data` (captions and .json, no pixels decoded), by uid, and a content key
     (sha256 over the tars)."""
-    tars = sorted((data / "download").glob("*.tar"))
-    if not tars:
-        raise UserError(f"data folder {str(data)!r} has no download/*.tar (the real images): build it with "
-                         "`python data_pipeline/build.py <recipe> --stages metadata,filter,download`")
+    tars = real_image_tars(data)
     digest = hashlib.sha256(f"v{CACHE_VERSION} {INCEPTION_SHA256}".encode())
     samples = []
     for path in tqdm(tars, desc="real images: index", unit="tar"):

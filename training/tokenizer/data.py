@@ -29,6 +29,7 @@ import torch
 from vqd.errors import UserError
 from vqd.images import is_heldout, is_image_file, load_image, record_image
 from vqd.io import installed_package_folder
+from vqd.prerequisites import image_steps
 from vqd.shards import read_tar
 
 
@@ -66,7 +67,9 @@ def list_sources(source: str) -> tuple[str, list[str]]:
         return "folder", files
     paths = sorted(glob.glob(source))
     if not paths:
-        raise UserError(f"data.source {source!r} matches no file")
+        steps = image_steps(source)  # a recipe's download stage not run yet: say which build makes it
+        raise UserError(f"data.source {source!r} matches no file"
+                        + (": download the images first: " + ", then ".join(f"`{c}`" for c in steps) if steps else ""))
     if all(x.endswith(".tar") for x in paths):
         return "tars", paths
     return "folder", [x for x in paths if is_image_file(x)]
