@@ -157,7 +157,8 @@ def test_wrong_or_missing_credentials_stop_every_program_at_start(tmp_path, mlfl
 
     # 2 ranks under the launcher: rank 0 asks, every rank stops, one line
     out = launch(TRAIN, train_args(data, tmp_path / "run", mlflow_server.uri, "--tracking.experiment=denied",
-                                   "--train.steps=2"), check=False, env=wrong)
+                                   "--train.steps=2"), check=False, env=wrong,
+                 launcher="deepspeed")
     line = one_error_line(out)
     assert out.returncode == 2 and line.startswith(f"error: {refused} (from $MLFLOW_TRACKING_USERNAME and "
                                                    "$MLFLOW_TRACKING_PASSWORD): set the ones it knows")

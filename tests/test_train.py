@@ -185,7 +185,7 @@ def test_two_ranks_zero2_learn_log_and_export(tmp_path, toy):
     run, db = tmp_path / "run", tmp_path / "mlflow.db"
     out = launch(TRAIN, args(toy, run, db, "--train.steps=200", "--train.save_every=100", "--train.image_every=100",
                              "--train.eval_every=25", "--deepspeed.zero_optimization.stage=2", "--optim.lr=3e-3",
-                             "--train.ema_decay=0.9", "--diffusion.num_timesteps=10"))
+                             "--train.ema_decay=0.9", "--diffusion.num_timesteps=10"), launcher="deepspeed")
     assert "done: 200 steps" in out.stdout
     client, info = read_run(db, run)
     rid = info.info.run_id
@@ -294,7 +294,7 @@ def test_zero3_export_samples_like_zero0_and_fine_tunes_start_from_it(tmp_path, 
 def test_bad_config_fails_before_any_rank_works(tmp_path, toy):
     run = tmp_path / "run"
     start = time.time()
-    out = launch(TRAIN, args(toy, run, tmp_path / "m.db", "--train.stepz=3"), check=False)
+    out = launch(TRAIN, args(toy, run, tmp_path / "m.db", "--train.stepz=3"), check=False, launcher="deepspeed")
     assert out.returncode != 0 and "train.stepz" in out.stdout
     out = launch(TRAIN, args(tmp_path / "no_such_data", run, tmp_path / "m.db"), check=False)
     assert out.returncode != 0 and "no_such_data" in out.stdout and "build.py" in out.stdout

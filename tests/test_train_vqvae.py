@@ -153,8 +153,8 @@ def test_config_rejects_bad_tokenizer_settings(tmp_path):
     assert cfg.deepspeed["bf16"]["enabled"] and cfg.deepspeed["train_micro_batch_size_per_gpu"] == 12
 
 
-def _launch(args, tmp_path):
-    return launch("training/train_vqvae.py", args).stdout
+def _launch(args, tmp_path, launcher="ranks"):
+    return launch("training/train_vqvae.py", args, launcher=launcher).stdout
 
 
 @pytest.mark.slow
@@ -170,7 +170,8 @@ def test_deepspeed_two_cpu_ranks_train_resume_export(tmp_path):
               "--train.save_every=2", "--train.log_every=1", "--train.image_every=2", "--train.eval_every=0",
               "--train.num_workers=0", "--optim.warmup_steps=0", "--optim.schedule=constant",
               f"--tracking.uri=sqlite:///{db}", "--tracking.experiment=test-vqvae"]
-    _launch(common + [f"--train.run_dir={run}", "--train.steps=4", "--prune.enabled=false"], tmp_path)
+    _launch(common + [f"--train.run_dir={run}", "--train.steps=4", "--prune.enabled=false"], tmp_path,
+            launcher="deepspeed")
     first_id = (run / "mlflow_run_id.txt").read_text()
     assert (run / "checkpoints/step_00000004/rank_1.pt").is_file()
     log = _launch(common + [f"--train.run_dir={run}", "--train.steps=6", "--train.resume=auto", "--prune.enabled=true"],
