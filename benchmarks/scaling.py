@@ -14,7 +14,8 @@ with only `train.steps` changed (the learning-rate warm-up and cosine decay stre
 budget (`train.max_minutes=0`), so that the step counts are exact. A run trains on --ranks ranks with the
 recipe's global batch (64 images); budgets train --jobs at a time; an interrupted run resumes from its last
 checkpoint on the next call (`train.resume=auto`). Each finished run is evaluated with the same sampling
-settings (the recipe's: 25 steps, purity, guidance 2, truncation r 0.5) on the held-out concepts
+settings (the recipe's: 25 steps, purity, guidance 2, truncation r 0.5) on the held-out concepts and on as many
+seen ones
 (training/evaluate.py: FID with its real-vs-real floor; prompt fidelity by two independent judges beside the
 tokenizer's reconstructions and the most common class's rate) and draws the demo's prompts into a grid.
 """
@@ -27,6 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenM
 
 import argparse
 import json
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -114,6 +116,12 @@ def budget_jobs(a: argparse.Namespace, k: int, base_steps: int, after: tuple[str
     trained = (f"{name}_train",) if jobs else after
     if not (skip_done and list((figures / name).glob("*.json"))):
         jobs.append(Job(f"{name}_evaluate", evaluate, Path(a.runs) / "logs" / f"{name}_evaluate.log", after=trained))
+    # the same on concepts seen in training (the train split's first N images and their prompts): what the demo's
+    # prompts show, beside what the model makes of concepts it never saw
+    seen = [*evaluate[:evaluate.index("--out")], "--split", "train", "--out", str(figures / f"{name}_seen"),
+            "--grid", "0", "--no-progress"]
+    if not (skip_done and list((figures / f"{name}_seen").glob("*.json"))):
+        jobs.append(Job(f"{name}_seen", seen, Path(a.runs) / "logs" / f"{name}_seen.log", after=trained))
     if not (skip_done and (figures / f"{name}_prompts.png").is_file()):
         jobs.append(Job(f"{name}_draw", draw, Path(a.runs) / "logs" / f"{name}_draw.log", after=trained))
     return jobs
@@ -128,10 +136,14 @@ def partial_jobs(a: argparse.Namespace, k: int, base_steps: int) -> list[Job]:
         return []
     step = json.loads(provenance.read_text())["step"]
     name = f"base_{k}x_step{step}"
+    # a copy: the run goes on training and replaces its export at the next checkpoint
+    copy = folder / f"export_step{step}"
+    if not a.dry_run and not copy.is_dir():
+        shutil.copytree(folder / "export", copy)
     jobs = [j for j in budget_jobs(a, k, base_steps, (), skip_done=False) if not j.name.endswith("_train")]
     for j in jobs:
-        j.cmd = [c.replace(f"base_{k}x_prompts.png", f"{name}_prompts.png") for c in j.cmd]
-        j.cmd = [str(Path(a.figures) / name) if c == str(Path(a.figures) / f"base_{k}x") else c for c in j.cmd]
+        j.cmd = [str(copy) if c == str(folder / "export") else c for c in j.cmd]
+        j.cmd = [c.replace(str(Path(a.figures) / f"base_{k}x"), str(Path(a.figures) / name)) for c in j.cmd]
         j.after = ()
         j.name, j.log = j.name.replace(f"base_{k}x", name), Path(a.runs) / "logs" / f"{name}{j.name[len(f'base_{k}x'):]}.log"
     return jobs

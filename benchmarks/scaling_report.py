@@ -79,9 +79,11 @@ def budget_row(a, k: int, base_steps: int, run: Path, figures: Path) -> dict:
     result = json.loads(evals[-1].read_text()) if evals else None
     step = int(figures.name.rsplit("step", 1)[1]) if "_step" in figures.name else None
     prompts_png = Path(a.figures) / f"{figures.name}_prompts.png"
+    seen = sorted((Path(a.figures) / f"{figures.name}_seen").glob("*.json"))
     return {"multiple": k, "steps": k * base_steps, "evaluated_at_step": step, "trained": trained_steps(run),
             "step_seconds": step_seconds(run), "val_aux": last_metric(run, "val/aux", step),
             "val_condition_gain": last_metric(run, "val/condition_gain", step), "eval": result,
+            "seen": json.loads(seen[-1].read_text()) if seen else None,
             "eval_json": str(evals[-1]) if evals else None, "grid": result["grid"] if result else None,
             "prompts_png": str(prompts_png) if prompts_png.is_file() else None}
 
@@ -100,23 +102,33 @@ def table(budgets: list[dict]) -> list[str]:
         if r is None:
             lines.append(f"| {name} | {trained} | {step_s} | {aux} | not evaluated | | |")
             continue
-        for form, f in r["forms"].items():
-            lines.append(f"| {name}, {form} prompts | {trained} | {step_s} | {aux} | "
-                         f"{f['fid']:.1f} ({r['fid_floor']['fid']:.1f}) | "
-                         + " / ".join(pct(f.get(key), "subcategory") for key, _ in JUDGES) + " | "
-                         + " / ".join(pct(f.get(key), "category") for key, _ in JUDGES) + " |")
-    ref = next((b["eval"] for b in budgets if b["eval"]), None)
+        for split, result in (("held-out", r), ("seen", b.get("seen"))):
+            for form, f in (result or {"forms": {}})["forms"].items():
+                lines.append(f"| {name}, {split} concepts, {form} prompts | {trained} | {step_s} | {aux} | "
+                             f"{f['fid']:.1f} ({result['fid_floor']['fid']:.1f}) | "
+                             + " / ".join(pct(f.get(key), "subcategory") for key, _ in JUDGES) + " | "
+                             + " / ".join(pct(f.get(key), "category") for key, _ in JUDGES) + " |")
+    for split in ("eval", "seen"):
+        lines += reference_rows(next((b[split] for b in budgets if b.get(split)), None),
+                                "held-out" if split == "eval" else "seen")
+    return lines
+
+
+def reference_rows(ref: dict | None, split: str) -> list[str]:
+    """What the judges read on the split's real images, their reconstructions (the tokenizer's ceiling), the most
+    common class and chance."""
+    lines = []
     if ref is not None:
-        for which, label in (("real", "real held-out images"), ("reconstructed", "their tokenizer reconstructions")):
+        for which, label in (("real", f"real {split} images"), ("reconstructed", "their tokenizer reconstructions")):
             lines.append(f"| {label} | | | | | " + " / ".join(pct(ref.get(f"reference_{key}", {}).get(which), "subcategory")
                                                               for key, _ in JUDGES) + " | "
                          + " / ".join(pct(ref.get(f"reference_{key}", {}).get(which), "category") for key, _ in JUDGES)
                          + " |")
         real = ref["reference_top1"]["real"] or {}
         if real:
-            lines.append("| always the most common class | | | | | "
+            lines.append(f"| always the most common {split} class | | | | | "
                          f"{100 * real['subcategory']['majority']:.1f}% | {100 * real['category']['majority']:.1f}% |")
-            lines.append("| chance | | | | | "
+            lines.append(f"| chance ({split}) | | | | | "
                          f"{100 * real['subcategory']['chance']:.1f}% ({real['subcategory']['classes']} classes) | "
                          f"{100 * real['category']['chance']:.1f}% ({real['category']['classes']} classes) |")
     return lines
@@ -134,9 +146,10 @@ def write_report(a, base_steps: int, commands: dict) -> Path:
     lines = table(budgets)
     print("\n".join(lines))
     result = {"date": datetime.date.today().isoformat(), "cpu": machine, "base_steps": base_steps,
-              "budgets": [{k: v for k, v in b.items() if k != "eval"} | {"eval": b["eval"] and {
-                  key: b["eval"].get(key) for key in ("sampling", "n_generated", "fid_floor", "reference_top1",
-                                                       "reference_top1_cnn", "forms")}} for b in budgets],
+              "budgets": [{k: v for k, v in b.items() if k not in ("eval", "seen")} | {
+                  part: b[part] and {key: b[part].get(key) for key in (
+                      "sampling", "n_generated", "fid_floor", "reference_top1", "reference_top1_cnn", "forms")}
+                  for part in ("eval", "seen")} for b in budgets],
               "commands": commands}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -158,8 +171,9 @@ def write_report(a, base_steps: int, commands: dict) -> Path:
             "Judges of prompt fidelity (training/evaluate.py): `probe`, a linear probe on ImageNet TF-Inception "
             "features at 107 px (training/evaluation/probe.py); `CNN`, a small convolutional network trained from "
             "scratch on the real training images at their own 32 px with blur, down-sampling and noise "
-            "augmentation (training/evaluation/judge.py). FID: TF-Inception pool3 against the N real held-out "
-            "images, its floor the same N real images of the training split against them.", "",
+            "augmentation (training/evaluation/judge.py). Each budget is scored twice: on the held-out concepts "
+            "(test split) and on N concepts it trained on (`--split train`, seen). FID: TF-Inception pool3 against "
+            "the N real images of the split scored, its floor those N against N real images of another split.", "",
             *lines, ""]
     reading = Path(a.figures) / "reading.md"
     if reading.is_file():
