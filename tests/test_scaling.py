@@ -25,8 +25,10 @@ def test_plan_changes_only_the_steps(tmp_path, capsys, ranks):
         assert "--train.resume=auto" in line and f"--train.micro_batch_size={64 // ranks} " in line
         assert ("deepspeed.launcher.runner --num_gpus 2" in line) == (ranks == 2)
     sampled = [line for line in lines if "training/evaluate.py" in line or "training/sample.py" in line]
-    assert len(sampled) == 6 and all("--steps 25 --truncation 0.5 --guidance 2 --purity --seed 0" in line
+    assert len(sampled) == 9 and all("--steps 25 --truncation 0.5 --guidance 2 --purity --seed 0" in line
                                      for line in sampled)
+    # each budget scored on held-out concepts and on as many seen ones
+    assert sum("--split train" in line for line in sampled) == 3
     with pytest.raises(SystemExit):
         main(args(tmp_path, "--ranks", "3", "--dry-run"))  # 64 images do not divide among 3 ranks
 
@@ -39,7 +41,7 @@ def fake_run(runs: Path, k: int, step: int) -> None:
     (runs / f"base_{k}x" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
 
 
-def fake_eval(folder: Path, subcat: float, cnn: float) -> None:
+def fake_eval(folder: Path, subcat: float, cnn: float, split: str = "test") -> None:
     """An evaluation JSON in training/evaluate.py's layout (figures made up)."""
     def top(t, majority=0.149):
         return {"subcategory": {"top1": t, "n": 255, "chance": 0.0099, "majority": majority, "classes": 101},
@@ -51,7 +53,7 @@ def fake_eval(folder: Path, subcat: float, cnn: float) -> None:
               "reference_top1_cnn": {"real": top(0.71), "reconstructed": top(0.35), "noise": top(0.06)},
               "forms": {"typed": {"fid": 150.0, "top1": top(subcat), "top1_cnn": top(cnn)}},
               "grid": str(folder / "grid.png")}
-    (folder / "test_n255.json").write_text(json.dumps(result))
+    (folder / f"{split}_n255.json").write_text(json.dumps(result))
 
 
 def test_report_of_finished_and_stopped_runs(tmp_path):
@@ -60,18 +62,21 @@ def test_report_of_finished_and_stopped_runs(tmp_path):
     runs, figs = tmp_path / "runs", tmp_path / "figs"
     fake_run(runs, 1, 900)
     fake_eval(figs / "base_1x", 0.20, 0.18)
+    fake_eval(figs / "base_1x_seen", 0.45, 0.52, split="train")
     fake_run(runs, 16, 6000)  # stopped: its newest export evaluated as base_16x_step6000
     fake_eval(figs / "base_16x_step6000", 0.33, 0.31)
     (figs / "base_16x_step6000_prompts.png").write_bytes(b"")
     assert main(args(tmp_path, "--report-only")) == 0
     page = (tmp_path / "SCALING.md").read_text()
-    assert "| 1x (900 steps), typed prompts | 900 | 0.50 | 2.910 | 150.0 (61.0) | 20.0% / 18.0% | 50.0% / 48.0% |" in page
-    assert "| 16x (14400 steps), stopped at step 6000, typed prompts | 6000 | 0.50 | 2.400 |" in page
+    assert "| 1x (900 steps), held-out concepts, typed prompts | 900 | 0.50 | 2.910 | 150.0 (61.0) | 20.0% / 18.0% | 50.0% / 48.0% |" in page
+    assert "| 1x (900 steps), seen concepts, typed prompts | 900 | 0.50 | 2.910 | 150.0 (61.0) | 45.0% / 52.0% |" in page
+    assert "| 16x (14400 steps), stopped at step 6000, held-out concepts, typed prompts | 6000 | 0.50 | 2.400 |" in page
     assert "| 4x (3600 steps) | none |" in page and "not evaluated" in page
     assert "| their tokenizer reconstructions | | | | | 40.0% / 35.0% |" in page
-    assert "| always the most common class | | | | | 14.9% | 70.0% |" in page
+    assert "| always the most common held-out class | | | | | 14.9% | 70.0% |" in page
     assert "figs/base_16x_step6000_prompts.png" in page and "its learning rate not yet decayed" in page
     assert "--train.steps=14400 --train.max_minutes=0" in page and "deepspeed --num_gpus 2 training/train_vqvae.py" in page
     saved = json.loads((tmp_path / "scaling.json").read_text())
     assert [b["evaluated_at_step"] for b in saved["budgets"]] == [None, None, 6000]
+    assert saved["budgets"][0]["seen"]["forms"]["typed"]["top1_cnn"]["subcategory"]["top1"] == 0.52
     assert saved["cpu"]["capability"] and saved["commands"]["budgets"]["16"]
