@@ -68,11 +68,11 @@ def test_bad_config_dicts_raise_value_error_naming_the_key(data, key):
 
 
 def readme_counts() -> dict[str, float]:
-    """The parameter counts the README's sizes table states ("| `VQD-S` | ... | 35.0M | ..."), in millions:
+    """The parameter counts docs/training.md's sizes table states ("| `VQD-S` | ... | 35.0M | ..."), in millions:
     denoiser / AR network only, at the released K = 2887 image codes ([MASK] not counted) and 32 x 32
     grid; tiny at the sampling benchmark's K = 1024 and 16 x 16."""
     counts = {}
-    for line in (Path(__file__).parent.parent / "README.md").read_text().splitlines():
+    for line in (Path(__file__).parent.parent / "docs" / "training.md").read_text().splitlines():
         cells = [c.strip() for c in line.split("|")[1:-1]]
         if len(cells) == 5 and cells[0].startswith("`") and cells[3].endswith(("M", ")")):
             names = re.findall(r"`([^`]+)`", cells[0])
@@ -98,7 +98,7 @@ def test_parameter_counts_are_the_readmes_and_vq_ar_matches_vq_diffusion():
     assert set(README_COUNTS) == {"VQD-S", "VQD-B", "VQ-AR-S", "VQ-AR-B", "tiny", "VQ-AR-tiny"}, README_COUNTS
     counts = {size: network_parameters(size) for size in README_COUNTS}
     for size, stated in README_COUNTS.items():
-        places = 2 if "tiny" in size else 1  # the README rounds to 0.1M (0.01M for tiny)
+        places = 2 if "tiny" in size else 1  # the table rounds to 0.1M (0.01M for tiny)
         assert round(counts[size] / 1e6, places) == stated, (size, stated, counts[size])
     for diffusion, ar in AR_SIZE_OF.items():  # Table 3 compares models of the same size
         assert abs(counts[ar] / counts[diffusion] - 1) < 0.02, (diffusion, ar, counts)
