@@ -48,6 +48,7 @@ from training.core.config import load_config, read_yaml_with_base
 from training.diffusion.config import DiffusionRunConfig, build_model_config
 from training.diffusion.data import open_dataset
 from training.evaluate import settings_tag
+from vqd.errors import UserError, exit_on_user_error
 from vqd.models import MODEL_KINDS
 from vqd.network import count_parameters
 from vqd.sampling import SamplingConfig
@@ -169,7 +170,7 @@ def held_out_size(data: Path) -> int:
     """Samples in a data set's test split (its manifest)."""
     manifest = data / "manifest.json"
     if not manifest.is_file():
-        raise ValueError(f"data set {str(data)!r} has no manifest.json: build it first (python data_pipeline/build.py)")
+        raise UserError(f"data set {str(data)!r} has no manifest.json: build it first (python data_pipeline/build.py)")
     return int(json.loads(manifest.read_text())["splits"]["test"]["samples"])
 
 
@@ -348,4 +349,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from training.evaluation.fid import fid_from_features, inception_features
 from training.evaluation.grid import image_grid
 from training.tokenizer.data import ImageDataConfig, image_loader
+from vqd.errors import UserError, exit_on_user_error
 from vqd.pipeline import to_uint8
 from vqd.vqvae import load_tokenizer, psnr
 
@@ -56,7 +57,7 @@ def run_defaults(args) -> tuple[str, float]:
     data = yaml.safe_load(run_cfg.read_text()).get("data", {}) if run_cfg.is_file() else {}
     source = args.data or data.get("source")
     if not source:
-        raise ValueError("--data is required (the tokenizer folder has no run_config.yaml naming its data)")
+        raise UserError("--data is required (the tokenizer folder has no run_config.yaml naming its data)")
     holdout = args.holdout if args.holdout is not None else float(data.get("holdout", 0.0))
     return source, holdout
 
@@ -112,7 +113,7 @@ def main(argv=None) -> dict:
         ids_all.append(ids.cpu())
         n += x.shape[0]
     if n == 0:
-        raise ValueError(f"no {args.split} images in {source!r} (holdout {holdout})")
+        raise UserError(f"no {args.split} images in {source!r} (holdout {holdout})")
     p = torch.cat(psnrs)
     counts = torch.bincount(torch.cat(ids_all).flatten(), minlength=tok.num_codes).double()
     prob = counts / counts.sum()
@@ -171,4 +172,4 @@ def _sync(device: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

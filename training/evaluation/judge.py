@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 
+from vqd.errors import UserError
+
 JUDGE_MAX_SIZE = 64  # larger images are read down-sampled: the judge is about shape and colour, and CPU-cheap
 WIDTHS = (24, 48, 96)
 
@@ -114,7 +116,8 @@ class CNNJudge:
         for name, values in labels.items():
             names = sorted({v for v in values if v})
             if len(names) < 2:
-                raise ValueError(f"judge label {name!r}: the training images carry {len(names)} class(es), need 2+")
+                raise UserError(f"the CNN judge's label {name!r}: the training images carry {len(names)} class(es); it "
+                                "needs 2 or more (a data set whose manifest names classes per image)")
             index = {c: j for j, c in enumerate(names)}
             classes[name] = names
             targets[name] = torch.tensor([index[v] if v else -100 for v in values])
