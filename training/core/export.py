@@ -24,7 +24,7 @@ import torch
 
 from training.tracking.redaction import redact_text, redact_tree
 from vqd.errors import UserError
-from vqd.io import TOKENIZER_DIR, WEIGHTS_NAME, file_sha256, load_folder, save_folder
+from vqd.io import TOKENIZER_DIR, WEIGHTS_NAME, file_sha256, load_folder, publish_folder, save_folder
 from vqd.released import is_released
 from vqd.sampling import SamplingConfig, save_sampling
 
@@ -66,14 +66,7 @@ def export_model(model, trained: dict[str, torch.Tensor], folder: str | os.PathL
     (tmp / PROVENANCE).write_text(json.dumps(redact_tree(provenance), indent=1, sort_keys=True) + "\n")
     if sampling is not None:
         save_sampling(tmp, sampling, chosen_by or {})
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():
-        aside = folder.with_name(folder.name + ".old")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(folder, aside)
-        shutil.rmtree(aside, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
+    return publish_folder(tmp, folder)
 
 
 def read_provenance(folder: str | os.PathLike) -> dict[str, Any]:
