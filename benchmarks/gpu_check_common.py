@@ -3,6 +3,7 @@ limit of each), the machine a figure ran on, the processes they start, and the s
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -65,6 +66,18 @@ def load_plan(path: str) -> Plan:
     """Plan from plan.json (lists back to tuples)."""
     data = json.loads(Path(path).read_text())
     return Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def worker_args(doc: str, sections: list[str]) -> tuple[str, Plan, str]:
+    """A section worker's command line (`SECTION --plan plan.json --rows rows.jsonl`, and the --local_rank the
+    deepspeed launcher adds): (section, plan, rows path)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("section", choices=sections)
+    p.add_argument("--plan", required=True)
+    p.add_argument("--rows", required=True)
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    return args.section, load_plan(args.plan), args.rows
 
 
 def host_cpu() -> str:

@@ -13,7 +13,6 @@ the second is.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_check_common import REPO, Plan, Rows, child_env, deepspeed_launch, load_plan, run_overrides
+from gpu_check_common import REPO, Plan, Rows, child_env, deepspeed_launch, run_overrides, worker_args
 from safetensors.torch import load_file
 
 
@@ -118,13 +117,8 @@ def kill_and_resume(plan: Plan, limit_s: float) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("section", choices=["resume"])
-    p.add_argument("--plan", required=True)
-    p.add_argument("--rows", required=True)
-    args = p.parse_args()
-    plan = load_plan(args.plan)
-    rows = Rows(args.rows, "resume", plan.device)
+    _, plan, rows_path = worker_args(__doc__, ["resume"])
+    rows = Rows(rows_path, "resume", plan.device)
     limit = max(10.0, plan.limits["resume"] - 10)  # the row records its own time-out before the section's
     name = f"{plan.resume_size}, killed after its first checkpoint and resumed"
     rows.run([(name, {"size": plan.resume_size}, lambda: kill_and_resume(plan, limit))], limit, lambda: None)

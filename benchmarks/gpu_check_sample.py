@@ -17,14 +17,13 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
 
-import argparse
 import contextlib
 import functools
 import time
 from types import SimpleNamespace
 
 import torch
-from gpu_check_common import Plan, Rows, load_plan, sync
+from gpu_check_common import Plan, Rows, sync, worker_args
 from sampling import build_diffusers_peer, diffusers_sample
 
 from vqd.ar import VQARConfig, VQARModel
@@ -116,13 +115,8 @@ class Samplers:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("section", choices=["sample"])
-    p.add_argument("--plan", required=True)
-    p.add_argument("--rows", required=True)
-    args = p.parse_args()
-    plan = load_plan(args.plan)
-    rows = Rows(args.rows, "sample", plan.device)
+    _, plan, rows_path = worker_args(__doc__, ["sample"])
+    rows = Rows(rows_path, "sample", plan.device)
     s = Samplers(plan)
     b, ar = plan.sizes[0], plan.ar_size
     first, *more = plan.sample_steps

@@ -15,14 +15,13 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
 
-import argparse
 import gc
 import time
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-from gpu_check_common import REPO, Plan, Rows, load_plan, peak_rss_gb, run_overrides, sync
+from gpu_check_common import REPO, Plan, Rows, peak_rss_gb, run_overrides, sync, worker_args
 
 from training.core.config import load_config, resolve_precision
 from training.core.distributed import init_distributed
@@ -272,19 +271,12 @@ def collectives(plan: Plan, rows: Rows | None, info) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("section", choices=["peak", "train", "collectives"])
-    p.add_argument("--plan", required=True)
-    p.add_argument("--rows", required=True)
-    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher's
-    args = p.parse_args()
-    plan = load_plan(args.plan)
-    if args.section == "peak":
-        device = torch.device(plan.device)
-        return peak(plan, Rows(args.rows, "peak", plan.device), device)
+    section, plan, rows_path = worker_args(__doc__, ["peak", "train", "collectives"])
+    if section == "peak":
+        return peak(plan, Rows(rows_path, "peak", plan.device), torch.device(plan.device))
     info = init_distributed()  # as train.py: nccl on CUDA, gloo on the CPU
-    rows = Rows(args.rows, args.section, plan.device) if info.is_main else None
-    if args.section == "collectives":
+    rows = Rows(rows_path, section, plan.device) if info.is_main else None
+    if section == "collectives":
         return collectives(plan, rows, info)
     train(plan, rows, info)
 
