@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 # Spinning OpenMP threads on a shared 2-core machine slow everything else 5-7x.
@@ -7,17 +8,52 @@ sys.path.insert(0, os.path.dirname(__file__))  # test helpers (brute_force, fixt
 # the benchmark scripts import their siblings by name, as they do when run: after site-packages, shadowing nothing
 sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def checkout_changes() -> set[str]:
+    """What git sees changed or new at the checkout's top level and in its tracked files (caches aside)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return set()  # not a git checkout: nothing to compare
+    changed = set()
+    for line in out.splitlines():
+        path = line[3:]
+        if line.startswith("!!") and path.rstrip("/").count("/"):
+            continue  # an ignored file inside a folder: compiled modules and the like
+        if path.rstrip("/").split("/")[-1] not in (".pytest_cache", "__pycache__"):
+            changed.add(line)
+    return changed
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_left_as_found():
+    """Tests write under their tmp_path only: an MLflow experiment made without an artifact location once left
+    ./mlruns in the checkout."""
+    before = checkout_changes()
+    yield
+    new = checkout_changes() - before
+    assert not new, f"the tests changed the checkout: {sorted(new)}"
 
 
 # The longest files first (measured with --durations on 2 cores): under `-n 2 --dist loadfile` each worker takes
-# the next whole file, so a long file picked up last would run alone while the other worker sits idle.
+# the next whole file, so a long file picked up last would run alone while the other worker sits idle
+# (the rehearsal, one test, came last when xdist ordered files by their test count: 5 minutes alone).
 LONGEST_FIRST = ("test_demo.py", "test_rehearsal.py", "test_pipeline_build.py", "test_train.py", "test_benchmarks.py",
                  "test_pipeline_cluster.py", "test_paper_claims.py", "test_tracking_server.py", "test_multinode.py",
                  "test_tracking.py", "test_configs.py", "test_serve.py", "test_released_training.py",
                  "test_learning.py", "test_train_vqvae.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # xdist would order files by their number of tests instead
 
 
 def pytest_collection_modifyitems(config, items):

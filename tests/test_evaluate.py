@@ -168,7 +168,7 @@ def test_evaluate_cli_end_to_end(tmp_path, monkeypatch, tiny_clip):
     write_download(data, {"train": 40, "test": 8})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("eval-test")).info.run_id
+    run_id = client.create_run(client.create_experiment("eval-test", (tmp_path / "artifacts").as_uri())).info.run_id
     (model / "provenance.json").write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
     args = ["--model", str(model), "--data", str(data), "--n", "6", "--steps", "3", "--grid", "4", "--no-progress"]
     assert main(args) == 0

@@ -181,7 +181,7 @@ def test_experiments_open_as_model_training_in_mlflow_3(tmp_path):
     """MLflow 3's UI files an untagged experiment under GenAI; ours say they hold training runs, new or found."""
     uri = f"sqlite:///{tmp_path}/m.db"
     client = MlflowClient(tracking_uri=uri)
-    made_elsewhere = client.create_experiment("older")  # an experiment another tool (or an older vqd) made
+    made_elsewhere = client.create_experiment("older", (tmp_path / "artifacts").as_uri())  # an experiment another tool (or an older vqd) made
     for name in ("new", "older"):
         tracker = Tracker(TrackingConfig(uri=uri, experiment=name), tmp_path / name)
         tracker.start()
