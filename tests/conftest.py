@@ -41,21 +41,3 @@ def checkout_left_as_found():
     new = checkout_changes() - before
     assert not new, f"the tests changed the checkout: {sorted(new)}"
 
-
-# The longest files first (measured with --durations on 2 cores): under `-n 2 --dist loadfile` each worker takes
-# the next whole file, so a long file picked up last would run alone while the other worker sits idle
-# (the rehearsal, one test, came last when xdist ordered files by their test count: 5 minutes alone).
-LONGEST_FIRST = ("test_demo.py", "test_rehearsal.py", "test_pipeline_build.py", "test_train.py", "test_benchmarks.py",
-                 "test_pipeline_cluster.py", "test_paper_claims.py", "test_tracking_server.py", "test_multinode.py",
-                 "test_tracking.py", "test_configs.py", "test_serve.py", "test_released_training.py",
-                 "test_learning.py", "test_train_vqvae.py")
-
-
-def pytest_configure(config):
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False  # xdist would order files by their number of tests instead
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
