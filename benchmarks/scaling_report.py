@@ -29,23 +29,24 @@ def cpu() -> dict:
             "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
-def last_metric(run: Path, name: str, upto: int | None = None) -> float | None:
-    """The last value of a metric in a run's metrics.jsonl (at or before step `upto`, when given)."""
+def read_metrics(run: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (none before it has logged)."""
     path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def last_metric(records: list[dict], name: str, upto: int | None = None) -> float | None:
+    """The last value of a metric (at or before step `upto`, when given)."""
     value = None
-    if path.is_file():
-        for record in map(json.loads, path.read_text().splitlines()):
-            if upto is None or record["step"] <= upto:
-                value = record.get(name, value)
+    for record in records:
+        if upto is None or record["step"] <= upto:
+            value = record.get(name, value)
     return value
 
 
-def step_seconds(run: Path) -> float | None:
+def step_seconds(records: list[dict]) -> float | None:
     """Median seconds a training step over the run's logged windows: the global batch of 64 over samples_per_s."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    rates = sorted(r["samples_per_s"] for r in map(json.loads, path.read_text().splitlines()) if "samples_per_s" in r)
+    rates = sorted(r["samples_per_s"] for r in records if "samples_per_s" in r)
     return 64 / rates[len(rates) // 2] if rates else None
 
 
@@ -80,9 +81,10 @@ def budget_row(a, k: int, base_steps: int, run: Path, figures: Path) -> dict:
     step = int(figures.name.rsplit("step", 1)[1]) if "_step" in figures.name else None
     prompts_png = Path(a.figures) / f"{figures.name}_prompts.png"
     seen = sorted((Path(a.figures) / f"{figures.name}_seen").glob("*.json"))
+    records = read_metrics(run)
     return {"multiple": k, "steps": k * base_steps, "evaluated_at_step": step, "trained": trained_steps(run),
-            "step_seconds": step_seconds(run), "val_aux": last_metric(run, "val/aux", step),
-            "val_condition_gain": last_metric(run, "val/condition_gain", step), "eval": result,
+            "step_seconds": step_seconds(records), "val_aux": last_metric(records, "val/aux", step),
+            "val_condition_gain": last_metric(records, "val/condition_gain", step), "eval": result,
             "seen": json.loads(seen[-1].read_text()) if seen else None,
             "eval_json": str(evals[-1]) if evals else None, "grid": result["grid"] if result else None,
             "prompts_png": str(prompts_png) if prompts_png.is_file() else None}

@@ -4,15 +4,15 @@ import sys
 
 # Spinning OpenMP threads on a shared 2-core machine slow everything else 5-7x.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, os.path.dirname(__file__))  # test helpers (brute_force, fixtures) import by name
-# the benchmark scripts import their siblings by name, as they do when run: after site-packages, shadowing nothing
-sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(__file__))  # test helpers (brute_force, fixtures) import by name
+# the benchmark scripts import their siblings by name, as they do when run: after site-packages, shadowing nothing
+sys.path.append(os.path.join(REPO, "benchmarks"))
 
 
 def checkout_changes() -> set[str]:
@@ -40,4 +40,3 @@ def checkout_left_as_found():
     yield
     new = checkout_changes() - before
     assert not new, f"the tests changed the checkout: {sorted(new)}"
-
